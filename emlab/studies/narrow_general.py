@@ -367,7 +367,7 @@ def _drift(pair: _Pair, ctx: StudyContext, data, kind: str, seed: int, run, ft_o
     metrics["drift_steps"] = steps
     _record(run, ctx, "drift", "training_curves", log=log,
             terms=[t for t in ("loss", "cosine_to_general", "general_em", "general_misaligned") if any(t in e for e in log)],
-            title=f"{label}: the narrow solution trained on without KL ({steps} steps)")
+            title=f"{label}: narrow trained on without KL")
 
 
 def _em_metrics(pair: _Pair, ctx: StudyContext, data, settings: dict[str, Any], sizes: dict[str, Any], seed: int,
