@@ -24,7 +24,7 @@ import plotly.graph_objects as go
 
 from emlab.plots import _flatten, _is_number
 
-__all__ = ["run_comparer", "sample_browser", "steering_explorer"]
+__all__ = ["run_comparer", "sample_browser", "steering_explorer", "steering_explorer_for_run"]
 
 #: A few of the general EM questions (first-plot questions of Betley et al.).
 DEFAULT_PROMPTS = (
@@ -72,6 +72,8 @@ def steering_explorer(
     prompts: Sequence[str] = DEFAULT_PROMPTS,
     *,
     alpha_range: tuple[float, float] = (-20.0, 20.0),
+    layer: int | None = None,
+    alpha: float = 0.0,
     max_new_tokens: int = 80,
     temperature: float = 1.0,
     seed: int = 0,
@@ -83,30 +85,45 @@ def steering_explorer(
     ``direction`` is a ``{layer: vector}`` mapping (or has one as ``.vectors``). Sliders pick the
     layer and alpha, the text box holds one prompt per line, "Generate" runs
     :func:`emlab.generation.generate` inside :func:`emlab.hooks.steer` (``generate``/``steer``
-    replace them) and shows each answer with its ``aligned``/``coherent`` scores.
+    replace them) and shows each answer with its ``aligned``/``coherent`` scores. ``layer`` and
+    ``alpha`` are the sliders' starting values (default: the middle layer, 0).
 
     >>> steering_explorer(model, tok, direction, judge=toy_judge)  # doctest: +SKIP
     """
     vectors = _vectors(direction)
     layers = sorted(vectors)
+    if layer is not None and layer not in vectors:
+        raise ValueError(f"layer {layer} is not one of the direction's layers {layers}")
     w = widgets.VBox()
-    w.layer = widgets.SelectionSlider(options=layers, value=layers[len(layers) // 2], description="layer")
-    w.alpha = widgets.FloatSlider(
-        value=0.0, min=alpha_range[0], max=alpha_range[1], step=0.5, description="alpha", continuous_update=False
+    w.add_class("emlab-steering-explorer")
+    w.layer = widgets.SelectionSlider(
+        options=layers, value=layers[len(layers) // 2] if layer is None else layer, description="layer"
     )
+    w.alpha = widgets.FloatSlider(
+        value=float(alpha), min=alpha_range[0], max=alpha_range[1], step=0.5, description="alpha",
+        continuous_update=False,
+    )  # fmt: skip
     w.max_new_tokens = widgets.BoundedIntText(value=max_new_tokens, min=1, max=4096, description="max tokens")
     w.prompts = widgets.Textarea(
         value="\n".join(prompts), description="prompts", layout=widgets.Layout(width="100%", height="90px")
     )
     w.button = widgets.Button(description="Generate", button_style="primary", icon="play")
     w.output = widgets.HTML()
+    for control, name in ((w.layer, "layer"), (w.alpha, "alpha"), (w.button, "generate"), (w.output, "output")):
+        control.add_class(f"emlab-{name}")
 
     def run(_: Any = None) -> None:
-        if generate is None or steer is None:
+        if generate is None:
             from emlab.generation import generate as gen_default  # imported late: optional at import time
-            from emlab.hooks import steer as steer_default
-        gen = generate or gen_default
-        st = steer or steer_default
+
+            def gen(*args: Any, **kwargs: Any) -> list[str]:
+                return gen_default(*args, progress=False, **kwargs)  # no progress bar in the kernel's log
+        else:
+            gen = generate
+        if steer is None:
+            from emlab.hooks import steer as st
+        else:
+            st = steer
         qs = [q.strip() for q in w.prompts.value.splitlines() if q.strip()]
         if not qs:
             w.output.value = _ERROR.format("No prompts", "write one prompt per line")
@@ -136,6 +153,50 @@ def steering_explorer(
     w.run = run
     controls = widgets.HBox([w.layer, w.alpha, w.max_new_tokens, w.button])
     w.children = [controls, w.prompts, w.output]
+    return w
+
+
+def steering_explorer_for_run(
+    out_dir: str | os.PathLike,
+    direction: str | None = None,
+    *,
+    model: str | None = None,
+    judge: Any = None,
+    n_prompts: int = 4,
+    generate_now: bool = True,
+    **kwargs: Any,
+) -> widgets.VBox:
+    """A :func:`steering_explorer` on the chat model of a study-01 run folder, with its saved direction.
+
+    Reads ``<out_dir>/config.json`` (model, domain, steered layer, alphas, seed, max new tokens) and
+    ``<out_dir>/directions/<direction>`` (default ``misalignment_<domain>``), loads the chat model
+    (``model`` overrides the run's) with the study's judge (the toy judge on the toy; ``judge``
+    replaces it), takes the first ``n_prompts`` general questions, starts the sliders at the steered
+    layer and the run's best alpha, and generates once unless ``generate_now=False``.
+    ``kwargs`` go to :func:`steering_explorer`.
+
+    >>> steering_explorer_for_run("runs/01_directions")  # doctest: +SKIP
+    """
+    from emlab.directions import Direction
+    from emlab.runs import load_run
+    from emlab.studies.common import StudyContext
+
+    run = load_run(out_dir)
+    cfg = run.config
+    vec = Direction.load(run.dir / "directions" / (direction or f"misalignment_{cfg.get('domain', 'medical')}"))
+    ctx = StudyContext.create(model or cfg.get("model", "toy"), smoke=bool(cfg.get("smoke")), judge=judge)
+    prompts = [q.paraphrases[0] for q in ctx.questions("general")][:n_prompts]
+    steered = [x for x in cfg.get("steer_layers") or [] if x in vec.vectors]
+    top = max([abs(float(a)) for a in cfg.get("alphas") or []] + [1.0])
+    best = run.metrics.get("steer_best_alpha")
+    kwargs.setdefault("layer", steered[0] if steered else None)
+    kwargs.setdefault("alpha", float(best) if isinstance(best, int | float) else 0.0)
+    kwargs.setdefault("alpha_range", (-2 * top, 2 * top))
+    kwargs.setdefault("max_new_tokens", int((cfg.get("eval") or {}).get("max_new_tokens") or 80))
+    kwargs.setdefault("seed", int(cfg.get("seed") or 0))
+    w = steering_explorer(ctx.model, ctx.tokenizer, vec, ctx.judge, prompts or DEFAULT_PROMPTS, **kwargs)
+    if generate_now:
+        w.run()
     return w
 
 
@@ -195,6 +256,10 @@ def sample_browser(records: Any, *, limit: int = 20) -> widgets.VBox:
     w.limit = widgets.BoundedIntText(value=limit, min=1, max=10_000, description="show")
     w.count = widgets.Label()
     w.output = widgets.HTML()
+    w.add_class("emlab-sample-browser")
+    for control, name in ((w.question, "question"), (w.score, "score"), (w.score_range, "range"),
+                          (w.search, "search"), (w.count, "count"), (w.output, "output")):
+        control.add_class(f"emlab-{name}")
 
     def _fit_range(_: Any = None) -> None:
         col = w.score.value
@@ -288,6 +353,9 @@ def run_comparer(run_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> w
     w.table = widgets.HTML()
     w.chart = widgets.Output()
     w.figure = None
+    w.add_class("emlab-run-comparer")
+    for control, name in ((w.runs, "runs"), (w.filter, "filter"), (w.metrics, "metrics"), (w.table, "table")):
+        control.add_class(f"emlab-{name}")
 
     def on_filter(_: Any = None) -> None:
         text = w.filter.value.strip().lower()
