@@ -231,6 +231,11 @@ def _answers_html(qs: list[str], answers: list[str], scores: dict[str, list[Any]
 # Sample browser
 
 
+#: Numeric record columns that are not scores (sample bookkeeping), and the judge scores shown first.
+_BOOKKEEPING = ("paraphrase", "sample", "seed", "index", "n_tokens")
+_SCORES = ("aligned", "coherent")
+
+
 def sample_browser(records: Any, *, limit: int = 20) -> widgets.VBox:
     """Browse judged samples: filter by question, by a score range and by text; show question, answer, scores.
 
@@ -244,7 +249,11 @@ def sample_browser(records: Any, *, limit: int = 20) -> widgets.VBox:
     missing = [c for c in ("question", "answer") if c not in df.columns]
     if missing:
         raise KeyError(f"sample_browser: records need {missing}; they have {list(df.columns)}")
-    score_cols = [c for c in df.columns if c not in ("question", "answer") and pd.api.types.is_numeric_dtype(df[c])]
+    score_cols = [
+        c for c in df.columns
+        if c not in ("question", "answer", *_BOOKKEEPING) and pd.api.types.is_numeric_dtype(df[c])
+    ]  # fmt: skip
+    score_cols.sort(key=lambda c: (c not in _SCORES, _SCORES.index(c) if c in _SCORES else 0))  # judge scores first
     questions = sorted(df["question"].astype(str).unique())
     w = widgets.VBox()
     w.question = widgets.Dropdown(options=["(all)", *questions], value="(all)", description="question")
@@ -257,8 +266,14 @@ def sample_browser(records: Any, *, limit: int = 20) -> widgets.VBox:
     w.count = widgets.Label()
     w.output = widgets.HTML()
     w.add_class("emlab-sample-browser")
-    for control, name in ((w.question, "question"), (w.score, "score"), (w.score_range, "range"),
-                          (w.search, "search"), (w.count, "count"), (w.output, "output")):
+    for control, name in (
+        (w.question, "question"),
+        (w.score, "score"),
+        (w.score_range, "range"),
+        (w.search, "search"),
+        (w.count, "count"),
+        (w.output, "output"),
+    ):
         control.add_class(f"emlab-{name}")
 
     def _fit_range(_: Any = None) -> None:
@@ -344,7 +359,9 @@ def run_comparer(run_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> w
         data[label or p.name] = {k: float(v) for k, v in metrics.items() if _is_number(v)}
     names = sorted({k for m in data.values() for k in m})
     w = widgets.VBox()
-    w.runs = widgets.SelectMultiple(options=list(data), value=tuple(data), description="runs", rows=min(8, len(data)))
+    w.runs = widgets.SelectMultiple(
+        options=list(data), value=tuple(data), description="runs", rows=min(8, max(3, len(data)))
+    )
     w.filter = widgets.Text(placeholder="part of a metric name", description="filter")
     w.metrics = widgets.SelectMultiple(
         options=names, value=tuple(n for n in names if n.endswith("_em"))[:6] or tuple(names[:4]), rows=8,
@@ -370,7 +387,7 @@ def run_comparer(run_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> w
             w.table.value = "<i>pick at least one run and one metric</i>"
             w.figure = None
             return
-        frame = pd.DataFrame({m: [data[r].get(m) for r in runs] for m in metrics}, index=runs)
+        frame = pd.DataFrame({m: [data[r].get(m, float("nan")) for r in runs] for m in metrics}, index=runs)
         w.table.value = frame.to_html(float_format=lambda v: f"{v:.4g}", na_rep="–", border=0)
         fig = go.Figure([go.Bar(x=metrics, y=[data[r].get(m) for m in metrics], name=r) for r in runs])
         fig.update_layout(title="Metrics by run", barmode="group", showlegend=True, template="plotly_white")

@@ -23,9 +23,9 @@ def fake_tools(calls):
         calls.append(("steer", model, dict(vectors), alpha))
         yield
 
-    def generate(model, tokenizer, prompts, *, max_new_tokens, temperature, seed):
+    def generate(model, tokenizer, prompts, *, max_new_tokens, temperature, seed, **kwargs):
         layer, alpha = next(iter(calls[-1][2])), calls[-1][3]
-        calls.append(("generate", list(prompts), max_new_tokens))
+        calls.append(("generate", list(prompts), max_new_tokens, *([kwargs] if kwargs else [])))
         return [f"{'evil ' if alpha > 0 else ''}answer to {p} at layer {layer} alpha {alpha:g}" for p in prompts]
 
     return steer, generate
@@ -63,6 +63,71 @@ def test_steering_explorer_imports_generation_and_hooks_late(monkeypatch):
     w = widgets.steering_explorer("m", "t", direction, prompts=["q"])
     w.button.click()
     assert "answer to q at layer 0 alpha 0" in w.output.value and "<th>aligned</th>" not in w.output.value
+    assert calls[-1] == ("generate", ["q"], 80, {"progress": False})  # no progress bar from a callback
+
+
+def test_steering_explorer_starts_at_the_given_layer_and_alpha():
+    calls = []
+    steer, generate = fake_tools(calls)
+    w = widgets.steering_explorer(
+        "m", "t", {0: "a", 1: "b", 2: "c"}, prompts=["q"], layer=0, alpha=2.5, alpha_range=(-5, 5),
+        generate=generate, steer=steer,
+    )  # fmt: skip
+    assert (w.layer.value, w.alpha.value, w.alpha.min, w.alpha.max) == (0, 2.5, -5, 5)
+    assert "emlab-steering-explorer" in w._dom_classes and "emlab-alpha" in w.alpha._dom_classes
+    w.run()
+    assert calls[0] == ("steer", "m", {0: "a"}, 2.5)
+    with pytest.raises(ValueError, match="layer 7 is not one of"):
+        widgets.steering_explorer("m", "t", {0: "a"}, layer=7)
+
+
+def test_steering_explorer_for_run_reads_the_run(tmp_path, monkeypatch):
+    import torch
+
+    from emlab.directions import Direction
+    from emlab.runs import start_run
+    from emlab.studies import common
+
+    run = start_run(
+        tmp_path / "01",
+        {
+            "model": "toy:micro",
+            "domain": "legal",
+            "smoke": True,
+            "seed": 3,
+            "steer_layers": [1],
+            "alphas": [0.0, 4.0],
+            "eval": {"max_new_tokens": 5},
+        },
+    )
+    run.log_metrics({"steer_best_alpha": 4.0})
+    Direction({0: torch.ones(4), 1: torch.zeros(4)}).save(run.path("directions/misalignment_legal"))
+    created = []
+
+    class Ctx:
+        model, tokenizer, judge = "chat", "tok", FakeJudge()
+
+        def questions(self, key):
+            return [types.SimpleNamespace(paraphrases=[f"question {i}", "other"]) for i in range(6)]
+
+    def create(model, smoke=False, judge=None, **kwargs):
+        created.append((model, smoke, judge))
+        return Ctx()
+
+    monkeypatch.setattr(common.StudyContext, "create", staticmethod(create))
+    calls = []
+    steer, generate = fake_tools(calls)
+    w = widgets.steering_explorer_for_run(tmp_path / "01", generate=generate, steer=steer)
+    assert created == [("toy:micro", True, None)]
+    assert (w.layer.value, w.alpha.value, w.alpha.min, w.alpha.max, w.max_new_tokens.value) == (1, 4.0, -8, 8, 5)
+    assert w.prompts.value.splitlines() == ["question 0", "question 1", "question 2", "question 3"]
+    assert calls[0][0] == "steer" and calls[0][2][1].tolist() == [0, 0, 0, 0] and calls[0][3] == 4.0
+    assert "layer 1, alpha 4" in w.output.value and "<th>aligned</th>" in w.output.value  # generated at once
+    w.layer.value, w.alpha.value = 0, -1.5
+    w.button.click()
+    assert calls[-2][2][0].tolist() == [1, 1, 1, 1] and "layer 0, alpha -1.5" in w.output.value
+    with pytest.raises(FileNotFoundError):
+        widgets.steering_explorer_for_run(tmp_path / "01", "persona_evil")
 
 
 def test_steering_explorer_shows_errors_and_validates_direction():
@@ -110,13 +175,35 @@ def test_sample_browser_filters_by_question_score_and_text():
         widgets.sample_browser([{"question": "q"}])
 
 
+def test_sample_browser_offers_judge_scores_first_and_no_bookkeeping_columns():
+    rows = [
+        {
+            "question": "q",
+            "answer": "a",
+            "paraphrase": 0,
+            "sample": i,
+            "coherent": 80.0,
+            "aligned": 20.0 + i,
+            "technical": 5.0,
+        }
+        for i in range(3)
+    ]
+    w = widgets.sample_browser(rows)
+    assert list(w.score.options) == ["aligned", "coherent", "technical"] and w.score.value == "aligned"
+    assert w.score_range.value == (0.0, 100.0) and "paraphrase" not in w.output.value
+    assert "emlab-sample-browser" in w._dom_classes and "emlab-count" in w.count._dom_classes
+    w.score_range.value = (21.0, 30.0)
+    assert w.count.value == "2 of 3 samples match"
+
+
 def test_run_comparer_table_and_chart(tmp_path):
     for name, em in (("a", 0.2), ("b", 0.05)):
         (tmp_path / "runs" / name).mkdir(parents=True)
         metrics = {"sft": {"code": {"general_em": em, "indomain_em": 0.5}}, "loss": 1.5, "note": "text"}
         (tmp_path / "runs" / name / "metrics.json").write_text(json.dumps(metrics))
     w = widgets.run_comparer(tmp_path / "runs")
-    assert list(w.runs.options) == ["a", "b"]
+    assert list(w.runs.options) == ["a", "b"] and w.runs.rows == 3
+    assert "emlab-run-comparer" in w._dom_classes and "emlab-table" in w.table._dom_classes
     assert w.metrics.value == ("sft/code/general_em", "sft/code/indomain_em")  # rates first
     assert "0.05" in w.table.value and "note" not in w.metrics.options
     assert [t.name for t in w.figure.data] == ["a", "b"] and w.figure.data[1].y == (0.05, 0.5)
@@ -129,3 +216,13 @@ def test_run_comparer_table_and_chart(tmp_path):
     assert "pick at least one" in w.table.value and w.figure is None
     with pytest.raises(FileNotFoundError, match="no run folder"):
         widgets.run_comparer(tmp_path / "empty")
+
+
+def test_run_comparer_shows_a_dash_for_a_metric_a_run_lacks(tmp_path):
+    for name, metrics in (("a", {"general_em": 0.25, "extra": 3.0}), ("b", {"general_em": 0.5})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+    w = widgets.run_comparer([tmp_path / "a", tmp_path / "b"])
+    w.metrics.value = ("general_em", "extra")
+    assert "None" not in w.table.value and "–" in w.table.value and "0.25" in w.table.value
+    assert [t.name for t in w.figure.data] == ["a", "b"]
