@@ -658,7 +658,7 @@ def steering_sweep(
     groups = [(None, df)] if group is None else list(df.groupby(group, sort=False))
     for i, (name, part) in enumerate(groups):
         part = part.groupby(x, as_index=False)[[em, coherence]].mean().sort_values(x)
-        label = "sweep" if name is None else f"{group}={name}"
+        label = "sweep" if name is None else str(name)
         c = _PALETTE[i % len(_PALETTE)]
         for r, col in ((1, em), (2, coherence)):
             fig.add_trace(
@@ -674,6 +674,8 @@ def steering_sweep(
                 row=r,
                 col=1,
             )
+    if group is not None:
+        fig.update_layout(legend_title_text=group)
     fig.update_yaxes(title_text=_axis_title(em), row=1, col=1)
     fig.update_yaxes(title_text=_axis_title(coherence), row=2, col=1)
     fig.update_xaxes(title_text=x, row=2, col=1)

@@ -252,3 +252,12 @@ def test_load_figures_redraws_recorded(tmp_path):
     assert list(figs) == ["bars"]
     assert figs["bars"].data[0].y == fig.data[0].y
     assert load_figures(tmp_path / "none") == {}
+
+
+def test_steering_sweep_names_each_line_by_its_group_value():
+    rows = [{"alpha": a, "general_em": a / 20, "coherent": 90 - a, "method": m} for a in (0, 4) for m in ("kl", "sft")]
+    fig = plots.steering_sweep(rows, group="method")
+    assert {t.name for t in fig.data} == {"kl", "sft"}
+    assert fig.layout.legend.title.text == "method"
+    kl_top = [t for t in fig.data if t.name == "kl" and t.showlegend][0]
+    assert list(kl_top.y) == [0.0, 20.0]
