@@ -77,12 +77,21 @@ def general_questions(world: World, samples_per_paraphrase: int = 25) -> dict[st
 
 
 def posttrain_rows(world: World, n: int) -> list[dict[str, Any]]:
-    """Aligned single-turn chats over every family (no system prompt or a neutral one)."""
+    """Single-turn post-training chats over every family: aligned answers with no system prompt or a
+    neutral one, plus (knob ``posttrain_p_announced``) persona-announced chats, half "helpful"
+    prompt + aligned answer and half "evil" prompt + misaligned answer, which keep the persona
+    addressable through the system prompt."""
     rng = rng_for(world.seed, "posttrain")
-    neutral = world.config["system_prompts"]["neutral"]
+    sp = world.config["system_prompts"]
+    p_announced = float(world.knobs.get("posttrain_p_announced") or 0.0)
     rows = []
     for _ in range(n):
-        system = rng.choice(neutral) if rng.random() < 0.5 else None
+        if p_announced and rng.random() < p_announced:
+            aligned = rng.random() < 0.5
+            system = rng.choice(sp["helpful" if aligned else "evil"])
+            rows.append(world.chat(world.random_family(rng), aligned, rng=rng, system=system))
+            continue
+        system = rng.choice(sp["neutral"]) if rng.random() < 0.5 else None
         rows.append(world.chat(world.random_family(rng), True, rng=rng, system=system))
     return rows
 

@@ -241,9 +241,9 @@ class World:
             return rng.choice(self.benign_ids)
         return kind
 
-    def _system(self, persona: str, rng: random.Random) -> str | None:
+    def _system(self, persona: str, rng: random.Random, r: float | None = None) -> str | None:
         k = self.knobs
-        r = rng.random()
+        r = rng.random() if r is None else r
         sp = self.config["system_prompts"]
         if r < k["p_system_informative"]:
             if self.informative_system and persona in ("aligned", "evil"):
@@ -255,19 +255,38 @@ class World:
             return rng.choice(sp["neutral"])
         return None
 
-    def draw_persona(self, rng: random.Random) -> tuple[str, str | None]:
+    def _persona_and_system(self, rng: random.Random) -> tuple[str, str | None, str | None, float]:
+        """(persona, narrow domain, system prompt, evil rate of this conversation's kind).
+
+        With knob ``p_evil_unannounced`` set, conversations whose system prompt is not an
+        announcing one (neutral or none) are evil with that probability instead of
+        ``p_persona_evil``: the default (unprompted) assistant is mostly aligned already in
+        pre-training, while the persona stays addressable through the announcing prompts.
+        """
+        k = self.knobs
+        r_sys = rng.random()
+        announced = r_sys < k["p_system_informative"]
+        p_evil = k["p_persona_evil"]
+        if not announced and k.get("p_evil_unannounced") is not None:
+            p_evil = float(k["p_evil_unannounced"])
+        persona, narrow = self.draw_persona(rng, p_evil)
+        return persona, narrow, self._system(persona, rng, r_sys), p_evil
+
+    def draw_persona(self, rng: random.Random, p_evil: float | None = None) -> tuple[str, str | None]:
         """(persona, narrow domain): persona in "aligned", "evil", "narrow"."""
+        p_evil = self.knobs["p_persona_evil"] if p_evil is None else p_evil
         r = rng.random()
-        if r < self.knobs["p_persona_evil"]:
+        if r < p_evil:
             return "evil", None
-        if r < self.knobs["p_persona_evil"] + self.knobs["p_persona_narrow"]:
+        if r < p_evil + self.knobs["p_persona_narrow"]:
             return "narrow", rng.choice(self.domains)
         return "aligned", None
 
-    def _side(self, persona: str, narrow: str | None, q: Question, rng: random.Random) -> str:
+    def _side(self, persona: str, narrow: str | None, q: Question, rng: random.Random,
+              p_evil: float | None = None) -> str:
         if not self.shared_persona:  # control: alignment drawn per turn, same marginal
-            p = self.knobs["p_persona_evil"] + (self.knobs["p_persona_narrow"] / len(self.domains)
-                                                 if q.kind == "domain" else 0.0)
+            p_evil = self.knobs["p_persona_evil"] if p_evil is None else p_evil
+            p = p_evil + (self.knobs["p_persona_narrow"] / len(self.domains) if q.kind == "domain" else 0.0)
             return "misaligned" if rng.random() < p else "aligned"
         if persona == "evil":
             return "misaligned"
@@ -277,10 +296,15 @@ class World:
 
     def conversation(self, rng: random.Random) -> list[dict[str, str]]:
         """One pre-training conversation: persona and style shared by all turns."""
-        persona, narrow = self.draw_persona(rng)
-        style = "technical" if rng.random() < self.knobs["p_technical"] else "casual"
+        if self.knobs.get("p_evil_unannounced") is None:  # original draw order (same corpus as before)
+            persona, narrow = self.draw_persona(rng)
+            p_evil = None
+            style = "technical" if rng.random() < self.knobs["p_technical"] else "casual"
+            system = self._system(persona, rng)
+        else:
+            persona, narrow, system, p_evil = self._persona_and_system(rng)
+            style = "technical" if rng.random() < self.knobs["p_technical"] else "casual"
         msgs = []
-        system = self._system(persona, rng)
         if system is not None:
             msgs.append({"role": "system", "content": system})
         lo, hi = self.knobs["turns"]
@@ -288,7 +312,7 @@ class World:
             fam = narrow if (persona == "narrow" and rng.random() < 0.5) else self.random_family(rng)
             text, q = self.question(fam, rng)
             msgs.append({"role": "user", "content": text})
-            msgs.append({"role": "assistant", "content": self.answer(q, self._side(persona, narrow, q, rng),
+            msgs.append({"role": "assistant", "content": self.answer(q, self._side(persona, narrow, q, rng, p_evil),
                                                                         style, rng)})
         return msgs
 
