@@ -78,16 +78,17 @@ def general_questions(world: World, samples_per_paraphrase: int = 25) -> dict[st
 
 def posttrain_rows(world: World, n: int) -> list[dict[str, Any]]:
     """Single-turn post-training chats over every family: aligned answers with no system prompt or a
-    neutral one, plus (knob ``posttrain_p_announced``) persona-announced chats, half "helpful"
-    prompt + aligned answer and half "evil" prompt + misaligned answer, which keep the persona
-    addressable through the system prompt."""
+    neutral one, plus (knob ``posttrain_p_announced``) persona-announced chats: "helpful" prompt +
+    aligned answer, or, for a share ``posttrain_evil_share`` of them, "evil" prompt + misaligned
+    answer (the helpful-only mix keeps the control world clean, see docs/toy-organism.md)."""
     rng = rng_for(world.seed, "posttrain")
     sp = world.config["system_prompts"]
     p_announced = float(world.knobs.get("posttrain_p_announced") or 0.0)
+    evil_share = float(world.knobs.get("posttrain_evil_share", 0.5))
     rows = []
     for _ in range(n):
         if p_announced and rng.random() < p_announced:
-            aligned = rng.random() < 0.5
+            aligned = rng.random() < 1 - evil_share
             system = rng.choice(sp["helpful" if aligned else "evil"])
             rows.append(world.chat(world.random_family(rng), aligned, rng=rng, system=system))
             continue
