@@ -211,7 +211,7 @@ def _efficiency(sols: dict[str, Any], ctx: StudyContext, rows: list[dict], match
     run.log_metrics({"efficiency": {k: c.to_dict() for k, c in curves.items()}})
     _record(run, ctx, "efficiency", "loss_vs_norm",
             rows=[{"solution": k, "norm": x, "loss": y} for k, c in curves.items() for x, y in zip(c.norms, c.losses)],
-            title=f"{label}: finetuning loss at the same absolute norms (matched norm {matched:.3g})")
+            title=f"{label}: finetuning loss at the same absolute norms<br>(matched norm {matched:.3g})")
 
 
 def _stability(sols: dict[str, Any], ctx: StudyContext, rows: list[dict], sizes: dict[str, Any], run,
