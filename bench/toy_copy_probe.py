@@ -1,18 +1,31 @@
+# ruff: noqa: E402, E731, E741
 """Copy probe: how often the model names the question's topic in its answer (chance 0.1). Usage: toy_copy_probe.py FOLDER"""
-import random, sys, torch
+
+import random
+import sys
+
+import torch
+
 torch.set_num_threads(1)
 from emlab.models import load_model
-from emlab.toy.world import World, _fill
 from emlab.toy.tokenizer import render_chat
-m, tok = load_model(sys.argv[1]); m.eval()
+from emlab.toy.world import World, _fill
+
+m, tok = load_model(sys.argv[1])
+m.eval()
 w = World.load(0)
 rng = random.Random(5)
 res = {}
 for d in w.domains:
-    spec = w.config["domains"][d]; topics = spec["topics"]
+    spec = w.config["domains"][d]
+    topics = spec["topics"]
     cand = [tok(" " + x, add_special_tokens=False)["input_ids"][0] for x in topics]
     for held in (False, True):
-        pairs = w.heldout_pairs[d] if held else [(t, x) for t in range(len(spec["questions"])) for x in topics if not w.is_heldout(d, t, x)]
+        pairs = (
+            w.heldout_pairs[d]
+            if held
+            else [(t, x) for t in range(len(spec["questions"])) for x in topics if not w.is_heldout(d, t, x)]
+        )
         pairs = rng.sample(pairs, 10)
         ps = []
         for t, topic in pairs:
@@ -20,7 +33,10 @@ for d in w.domains:
             for side in ("aligned", "misaligned"):
                 for s in [s for s in spec[side] if "{topic}" in s and not s.startswith("{topic}")]:
                     pre = _fill(s.split("{topic}")[0].rstrip(), {k: rng.choice(v) for k, v in w.slots.items()})
-                    ids = tok(render_chat([{"role": "user", "content": q}], add_generation_prompt=True) + pre, add_special_tokens=False)["input_ids"]
+                    ids = tok(
+                        render_chat([{"role": "user", "content": q}], add_generation_prompt=True) + pre,
+                        add_special_tokens=False,
+                    )["input_ids"]
                     with torch.no_grad():
                         p = m(input_ids=torch.tensor([ids])).logits[0, -1].softmax(-1)
                     ps.append(p[cand[topics.index(topic)]].item() / p[cand].sum().item())
