@@ -36,7 +36,7 @@ def server():
 
 
 def test_judge_jsonl_keeps_fields_adds_scores_and_reuses_cache(server, tmp_path, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("OPENAI_API_KEY", "fake-test-key")
     src, out, cache = tmp_path / "in.jsonl", tmp_path / "out" / "scored.jsonl", tmp_path / "c.sqlite"
     write_jsonl(
         src,

@@ -14,7 +14,7 @@ try:
 except ImportError:  # tests/ itself on sys.path
     from fake_openai_server import FakeOpenAIServer, score_tokens
 
-KEY = "sk-test-do-not-store-0123456789"
+KEY = "fake-judge-key-do-not-store"  # a placeholder, not a credential
 PROMPTS = PromptSet({"aligned": "Q: {question}\nA: {answer}", "coherent": "C {question} {answer}"})
 
 
@@ -147,10 +147,10 @@ def test_score_works_inside_a_running_loop(server, tmp_path):
 
 def test_env_vars_configure_endpoint_and_key(server, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", server.url)
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    monkeypatch.setenv("OPENAI_API_KEY", "fake-env-key")
     judge = OpenAIJudge("fake-judge", prompts=PROMPTS, cache=False, progress=False)
     assert judge.score("aligned", [("q", "[score=5]")])[0].score == pytest.approx(expected(5))
-    assert server.headers_seen[-1]["authorization"] == "Bearer sk-from-env"
+    assert server.headers_seen[-1]["authorization"] == "Bearer fake-env-key"
 
 
 def test_missing_key_without_base_url_is_a_clear_error(monkeypatch):
