@@ -293,7 +293,7 @@ def find_notebooks(folder: str | os.PathLike = "notebooks") -> list[Path]:
     ``_`` or ``.`` are skipped.
 
     >>> [p.name for p in find_notebooks("notebooks")]  # doctest: +SKIP
-    ['00_quickstart.ipynb', '01_toy_organism.ipynb', '02_defences.ipynb']
+    ['quickstart.ipynb', '00_em_organism.ipynb', '01_directions.ipynb']
     """
     d = Path(folder)
     if not d.is_dir():
