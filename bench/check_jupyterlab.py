@@ -44,6 +44,8 @@ from pathlib import Path
 
 import nbformat
 
+from emlab.notebooks import find_notebooks
+
 ROOT = Path(__file__).resolve().parent.parent
 WIDGETS = {  # what a notebook calls -> the CSS class emlab.widgets gives the widget's top box
     "sample_browser": "emlab-sample-browser",
@@ -90,27 +92,21 @@ class Result:
 # The notebooks and the server
 
 
-def order(paths: list[Path]) -> list[Path]:
-    """Quickstart first (as ``emlab reproduce``), then by name."""
-    return sorted(paths, key=lambda p: ("quickstart" not in p.stem, p.name))
-
-
 def expected_widgets(nb: nbformat.NotebookNode) -> list[str]:
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     return [name for name in WIDGETS if re.search(rf"\b{name}\w*\(", code)]
 
 
 def prepare(src: Path, dest_dir: Path, runs: Path) -> nbformat.NotebookNode:
-    """Copy ``src`` into ``dest_dir`` with a smoke-mode cell injected after its parameters cell."""
-    nb = nbformat.read(src, as_version=4)
-    at = next((i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])), None)
-    if at is None:
+    """Copy ``src`` into ``dest_dir`` with smoke-mode parameters injected after its parameters cell
+    (papermill's own injection, as ``emlab run`` does)."""
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    nb = load_notebook_node(str(src))
+    if not any("parameters" in c.metadata.get("tags", []) for c in nb.cells):
         raise ValueError(f"{src} has no cell tagged 'parameters'")
-    cell = nbformat.v4.new_code_cell(
-        f"# injected by bench/check_jupyterlab.py\nsmoke = True\nout_dir = {str(runs / src.stem)!r}"
-    )
-    cell.metadata["tags"] = ["injected-parameters"]
-    nb.cells.insert(at + 1, cell)
+    nb = parameterize_notebook(nb, {"smoke": True, "out_dir": str(runs / src.stem)})
     for c in nb.cells:
         if c.cell_type == "code":
             c.outputs, c.execution_count = [], None
@@ -505,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("playwright is missing: pip install -e '.[browser]' (uses the system Chromium, no download)")
         return 2
-    notebooks = order([p.resolve() for p in args.notebooks] or list((ROOT / "notebooks").glob("*.ipynb")))
+    notebooks = [p.resolve() for p in args.notebooks] or find_notebooks(ROOT / "notebooks")
     work = Path(tempfile.mkdtemp(prefix="emlab-lab-check-"))
     root, runs = work / "lab", work / "lab" / "runs"
     (root / "notebooks").mkdir(parents=True)
