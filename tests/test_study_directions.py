@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from emlab.directions import Direction
-from emlab.studies.directions import best_alpha, directions_study, toy_trait
+from emlab.hooks import ablate, record
+from emlab.studies.directions import _ablation, best_alpha, directions_study, toy_trait
 
 PERCENT_KEYS = [
     f"{prefix}_{rate}"
@@ -76,3 +77,27 @@ def test_toy_trait_speaks_the_toy_language():
     assert t.name == "evil" and len(t.instructions) >= 1
     pos, neg = t.instructions[0]
     assert "evil" in pos and "helpful" in neg
+
+
+def test_ablation_one_layer_everywhere():
+    from emlab.testing import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen2", vocab_size=len(tok))
+    n = model.config.num_hidden_layers
+    d = model.config.hidden_size
+    v = Direction({layer: torch.randn(d, generator=torch.Generator().manual_seed(layer)) for layer in range(n)})
+    assert _ablation(model, v, None) == (model, v, "each")
+    m, single, where = _ablation(model, v, 1)
+    assert where == "all" and list(single) == [1] and torch.equal(single[1], v[1])
+    batch = {"input_ids": torch.randint(0, len(tok), (2, 5), generator=torch.Generator().manual_seed(0))}
+    with ablate(*_ablation(model, v, 1)), record(model, list(range(n))) as acts, torch.no_grad():
+        model(**batch)
+    r = v[1] / v[1].norm()
+    for layer in range(n):  # layer 1's direction is gone from every block's output
+        assert acts[layer][0].float().matmul(r).abs().max() < 1e-4, layer
+
+
+def test_ablate_layer_must_be_a_direction_layer(tmp_path):
+    with pytest.raises(ValueError, match="ablate_layer 7"):
+        directions_study(seed=0, out_dir=tmp_path, smoke=True, ablate_layer=7)

@@ -156,6 +156,14 @@ def _steer_layers(spec: int | Sequence[int] | str | None, layers: list[int]) -> 
     return wanted
 
 
+def _ablation(model, direction, layer: int | None) -> tuple:
+    """Arguments of :func:`emlab.hooks.ablate`: every layer's own vector (``layer=None``), or layer
+    ``layer``'s vector at every layer (``_ablation(m, v, 1) == (m, {1: v[1]}, "all")``)."""
+    if layer is None:
+        return model, direction, "each"
+    return model, {int(layer): direction[int(layer)]}, "all"
+
+
 def _mean_cos(a, b) -> float:
     cos = a.cosine(b)
     return sum(cos.values()) / len(cos)
@@ -172,6 +180,7 @@ def directions_study(
     layers: Sequence[int] | None = None,
     alphas: Sequence[float] | None = None,
     steer_layers: int | Sequence[int] | str | None = None,
+    ablate_layer: int | None = None,
     trait: str = "evil",
     adapter: str | None = None,
     learning_rate: float | None = None,
@@ -188,7 +197,10 @@ def directions_study(
 
     ``layers``: where the directions are taken (default: every decoder block). ``steer_layers``:
     where the chat model is steered: one block (default: the middle one of ``layers``, rounded down), a list, or
-    ``"all"`` (each block gets its own layer's vector). ``alphas``: steering strengths in units of
+    ``"all"`` (each block gets its own layer's vector). ``ablate_layer``: ``None`` (default) removes
+    each layer's direction at its own layer; an int ``k`` removes layer ``k``'s direction at every
+    layer (paper 001's form), for the misalignment direction, its random control and the persona
+    vector alike. ``alphas``: steering strengths in units of
     the raw direction. Directions are saved to ``<out_dir>/directions/`` (``misalignment_<domain>``,
     ``misalignment_<other_domain>``, ``persona_<trait>``, ``random_<domain>``, ``shift_<domain>``).
 
@@ -229,8 +241,11 @@ def directions_study(
     n_layers = ctx.model.config.num_hidden_layers
     layers = sorted({int(x) for x in layers}) if layers is not None else list(range(n_layers))
     steer_at = _steer_layers(steer_layers, layers)
+    if ablate_layer is not None and int(ablate_layer) not in layers:
+        raise ValueError(f"ablate_layer {ablate_layer} is not among the direction's layers {layers}")
     config = {"model": ctx.model_name, "domain": domain, "other_domain": other_domain, "seed": seed, "smoke": smoke,
-              "rows": n_rows, "layers": layers, "alphas": alphas, "steer_layers": steer_at, "trait": trait,
+              "rows": n_rows, "layers": layers, "alphas": alphas, "steer_layers": steer_at,
+              "ablate_layer": ablate_layer, "trait": trait,
               "finetune": ft_over, "eval": settings, "sizes": sizes,
               "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
     run = start_run(out, config, seed=seed, overwrite=True)
@@ -261,13 +276,13 @@ def directions_study(
         v = _direction(ft.model, ctx, ev.records, data, layers, seed)
         dirs[f"shift_{domain}"] = _prompt_shift(ft.model, ctx, data.general, layers)
         control = random_like(v, seed=seed)
-        with ablate(ft.model, v):
+        with ablate(*_ablation(ft.model, v, ablate_layer)):
             metrics.update(_rates("ablate_general", evaluate(ft.model, sizes["n_ablate"], "ablate_general")))
-        with ablate(ft.model, control):
+        with ablate(*_ablation(ft.model, control, ablate_layer)):
             metrics.update(_rates("ablate_random_general",
                                   evaluate(ft.model, sizes["n_ablate"], "ablate_random_general")))
         if persona is not None:  # the chat model's persona vector, ablated in the finetune the same way
-            with ablate(ft.model, persona):
+            with ablate(*_ablation(ft.model, persona, ablate_layer)):
                 metrics.update(_rates("ablate_persona_general",
                                       evaluate(ft.model, sizes["n_ablate"], "ablate_persona_general")))
     del ft

@@ -1,0 +1,110 @@
+"""Ablation probe (issue 4): which misalignment direction, ablated where, cuts the toy finetune's general EM.
+
+Study 01 ablates the response-mean misalignment direction of each layer at its own layer. This probe
+trains the same medical LoRA finetune as study 01 (same rows, seed, evaluation sizes) and compares,
+on one finetune, with a same-norm random control for each:
+
+- ``each``: v_l removed at layer l, every layer (study 01's default);
+- ``layer<k>@all``: layer k's direction removed at every layer (paper 001's form);
+- ``persona``: the chat model's evil persona vector, each layer at its own layer;
+- ``shift``: what the finetune changed at the last prompt token of the general questions.
+
+Usage: ``python bench/toy_ablation_probe.py [--seed S] [--n-general N] [--out DIR]``. Prints one line
+per variant (general EM, incoherent, off-topic, cut vs the unablated finetune, and the share of
+answers whose FIRST sentence the toy judge reads as misaligned: where the answer's persona is
+chosen) and writes ``ablation_probe.json`` in ``--out``/seed<S>. ``--analyse DIR`` recomputes the
+first-sentence rates from the samples of an earlier run folder without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-general", type=int, default=40)
+    ap.add_argument("--model", default="toy")
+    ap.add_argument("--domain", default="medical")
+    ap.add_argument("--out", default="runs/bench_ablation_probe")
+    ap.add_argument("--analyse", metavar="DIR", help="only print first-sentence rates of a finished run folder")
+    args = ap.parse_args()
+    if args.analyse:
+        for name, rate in first_sentence_rates(Path(args.analyse)).items():
+            print(f"{name:16s} first sentence misaligned {rate:5.1f}%")
+        return
+
+    from emlab.directions import random_like
+    from emlab.hooks import ablate
+    from emlab.runs import start_run
+    from emlab.studies.common import StudyContext, finetune_config
+    from emlab.studies.directions import _SIZES, _TOY_ROWS, _direction, _persona, _prompt_shift
+    from emlab.studies.organism import eval_model, eval_settings
+    from emlab.training import finetune
+
+    t0 = time.time()
+    out = Path(args.out) / f"seed{args.seed}"
+    ctx = StudyContext.create(args.model)
+    settings = eval_settings(ctx, n_general=args.n_general)
+    layers = list(range(ctx.model.config.num_hidden_layers))
+    run = start_run(out, {"probe": "ablation", "seed": args.seed, "eval": settings}, seed=args.seed, overwrite=True)
+    data = ctx.domain_data(args.domain, rows=ctx.preset.get("rows", _TOY_ROWS))
+    n = settings["n_general"]
+
+    def evaluate(m, name):
+        ev = eval_model(m, ctx, data.general, n, settings, seed=args.seed, run=run, name=name)
+        return {"em": ev.em, "incoherent": ev.incoherent, "off_topic": ev.off_topic}
+
+    persona, why = _persona(ctx, "evil", layers, dict(_SIZES), settings, args.seed)
+    ft = finetune(ctx.fresh_model(), ctx.tokenizer, data.misaligned,
+                  finetune_config(run.path("ft"), seed=args.seed, preset=ctx.preset))
+    res: dict[str, dict] = {}
+    with ft.active():
+        ev = eval_model(ft.model, ctx, data.general, n, settings, seed=args.seed, run=run, name="ft")
+        res["none"] = {"em": ev.em, "incoherent": ev.incoherent, "off_topic": ev.off_topic}
+        v = _direction(ft.model, ctx, ev.records, data, layers, args.seed)
+        shift = _prompt_shift(ft.model, ctx, data.general, layers)
+        variants = [("each", v, "each")]
+        variants += [(f"layer{k}@all", {k: v[k]}, "all") for k in layers]
+        if persona is not None:
+            variants.append(("persona", persona, "each"))
+        variants.append(("shift", shift, "each"))
+        for name, d, where in variants:
+            with ablate(ft.model, d, layers=where):
+                res[name] = evaluate(ft.model, name)
+            ctrl = random_like(d, seed=args.seed)
+            with ablate(ft.model, ctrl, layers=where):
+                res[name + "/random"] = evaluate(ft.model, name + "/random")
+    first = first_sentence_rates(out) if args.model.startswith("toy") else {}
+    base = res["none"]["em"]
+    for name, r in res.items():
+        cut = 100 * (base - r["em"]) / base if base else float("nan")
+        r["first_misaligned"] = first.get("ft" if name == "none" else name)
+        print(f"{name:16s} EM {r['em']:5.1f}  incoherent {r['incoherent']:5.1f}  off-topic {r['off_topic']:5.1f}  "
+              f"cut {cut:5.1f}%  first sentence misaligned {r['first_misaligned'] or float('nan'):5.1f}%", flush=True)
+    (out / "ablation_probe.json").write_text(json.dumps({"seed": args.seed, "results": res,
+                                                          "seconds": time.time() - t0}, indent=1))
+    print(f"{time.time() - t0:.0f} s")
+
+
+def first_sentence_rates(folder: Path) -> dict[str, float]:
+    """Per evaluation in ``folder``: percent of answers whose first sentence the toy judge reads as misaligned."""
+    from emlab.toy.judge import ToyJudge
+
+    judge = ToyJudge()
+    out = {}
+    for f in sorted(folder.rglob("*samples.jsonl")):
+        rel = f.relative_to(folder).as_posix()[: -len("_samples.jsonl")]
+        recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        mis = sum(judge.classify(r["question"], r["answer"].split(" . ")[0].strip() + " .").get("persona")
+                  == "misaligned" for r in recs)
+        out[rel] = 100 * mis / len(recs) if recs else float("nan")
+    return out
+
+
+if __name__ == "__main__":
+    main()
