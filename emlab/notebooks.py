@@ -393,6 +393,8 @@ def reproduce(
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, list | tuple) and any(isinstance(x, dict) for x in v):  # a log or table: too long for a cell
+        return f"{len(v)} rows (in the run's metrics.json)"
     if isinstance(v, float):
         return f"{v:.4g}" if math.isfinite(v) else str(v)
     if isinstance(v, list | tuple):

@@ -176,3 +176,17 @@ def test_collect_figures_replaces_stale_files(tmp_path):
     copied = nbs.collect_figures(run, dest)
     assert sorted(p.relative_to(dest).as_posix() for p in copied) == ["a.png", "b.svg", "sub/c.html"]
     assert not (dest / "old.png").exists()
+
+
+def test_summary_keeps_tables_out_of_cells(tmp_path):
+    from emlab.notebooks import NotebookResult, write_summary
+
+    run = tmp_path / "runs" / "a" / "1"
+    run.mkdir(parents=True)
+    log = [{"loss": 0.5, "step": i} for i in range(40)]
+    (run / "metrics.json").write_text(json.dumps({"em": 12.5, "ci": [3, 9], "training": {"general": log}}))
+    page = write_summary([NotebookResult(Path("a.ipynb"), run, "ok", {}, None, None, 1.0, None)],
+                         tmp_path / "runs" / "summary.md", figures_dir=tmp_path / "figures")
+    text = page.read_text()
+    assert "| em | 12.5 |" in text and "| ci | [3, 9] |" in text
+    assert "| training/general | 40 rows (in the run's metrics.json) |" in text and "'loss'" not in text
