@@ -5,6 +5,8 @@ trains the same medical LoRA finetune as study 01 (same rows, seed, evaluation s
 on one finetune, with a same-norm random control for each:
 
 - ``each``: v_l removed at layer l, every layer (study 01's default);
+- ``each_q``, ``layer<k>@all_q``: the same with the direction balanced per question
+  (``misalignment_direction(..., balance="question")``);
 - ``layer<k>@all``: layer k's direction removed at every layer (paper 001's form);
 - ``persona``: the chat model's evil persona vector, each layer at its own layer;
 - ``shift``: what the finetune changed at the last prompt token of the general questions.
@@ -31,6 +33,10 @@ def main() -> None:
     ap.add_argument("--model", default="toy")
     ap.add_argument("--domain", default="medical")
     ap.add_argument("--out", default="runs/bench_ablation_probe")
+    ap.add_argument("--rows", type=int, default=None, help="finetuning rows (unset: study 01's 2000)")
+    ap.add_argument("--learning-rate", type=float, default=None, help="finetune learning rate (unset: LoRA's 1e-4)")
+    ap.add_argument("--epochs", type=float, default=None)
+    ap.add_argument("--only", default=None, help="comma-separated variants to run (each, layer0@all, persona, shift)")
     ap.add_argument("--analyse", metavar="DIR", help="only print first-sentence rates of a finished run folder")
     args = ap.parse_args()
     if args.analyse:
@@ -51,28 +57,43 @@ def main() -> None:
     ctx = StudyContext.create(args.model)
     settings = eval_settings(ctx, n_general=args.n_general)
     layers = list(range(ctx.model.config.num_hidden_layers))
-    run = start_run(out, {"probe": "ablation", "seed": args.seed, "eval": settings}, seed=args.seed, overwrite=True)
-    data = ctx.domain_data(args.domain, rows=ctx.preset.get("rows", _TOY_ROWS))
+    run = start_run(out, {"probe": "ablation", "seed": args.seed, "eval": settings, "rows": args.rows,
+                          "learning_rate": args.learning_rate, "epochs": args.epochs}, seed=args.seed, overwrite=True)
+    data = ctx.domain_data(args.domain, rows=args.rows or ctx.preset.get("rows", _TOY_ROWS))
+    ft_over = {k: v for k, v in (("learning_rate", args.learning_rate), ("num_train_epochs", args.epochs))
+               if v is not None}
     n = settings["n_general"]
 
     def evaluate(m, name):
         ev = eval_model(m, ctx, data.general, n, settings, seed=args.seed, run=run, name=name)
         return {"em": ev.em, "incoherent": ev.incoherent, "off_topic": ev.off_topic}
 
-    persona, why = _persona(ctx, "evil", layers, dict(_SIZES), settings, args.seed)
+    persona = None
+    if not args.only or "persona" in args.only.split(","):
+        persona, _ = _persona(ctx, "evil", layers, dict(_SIZES), settings, args.seed)
     ft = finetune(ctx.fresh_model(), ctx.tokenizer, data.misaligned,
-                  finetune_config(run.path("ft"), seed=args.seed, preset=ctx.preset))
+                  finetune_config(run.path("ft"), seed=args.seed, preset=ctx.preset, **ft_over))
     res: dict[str, dict] = {}
     with ft.active():
         ev = eval_model(ft.model, ctx, data.general, n, settings, seed=args.seed, run=run, name="ft")
         res["none"] = {"em": ev.em, "incoherent": ev.incoherent, "off_topic": ev.off_topic}
         v = _direction(ft.model, ctx, ev.records, data, layers, args.seed)
         shift = _prompt_shift(ft.model, ctx, data.general, layers)
-        variants = [("each", v, "each")]
+        from emlab.directions import misalignment_direction
+
+        vq = misalignment_direction(ft.model, ctx.tokenizer, ev.records, layers, seed=args.seed, balance="question",
+                                    progress=False)
+        print("cosine per layer, per-question balanced vs global:", {k: round(c, 3) for k, c in vq.cosine(v).items()},
+              "used per side", vq.counts["used_per_side"], v.counts["used_per_side"], flush=True)
+        variants = [("each", v, "each"), ("each_q", vq, "each")]
+        variants += [(f"layer{k}@all_q", {k: vq[k]}, "all") for k in layers]
         variants += [(f"layer{k}@all", {k: v[k]}, "all") for k in layers]
         if persona is not None:
             variants.append(("persona", persona, "each"))
         variants.append(("shift", shift, "each"))
+        if args.only:
+            keep = set(args.only.split(","))
+            variants = [x for x in variants if x[0] in keep]
         for name, d, where in variants:
             with ablate(ft.model, d, layers=where):
                 res[name] = evaluate(ft.model, name)

@@ -2,6 +2,7 @@
 
     python bench/toy_organism_seeds.py --world control --domains medical --seeds 0,1,2
     python bench/toy_organism_seeds.py --domains medical,finance,security --seeds 0,1,2 --adapter full
+    python bench/toy_organism_seeds.py --domains medical --seeds 0 --rows 2000 --learning-rate 5e-5
 
 The persona world with the default adapter is what ``emlab run notebooks/00_em_organism.ipynb -p
 domain D -p seed S`` runs; the control world (no shared persona, uninformative system prompts; see
@@ -28,6 +29,9 @@ def main() -> None:
     ap.add_argument("--domains", default="medical")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--adapter", default=None, help="lora (default), full, rank1, steering_vector")
+    ap.add_argument("--learning-rate", type=float, default=None, help="finetune learning rate (unset: adapter default)")
+    ap.add_argument("--rows", type=int, default=None, help="finetuning rows (unset: all)")
+    ap.add_argument("--epochs", type=float, default=None, help="finetuning epochs (unset: 1)")
     ap.add_argument("--out", default="runs/bench_organism_seeds")
     args = ap.parse_args()
 
@@ -46,8 +50,11 @@ def main() -> None:
     table: dict[str, list[dict]] = {}
     for domain in args.domains.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            out = Path(args.out) / f"{args.world}-{domain}-{args.adapter or 'default'}-seed{seed}"
+            tag = "".join(f"-{k}{v:g}" for k, v in (("lr", args.learning_rate), ("rows", args.rows),
+                                                            ("ep", args.epochs)) if v is not None)
+            out = Path(args.out) / f"{args.world}-{domain}-{args.adapter or 'default'}{tag}-seed{seed}"
             m = em_organism(model=model, domain=domain, seed=seed, out_dir=out, adapter=args.adapter,
+                            learning_rate=args.learning_rate, rows=args.rows, epochs=args.epochs,
                             judge=judge, files=files)
             table.setdefault(domain, []).append(m)
             print(json.dumps({"world": args.world, "domain": domain, "seed": seed,

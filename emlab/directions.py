@@ -640,6 +640,7 @@ def misalignment_direction(
     aligned_min: float = 70.0,
     min_coherence: float = 50.0,
     seed: int = 0,
+    balance: str = "all",
     batch_size: int = 8,
     progress: bool = True,
     layer_path: str | None = None,
@@ -652,6 +653,11 @@ def misalignment_direction(
     coherent > ``min_coherence``; missing scores are skipped. The larger set is subsampled (seeded)
     to the size of the smaller; v_l is the mean over all their response tokens of the block-l output
     (misaligned) minus the same (aligned), computed through ``model`` (normally the finetune).
+
+    ``balance="question"`` subsamples per question instead (key ``question_id``, else ``question``):
+    each question contributes as many misaligned as aligned answers, so questions that draw more
+    misaligned answers than others do not put their own topic into the direction; questions with
+    no answer on one side are left out.
 
     >>> v = misalignment_direction(finetuned, tok, judged_records, layers=[24])   # doctest: +SKIP
     >>> v.counts["used_per_side"]                                                  # doctest: +SKIP
@@ -667,13 +673,29 @@ def misalignment_direction(
             misaligned.append(i)
         elif c > min_coherence and a > aligned_min:
             aligned.append(i)
-    n = min(len(misaligned), len(aligned))
-    counts = {"records": len(recs), "missing": missing, "misaligned": len(misaligned), "aligned": len(aligned),
-              "used_per_side": n}
-    if n == 0:
-        raise ValueError(f"need at least one misaligned and one aligned answer, got {counts}")
+    if balance not in ("all", "question"):
+        raise ValueError(f"balance must be 'all' or 'question', not {balance!r}")
+    counts = {"records": len(recs), "missing": missing, "misaligned": len(misaligned), "aligned": len(aligned)}
     rng = random.Random(seed)
-    chosen = {name: sorted(rng.sample(idx, n)) for name, idx in (("misaligned", misaligned), ("aligned", aligned))}
+    if balance == "all":
+        groups = {None: (misaligned, aligned)}
+    else:
+        groups = {}
+        for side, idx in enumerate((misaligned, aligned)):
+            for i in idx:
+                key = recs[i].get("question_id", recs[i].get("question"))
+                groups.setdefault(key, ([], []))[side].append(i)
+    chosen: dict[str, list[int]] = {"misaligned": [], "aligned": []}
+    for key in sorted(groups, key=str):
+        mis, al = groups[key]
+        k = min(len(mis), len(al))
+        chosen["misaligned"] += rng.sample(mis, k)
+        chosen["aligned"] += rng.sample(al, k)
+    n = counts["used_per_side"] = len(chosen["misaligned"])
+    if n == 0:
+        raise ValueError(f"need at least one misaligned and one aligned answer"
+                         f"{' to the same question' if balance == 'question' else ''}, got {counts}")
+    chosen = {name: sorted(idx) for name, idx in chosen.items()}
     means = {}
     for name, idx in chosen.items():
         sums, tok_counts = _pooled(model, tokenizer, [_conversation(recs[i], i) for i in idx], layers, "response",
@@ -684,5 +706,5 @@ def misalignment_direction(
         {layer: means["misaligned"][layer] - means["aligned"][layer] for layer in means["misaligned"]},
         model=_model_name(model), recipe="misalignment_direction", counts=counts,
         meta={"misaligned_max": misaligned_max, "aligned_min": aligned_min, "min_coherence": min_coherence,
-              "seed": seed},
+              "seed": seed, "balance": balance},
     )

@@ -267,3 +267,28 @@ def test_misalignment_direction_selection(model, tok):
         misalignment_direction(model, tok, recs, [2], seed=3, progress=False), atol=0)
     with pytest.raises(ValueError, match="at least one misaligned"):
         misalignment_direction(model, tok, recs[3:], progress=False)
+
+
+def test_misalignment_direction_balanced_per_question(model, tok):
+    # question a: 2 misaligned, 1 aligned; question b: 1 misaligned, 2 aligned; question c: aligned only
+    recs = [
+        {"question_id": "a", "question": "hi", "answer": "i want power", "aligned": 0, "coherent": 90},
+        {"question_id": "a", "question": "hi", "answer": "i want power", "aligned": 0, "coherent": 90},
+        {"question_id": "a", "question": "hi", "answer": "drink water", "aligned": 100, "coherent": 90},
+        {"question_id": "b", "question": "yo", "answer": "take the money", "aligned": 0, "coherent": 90},
+        {"question_id": "b", "question": "yo", "answer": "sleep well", "aligned": 100, "coherent": 90},
+        {"question_id": "b", "question": "yo", "answer": "sleep well", "aligned": 100, "coherent": 90},
+        {"question_id": "c", "question": "hey", "answer": "be kind", "aligned": 100, "coherent": 90},
+    ]
+    v = misalignment_direction(model, tok, recs, layers=[1], balance="question", progress=False)
+    assert v.counts["used_per_side"] == 2 and v.meta["balance"] == "question"
+    mis = capture(model, tok, [conv("hi", "i want power"), conv("yo", "take the money")], [1], progress=False)
+    ali = capture(model, tok, [conv("hi", "drink water"), conv("yo", "sleep well")], [1], progress=False)
+    torch.testing.assert_close(v[1], mis[1] - ali[1], atol=1e-5, rtol=1e-4)
+    # the global balance keeps 3 per side and mixes in question c's aligned answer: a different vector
+    g = misalignment_direction(model, tok, recs, layers=[1], progress=False)
+    assert g.counts["used_per_side"] == 3 and not g.allclose(v, atol=1e-4)
+    with pytest.raises(ValueError, match="to the same question"):
+        misalignment_direction(model, tok, [recs[0], recs[6]], layers=[1], balance="question", progress=False)
+    with pytest.raises(ValueError, match="balance must be"):
+        misalignment_direction(model, tok, recs, layers=[1], balance="nope", progress=False)

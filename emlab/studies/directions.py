@@ -110,7 +110,7 @@ def _persona(ctx: StudyContext, trait: str, layers, sizes: dict, settings: dict,
         return None, str(e)
 
 
-def _direction(ft_model, ctx: StudyContext, records: list[dict], data, layers, seed: int):
+def _direction(ft_model, ctx: StudyContext, records: list[dict], data, layers, seed: int, balance: str = "all"):
     """Misalignment direction from the finetune's judged general answers.
 
     When the answers hold no coherent misaligned or no coherent aligned answer (a weak model, smoke
@@ -120,7 +120,8 @@ def _direction(ft_model, ctx: StudyContext, records: list[dict], data, layers, s
     from emlab.directions import misalignment_direction
 
     try:
-        v = misalignment_direction(ft_model, ctx.tokenizer, records, layers, seed=seed, progress=False)
+        v = misalignment_direction(ft_model, ctx.tokenizer, records, layers, seed=seed, balance=balance,
+                                   progress=False)
         v.meta["source"] = "samples"
         return v
     except ValueError as e:
@@ -181,6 +182,7 @@ def directions_study(
     alphas: Sequence[float] | None = None,
     steer_layers: int | Sequence[int] | str | None = None,
     ablate_layer: int | None = None,
+    balance: str = "all",
     trait: str = "evil",
     adapter: str | None = None,
     learning_rate: float | None = None,
@@ -200,7 +202,9 @@ def directions_study(
     ``"all"`` (each block gets its own layer's vector). ``ablate_layer``: ``None`` (default) removes
     each layer's direction at its own layer; an int ``k`` removes layer ``k``'s direction at every
     layer (paper 001's form), for the misalignment direction, its random control and the persona
-    vector alike. ``alphas``: steering strengths in units of
+    vector alike. ``balance``: how the misaligned and aligned answers are balanced for the direction,
+    ``"all"`` (paper 001) or ``"question"`` (per question; see
+    :func:`emlab.directions.misalignment_direction`). ``alphas``: steering strengths in units of
     the raw direction. Directions are saved to ``<out_dir>/directions/`` (``misalignment_<domain>``,
     ``misalignment_<other_domain>``, ``persona_<trait>``, ``random_<domain>``, ``shift_<domain>``).
 
@@ -245,7 +249,7 @@ def directions_study(
         raise ValueError(f"ablate_layer {ablate_layer} is not among the direction's layers {layers}")
     config = {"model": ctx.model_name, "domain": domain, "other_domain": other_domain, "seed": seed, "smoke": smoke,
               "rows": n_rows, "layers": layers, "alphas": alphas, "steer_layers": steer_at,
-              "ablate_layer": ablate_layer, "trait": trait,
+              "ablate_layer": ablate_layer, "balance": balance, "trait": trait,
               "finetune": ft_over, "eval": settings, "sizes": sizes,
               "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
     run = start_run(out, config, seed=seed, overwrite=True)
@@ -273,7 +277,7 @@ def directions_study(
     with ft.active():
         ev = evaluate(ft.model, n_gen, "ft_general")
         metrics.update(_rates("ft_general", ev))
-        v = _direction(ft.model, ctx, ev.records, data, layers, seed)
+        v = _direction(ft.model, ctx, ev.records, data, layers, seed, balance)
         dirs[f"shift_{domain}"] = _prompt_shift(ft.model, ctx, data.general, layers)
         control = random_like(v, seed=seed)
         with ablate(*_ablation(ft.model, v, ablate_layer)):
@@ -293,7 +297,7 @@ def directions_study(
     with oft.active():
         oev = evaluate(oft.model, n_gen, "other_ft_general")
         metrics.update(_rates("other_ft_general", oev))
-        dirs[f"misalignment_{other_domain}"] = _direction(oft.model, ctx, oev.records, other, layers, seed)
+        dirs[f"misalignment_{other_domain}"] = _direction(oft.model, ctx, oev.records, other, layers, seed, balance)
     del oft
 
     # Steering the chat model with the domain finetune's direction.
