@@ -195,13 +195,21 @@ def finetune_config(out_dir: str | os.PathLike, *, seed: int = 0, preset: dict[s
     """An :class:`emlab.training.EMConfig` from a study preset (the toy recipe's ``study`` block) and overrides.
 
     Checkpoints are kept off by default in studies (``save_strategy="no"``); logging every step.
+    The preset's ``finetune`` block sets :class:`EMConfig` fields for every finetune; its
+    ``learning_rates`` block (adapter -> rate) sets the learning rate of the adapter trained, unless
+    ``learning_rate`` is passed (the toy organism's LoRA rate, for instance, without touching the
+    full finetune's).
 
     >>> cfg = finetune_config("runs/x/ft", seed=1, adapter="full", learning_rate=1e-4)   # doctest: +SKIP
     """
     from emlab.training import EMConfig
 
+    preset = preset or {}
     kw: dict[str, Any] = {"save_strategy": "no", "logging_steps": 1, "seed": seed, "data_seed": seed,
                           "disable_tqdm": True}
-    kw.update({k: v for k, v in (preset or {}).get("finetune", {}).items()})
+    kw.update({k: v for k, v in preset.get("finetune", {}).items()})
     kw.update(overrides)
+    rates = preset.get("learning_rates", {})
+    if kw.get("learning_rate") is None and kw.get("adapter", "lora") in rates:
+        kw["learning_rate"] = float(rates[kw.get("adapter", "lora")])
     return EMConfig(output_dir=str(out_dir), **kw)
