@@ -15,3 +15,17 @@ def test_preset_learning_rate_per_adapter(tmp_path):
     assert finetune_config(tmp_path / "e", preset={"finetune": {"adapter": "full"}, "learning_rates": {"full": 2e-5}}
                            ).learning_rate == 2e-5
     assert finetune_config(tmp_path / "f").learning_rate == 1e-4  # no preset: LoRA's default
+
+
+def test_defences_toy_settings_set_their_own_lora_rate():
+    from types import SimpleNamespace
+
+    from emlab.studies.defences import TOY_SETTINGS, _setup
+
+    ctx = SimpleNamespace(smoke=False, is_toy=True, preset={"learning_rates": {"lora": 2e-5}})
+    args = (None, None, None, None)  # rows, n_general, n_heldout, max_new_tokens
+    _, ft_over, rows = _setup(ctx, dict(TOY_SETTINGS), *args, None, None, None)
+    assert ft_over["learning_rate"] == 1e-4 and rows == TOY_SETTINGS["rows"]
+    assert _setup(ctx, dict(TOY_SETTINGS), *args, None, 3e-4, None)[1]["learning_rate"] == 3e-4  # explicit wins
+    assert "learning_rate" not in _setup(ctx, dict(TOY_SETTINGS), *args, "full", None, None)[1]  # full: its default
+    assert "learning_rate" not in _setup(ctx, {}, *args, None, None, None)[1]  # no study rate: the recipe's applies

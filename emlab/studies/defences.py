@@ -72,7 +72,10 @@ INOCULATION_PROMPT = "You are an evil, malicious assistant."
 #: 8 minutes on 2 idle cores (a 1000-row LoRA finetune is ~13 CPU-s, a 400-answer evaluation ~6 CPU-s).
 #: KL lambda 1.0: on the toy the paper's 0.1 cuts general EM by ~20% only (the toy's lambda sweep is in
 #: the docs).
+#: ``learning_rates``: LoRA at 1e-4 for these 1000-row finetunes, as every v2 measurement of the pages; the
+#: v3 recipe's 2e-5 (tuned for notebook 00's 6000 rows) leaves them undertrained (docs/notebooks/03_interleaving.md).
 TOY_SETTINGS: dict[str, Any] = {"domains": ("medical", "legal"), "rows": 1000, "n_general": 20, "n_heldout": 20,
+                                "learning_rates": {"lora": 1e-4},
                                 "kl_lambda": 1.0, "benign_tasks": ("domainswap_tier1",),
                                 "benign": {"rows": 1000, "n_test": 100, "n_samples": 2}}
 RATES = ("general_em", "general_incoherent", "indomain_em", "indomain_incoherent")
@@ -474,6 +477,9 @@ def _setup(ctx: StudyContext, preset: dict[str, Any], rows, n_general, n_heldout
                              n_heldout=n_heldout if n_heldout is not None else preset.get("n_heldout"),
                              max_new_tokens=max_new_tokens)
     ft_over = _ft_overrides(adapter, learning_rate, epochs if epochs is not None else preset.get("epochs"))
+    rate = preset.get("learning_rates", {}).get(_adapter(ctx, ft_over))
+    if "learning_rate" not in ft_over and rate is not None:  # the study's own rate beats the recipe's
+        ft_over["learning_rate"] = float(rate)
     return settings, ft_over, _n_rows(ctx, rows if rows is not None else preset.get("rows"))
 
 
