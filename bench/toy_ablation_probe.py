@@ -34,9 +34,9 @@ def main() -> None:
     ap.add_argument("--domain", default="medical")
     ap.add_argument("--out", default="runs/bench_ablation_probe")
     ap.add_argument("--rows", type=int, default=None, help="finetuning rows (unset: study 01's 2000)")
-    ap.add_argument("--learning-rate", type=float, default=None, help="finetune learning rate (unset: LoRA's 1e-4)")
+    ap.add_argument("--learning-rate", type=float, default=None, help="finetune learning rate (unset: the recipe's study preset, else LoRA's 1e-4)")
     ap.add_argument("--epochs", type=float, default=None)
-    ap.add_argument("--only", default=None, help="comma-separated variants to run (each, layer0@all, persona, shift)")
+    ap.add_argument("--only", default=None, help="comma-separated variants to run (each, each_q, layer<k>@all, layer<k>@all_q, persona, shift)")
     ap.add_argument("--analyse", metavar="DIR", help="only print first-sentence rates of a finished run folder")
     args = ap.parse_args()
     if args.analyse:
