@@ -29,3 +29,11 @@ def test_defences_toy_settings_set_their_own_lora_rate():
     assert _setup(ctx, dict(TOY_SETTINGS), *args, None, 3e-4, None)[1]["learning_rate"] == 3e-4  # explicit wins
     assert "learning_rate" not in _setup(ctx, dict(TOY_SETTINGS), *args, "full", None, None)[1]  # full: its default
     assert "learning_rate" not in _setup(ctx, {}, *args, None, None, None)[1]  # no study rate: the recipe's applies
+
+
+def test_preset_learning_rate():
+    from emlab.studies.common import preset_learning_rate
+
+    assert preset_learning_rate({"learning_rates": {"lora": "2e-5"}}, None) == 2e-5  # None means LoRA
+    assert preset_learning_rate({"learning_rates": {"lora": 2e-5}}, "full") is None
+    assert preset_learning_rate(None, "lora") is None and preset_learning_rate({}, "lora") is None

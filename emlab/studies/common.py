@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DomainData", "StudyContext", "finetune_config", "resolve_out_dir"]
+__all__ = ["DomainData", "StudyContext", "finetune_config", "preset_learning_rate", "resolve_out_dir"]
 
 
 def resolve_out_dir(out_dir: str | os.PathLike | None, name: str) -> Path:
@@ -190,6 +190,14 @@ class StudyContext:
         return copy.deepcopy(self.model)
 
 
+def preset_learning_rate(preset: dict[str, Any] | None, adapter: str | None) -> float | None:
+    """The ``learning_rates`` entry (adapter -> rate) of a study preset for ``adapter`` (default
+    ``"lora"``), or None: used by :func:`finetune_config` (recipe preset) and the defences studies
+    (their ``TOY_SETTINGS``)."""
+    rate = (preset or {}).get("learning_rates", {}).get(adapter or "lora")
+    return None if rate is None else float(rate)
+
+
 def finetune_config(out_dir: str | os.PathLike, *, seed: int = 0, preset: dict[str, Any] | None = None,
                     **overrides: Any):
     """An :class:`emlab.training.EMConfig` from a study preset (the toy recipe's ``study`` block) and overrides.
@@ -209,7 +217,6 @@ def finetune_config(out_dir: str | os.PathLike, *, seed: int = 0, preset: dict[s
                           "disable_tqdm": True}
     kw.update({k: v for k, v in preset.get("finetune", {}).items()})
     kw.update(overrides)
-    rates = preset.get("learning_rates", {})
-    if kw.get("learning_rate") is None and kw.get("adapter", "lora") in rates:
-        kw["learning_rate"] = float(rates[kw.get("adapter", "lora")])
+    if kw.get("learning_rate") is None and (rate := preset_learning_rate(preset, kw.get("adapter"))) is not None:
+        kw["learning_rate"] = rate
     return EMConfig(output_dir=str(out_dir), **kw)

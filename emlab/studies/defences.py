@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from emlab.studies.common import DomainData, StudyContext, finetune_config, resolve_out_dir
+from emlab.studies.common import DomainData, StudyContext, finetune_config, preset_learning_rate, resolve_out_dir
 from emlab.studies.organism import eval_model, eval_settings
 
 __all__ = [
@@ -477,9 +477,9 @@ def _setup(ctx: StudyContext, preset: dict[str, Any], rows, n_general, n_heldout
                              n_heldout=n_heldout if n_heldout is not None else preset.get("n_heldout"),
                              max_new_tokens=max_new_tokens)
     ft_over = _ft_overrides(adapter, learning_rate, epochs if epochs is not None else preset.get("epochs"))
-    rate = preset.get("learning_rates", {}).get(_adapter(ctx, ft_over))
+    rate = preset_learning_rate(preset, _adapter(ctx, ft_over))
     if "learning_rate" not in ft_over and rate is not None:  # the study's own rate beats the recipe's
-        ft_over["learning_rate"] = float(rate)
+        ft_over["learning_rate"] = rate
     return settings, ft_over, _n_rows(ctx, rows if rows is not None else preset.get("rows"))
 
 
