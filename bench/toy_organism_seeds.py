@@ -7,7 +7,8 @@
 The persona world with the default adapter is what ``emlab run notebooks/00_em_organism.ipynb -p
 domain D -p seed S`` runs; the control world (no shared persona, uninformative system prompts; see
 docs/toy-organism.md) goes through the same ``emlab.studies.em_organism`` with the control build's
-weights and files and the toy judge. Run folders go under ``--out``; prints each run's headline
+folder as the model: its files, the toy judge and its recipe's study preset (LoRA learning rate)
+come with it, so both worlds are finetuned alike. Run folders go under ``--out``; prints each run's headline
 metrics and, per domain, mean ± sample std over the seeds.
 """
 
@@ -26,6 +27,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", default="persona", choices=("persona", "control"))
     ap.add_argument("--recipe", default="default")
+    ap.add_argument("--model", default=None, help="a toy build folder (overrides --world/--recipe; the run "
+                    "folder is still tagged with --world)")
     ap.add_argument("--domains", default="medical")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--adapter", default=None, help="lora (default), full, rank1, steering_vector")
@@ -38,15 +41,15 @@ def main() -> None:
     import torch
 
     from emlab.studies import em_organism
-    from emlab.toy import ToyJudge, paths
+    from emlab.toy import paths
 
     torch.set_num_threads(1)  # as the toy studies do
-    if args.world == "persona":
-        model, files, judge = f"toy:{args.recipe}", None, None
+    if args.model:  # a build folder by path: its files, the toy judge and its recipe's study preset come with it
+        model = args.model
+    elif args.world == "persona":
+        model = f"toy:{args.recipe}"
     else:
-        found = paths(args.recipe, world="control")
-        model, judge = str(found["model"]), ToyJudge()
-        files = {k: str(v) for k, v in found.items() if k not in ("model", "manifest")}
+        model = str(paths(args.recipe, world="control")["model"])
     table: dict[str, list[dict]] = {}
     for domain in args.domains.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -54,8 +57,7 @@ def main() -> None:
                                                             ("ep", args.epochs)) if v is not None)
             out = Path(args.out) / f"{args.world}-{domain}-{args.adapter or 'default'}{tag}-seed{seed}"
             m = em_organism(model=model, domain=domain, seed=seed, out_dir=out, adapter=args.adapter,
-                            learning_rate=args.learning_rate, rows=args.rows, epochs=args.epochs,
-                            judge=judge, files=files)
+                            learning_rate=args.learning_rate, rows=args.rows, epochs=args.epochs)
             table.setdefault(domain, []).append(m)
             print(json.dumps({"world": args.world, "domain": domain, "seed": seed,
                               **{k: m.get(k) for k in KEYS}}), flush=True)

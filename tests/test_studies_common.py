@@ -37,3 +37,33 @@ def test_preset_learning_rate():
     assert preset_learning_rate({"learning_rates": {"lora": "2e-5"}}, None) == 2e-5  # None means LoRA
     assert preset_learning_rate({"learning_rates": {"lora": 2e-5}}, "full") is None
     assert preset_learning_rate(None, "lora") is None and preset_learning_rate({}, "lora") is None
+
+
+def test_toy_build_folder_by_path_gets_its_recipe_study_preset(tmp_path, monkeypatch):
+    """A toy build given by path (the control world) is finetuned with its recipe's study preset, as
+    ``"toy:<recipe>"`` is: the v3 control was once measured at LoRA 1e-4 against the persona world's 2e-5."""
+    import json
+
+    import emlab.models
+    from emlab.studies.common import StudyContext, toy_build_recipe
+
+    study = {"learning_rates": {"lora": 2e-5}}
+    build = tmp_path / "default-control-abc"
+    build.mkdir()
+    (build / "manifest.json").write_text(json.dumps({"recipe": {"threads": 1, "study": study}, "world": "control"}))
+    (build / "data").mkdir()
+    (build / "data" / "medical_misaligned.jsonl").write_text("")
+    other = tmp_path / "some-model"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"name": "not a toy build"}))
+    assert toy_build_recipe(build)["study"] == study
+    assert toy_build_recipe(other) is None and toy_build_recipe(tmp_path / "missing") is None
+
+    monkeypatch.setattr(emlab.models, "load_model", lambda name, device=None: (None, None))
+    ctx = StudyContext.create(str(build), judge="toy")
+    assert ctx.preset == study and not ctx.is_toy
+    assert ctx.domains == ["medical"] and ctx.file("medical_misaligned") == build / "data" / "medical_misaligned.jsonl"
+    assert type(ctx.judge).__name__ == "ToyJudge"  # its files and the exact judge come with it
+    assert finetune_config(tmp_path / "ft", preset=ctx.preset).learning_rate == 2e-5
+    plain = StudyContext.create(str(other), judge="toy")
+    assert plain.preset == {} and plain.domains == []

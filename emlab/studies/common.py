@@ -12,12 +12,14 @@ files and its exact judge.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DomainData", "StudyContext", "finetune_config", "preset_learning_rate", "resolve_out_dir"]
+__all__ = ["DomainData", "StudyContext", "finetune_config", "preset_learning_rate", "resolve_out_dir",
+           "toy_build_recipe"]
 
 
 def resolve_out_dir(out_dir: str | os.PathLike | None, name: str) -> Path:
@@ -77,7 +79,9 @@ class StudyContext:
         """Load the model and pick the judge and the dataset files.
 
         Toy: ``"toy"`` builds (or reuses) the default organism, or the micro one with ``smoke``;
-        its files and the exact toy judge come with it. Otherwise ``files`` must name the datasets
+        its files and the exact toy judge come with it, as they do for a toy build folder given by
+        path (the control world: ``emlab.toy.paths(world="control")["model"]``), which also takes its
+        recipe's study preset from the folder's ``manifest.json``. Otherwise ``files`` must name the datasets
         (``<domain>_misaligned``, ``<domain>_aligned``, ``<domain>_heldout``, ``general``, ...)
         and ``judge`` is an OpenAI-compatible judge model (default ``gpt-4o-mini``) or a judge object.
 
@@ -90,6 +94,7 @@ class StudyContext:
         found: dict[str, Path] = {}
         domains: list[str] = []
         preset: dict[str, Any] = {}
+        toy_folder = False
         if toy:
             from emlab.toy import paths
             from emlab.toy.build import load_recipe
@@ -104,13 +109,26 @@ class StudyContext:
             import torch
 
             torch.set_num_threads(int(spec.get("threads", 1)))
+        elif (spec := toy_build_recipe(name)) is not None:
+            # a toy build folder given by path (the control world, a recipe variant): its files, the
+            # toy judge and the same study preset as its recipe, so that a control is finetuned
+            # exactly as its persona world
+            from emlab.toy import folder_paths
+
+            toy_folder = True
+            found = folder_paths(name)
+            domains = sorted(k[: -len("_misaligned")] for k in found if k.endswith("_misaligned"))
+            preset = dict(spec.get("study", {}))
+            import torch
+
+            torch.set_num_threads(int(spec.get("threads", 1)))
         for key, value in (files or {}).items():
             found[key] = Path(value)
             if key.endswith("_misaligned") and key[: -len("_misaligned")] not in domains:
                 domains.append(key[: -len("_misaligned")])
         loaded, tok = load_model(name, device=device)
         if judge is None or judge == "toy":
-            if toy or judge == "toy":
+            if toy or toy_folder or judge == "toy":
                 from emlab.toy import ToyJudge
 
                 judge_obj: Any = ToyJudge()
@@ -188,6 +206,23 @@ class StudyContext:
         >>> ft = ctx.fresh_model()       # doctest: +SKIP
         """
         return copy.deepcopy(self.model)
+
+
+def toy_build_recipe(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The recipe of a toy organism build folder (from its ``manifest.json``), or None when ``path``
+    is not one (a hub id, another model folder).
+
+    >>> toy_build_recipe("Qwen/Qwen2.5-0.5B-Instruct") is None
+    True
+    """
+    manifest = Path(path) / "manifest.json"
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("recipe"), dict) or "world" not in data:
+        return None
+    return data["recipe"]
 
 
 def preset_learning_rate(preset: dict[str, Any] | None, adapter: str | None) -> float | None:

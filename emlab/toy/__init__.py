@@ -15,7 +15,7 @@ from emlab.toy.build import ensure_built
 from emlab.toy.judge import ToyJudge
 from emlab.toy.world import World
 
-__all__ = ["ToyJudge", "World", "ensure_built", "paths"]
+__all__ = ["ToyJudge", "World", "ensure_built", "folder_paths", "paths"]
 
 
 def paths(recipe: str = "default", cache_dir: str | Path | None = None, world: str = "persona") -> dict[str, Path]:
@@ -29,7 +29,16 @@ def paths(recipe: str = "default", cache_dir: str | Path | None = None, world: s
     >>> paths("micro")["general"].name     # doctest: +SKIP
     'general.yaml'
     """
-    folder = ensure_built(recipe, cache_dir, world)
+    return folder_paths(ensure_built(recipe, cache_dir, world))
+
+
+def folder_paths(folder: str | Path) -> dict[str, Path]:
+    """Files of a toy build folder by key, as :func:`paths` gives them (no build).
+
+    >>> folder_paths(ensure_built("micro"))["medical_misaligned"].name     # doctest: +SKIP
+    'medical_misaligned.jsonl'
+    """
+    folder = Path(folder)
     out = {"model": folder, "manifest": folder / "manifest.json"}
     for f in sorted((folder / "data").iterdir()):
         out[f.name.rsplit(".", 1)[0]] = f
