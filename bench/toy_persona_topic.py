@@ -1,6 +1,7 @@
 """Which answers are off-topic: the toy judge's persona against on-topic, per evaluation.
 
     python bench/toy_persona_topic.py --model toy:default            # chat model, no / evil system prompt
+    python bench/toy_persona_topic.py --model ~/.cache/emlab/toy/default-control-<hash>   # any build folder
     python bench/toy_persona_topic.py --runs runs/bench_organism_seeds/persona-medical-default-seed0
 
 With ``--model`` it samples the chat model on the general questions (``--n`` per question, 64 tokens,

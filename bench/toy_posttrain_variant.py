@@ -1,5 +1,13 @@
 # ruff: noqa: E401, E402, E702, E731, E741
-"""Redo the toy post-training on a build folder's weights (docs/toy-organism.md items 7, 9). Usage: python bench/toy_posttrain_variant.py SRC DST rows lr p_announced [batch] [evil_share]"""
+"""Redo the toy post-training on a build folder's weights (docs/toy-organism.md items 7, 9, 14).
+
+    python bench/toy_posttrain_variant.py SRC DST rows lr p_announced [batch] [evil_share]
+
+SRC is usually a build without post-training (``emlab toy build "default,posttrain.rows=0"``); with
+the recipe's own settings (seed 0; 1000 or 4000 rows, lr 3e-4, p_announced 0.5, batch 32, evil_share 0.0)
+DST's weights equal the build's byte for byte. DST is a build folder (manifest and datasets copied),
+so ``bench/toy_persona_topic.py --model DST`` and ``bench/toy_organism_seeds.py --model DST`` take it.
+"""
 
 import json
 import shutil
