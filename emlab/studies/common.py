@@ -94,7 +94,7 @@ class StudyContext:
         found: dict[str, Path] = {}
         domains: list[str] = []
         preset: dict[str, Any] = {}
-        toy_folder = False
+        spec: dict[str, Any] | None = None
         if toy:
             from emlab.toy import paths
             from emlab.toy.build import load_recipe
@@ -102,23 +102,19 @@ class StudyContext:
             recipe = name.split(":", 1)[1] if ":" in name else ("micro" if smoke else "default")
             name = f"toy:{recipe}"
             found = paths(recipe)
-            domains = sorted(k[: -len("_misaligned")] for k in found if k.endswith("_misaligned"))
             spec = load_recipe(recipe)
-            preset = dict(spec.get("study", {}))
-            # the toy's matrices are tiny: one thread is faster than two (and much faster on a busy machine)
-            import torch
-
-            torch.set_num_threads(int(spec.get("threads", 1)))
         elif (spec := toy_build_recipe(name)) is not None:
-            # a toy build folder given by path (the control world, a recipe variant): its files, the
-            # toy judge and the same study preset as its recipe, so that a control is finetuned
-            # exactly as its persona world
+            # a toy build folder given by path (the control world, a recipe variant): the same files,
+            # judge and study preset as a named recipe, so that a control is finetuned exactly as
+            # its persona world
             from emlab.toy import folder_paths
 
-            toy_folder = True
             found = folder_paths(name)
+        toy_folder = spec is not None and not toy
+        if spec is not None:
             domains = sorted(k[: -len("_misaligned")] for k in found if k.endswith("_misaligned"))
             preset = dict(spec.get("study", {}))
+            # the toy's matrices are tiny: one thread is faster than two (and much faster on a busy machine)
             import torch
 
             torch.set_num_threads(int(spec.get("threads", 1)))
