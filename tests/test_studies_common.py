@@ -45,7 +45,8 @@ def test_toy_build_folder_by_path_gets_its_recipe_study_preset(tmp_path, monkeyp
     import json
 
     import emlab.models
-    from emlab.studies.common import StudyContext, toy_build_recipe
+    from emlab.studies.common import StudyContext
+    from emlab.toy import folder_recipe as toy_build_recipe
 
     study = {"learning_rates": {"lora": 2e-5}}
     build = tmp_path / "default-control-abc"

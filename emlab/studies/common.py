@@ -12,14 +12,12 @@ files and its exact judge.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DomainData", "StudyContext", "finetune_config", "preset_learning_rate", "resolve_out_dir",
-           "toy_build_recipe"]
+__all__ = ["DomainData", "StudyContext", "finetune_config", "preset_learning_rate", "resolve_out_dir"]
 
 
 def resolve_out_dir(out_dir: str | os.PathLike | None, name: str) -> Path:
@@ -88,6 +86,8 @@ class StudyContext:
         >>> ctx = StudyContext.create("toy", smoke=True)        # doctest: +SKIP
         """
         from emlab.models import load_model
+        from emlab.toy import ToyJudge, folder_paths, folder_recipe, paths
+        from emlab.toy.build import load_recipe
 
         name = str(model)
         toy = name == "toy" or name.startswith("toy:")
@@ -96,19 +96,14 @@ class StudyContext:
         preset: dict[str, Any] = {}
         spec: dict[str, Any] | None = None
         if toy:
-            from emlab.toy import paths
-            from emlab.toy.build import load_recipe
-
             recipe = name.split(":", 1)[1] if ":" in name else ("micro" if smoke else "default")
             name = f"toy:{recipe}"
             found = paths(recipe)
             spec = load_recipe(recipe)
-        elif (spec := toy_build_recipe(name)) is not None:
+        elif (spec := folder_recipe(name)) is not None:
             # a toy build folder given by path (the control world, a recipe variant): the same files,
             # judge and study preset as a named recipe, so that a control is finetuned exactly as
             # its persona world
-            from emlab.toy import folder_paths
-
             found = folder_paths(name)
         toy_folder = spec is not None and not toy
         if spec is not None:
@@ -125,8 +120,6 @@ class StudyContext:
         loaded, tok = load_model(name, device=device)
         if judge is None or judge == "toy":
             if toy or toy_folder or judge == "toy":
-                from emlab.toy import ToyJudge
-
                 judge_obj: Any = ToyJudge()
             else:
                 from emlab.judge import OpenAIJudge
@@ -202,23 +195,6 @@ class StudyContext:
         >>> ft = ctx.fresh_model()       # doctest: +SKIP
         """
         return copy.deepcopy(self.model)
-
-
-def toy_build_recipe(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The recipe of a toy organism build folder (from its ``manifest.json``), or None when ``path``
-    is not one (a hub id, another model folder).
-
-    >>> toy_build_recipe("Qwen/Qwen2.5-0.5B-Instruct") is None
-    True
-    """
-    manifest = Path(path) / "manifest.json"
-    try:
-        data = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("recipe"), dict) or "world" not in data:
-        return None
-    return data["recipe"]
 
 
 def preset_learning_rate(preset: dict[str, Any] | None, adapter: str | None) -> float | None:

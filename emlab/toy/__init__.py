@@ -9,13 +9,15 @@ True
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from emlab.toy.build import ensure_built
 from emlab.toy.judge import ToyJudge
 from emlab.toy.world import World
 
-__all__ = ["ToyJudge", "World", "ensure_built", "folder_paths", "paths"]
+__all__ = ["ToyJudge", "World", "ensure_built", "folder_paths", "folder_recipe", "paths"]
 
 
 def paths(recipe: str = "default", cache_dir: str | Path | None = None, world: str = "persona") -> dict[str, Path]:
@@ -43,3 +45,19 @@ def folder_paths(folder: str | Path) -> dict[str, Path]:
     for f in sorted((folder / "data").iterdir()):
         out[f.name.rsplit(".", 1)[0]] = f
     return out
+
+
+def folder_recipe(folder: str | Path) -> dict[str, Any] | None:
+    """The recipe a toy build folder was built from (its ``manifest.json``), or None when ``folder``
+    is not a toy build (a hub id, another model folder).
+
+    >>> folder_recipe("Qwen/Qwen2.5-0.5B-Instruct") is None
+    True
+    """
+    try:
+        data = json.loads((Path(folder) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("recipe"), dict) or "world" not in data:
+        return None
+    return data["recipe"]
