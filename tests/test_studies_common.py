@@ -46,7 +46,7 @@ def test_toy_build_folder_by_path_gets_its_recipe_study_preset(tmp_path, monkeyp
 
     import emlab.models
     from emlab.studies.common import StudyContext
-    from emlab.toy import folder_recipe as toy_build_recipe
+    from emlab.toy import folder_recipe
 
     study = {"learning_rates": {"lora": 2e-5}}
     build = tmp_path / "default-control-abc"
@@ -57,8 +57,8 @@ def test_toy_build_folder_by_path_gets_its_recipe_study_preset(tmp_path, monkeyp
     other = tmp_path / "some-model"
     other.mkdir()
     (other / "manifest.json").write_text(json.dumps({"name": "not a toy build"}))
-    assert toy_build_recipe(build)["study"] == study
-    assert toy_build_recipe(other) is None and toy_build_recipe(tmp_path / "missing") is None
+    assert folder_recipe(build)["study"] == study
+    assert folder_recipe(other) is None and folder_recipe(tmp_path / "missing") is None
 
     monkeypatch.setattr(emlab.models, "load_model", lambda name, device=None: (None, None))
     ctx = StudyContext.create(str(build), judge="toy")
