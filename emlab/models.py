@@ -28,6 +28,7 @@ __all__ = [
     "default_device_dtype",
     "ensure_chat_template",
     "get_layers",
+    "hub_reachable",
     "layer_path",
     "load_adapter",
     "load_model",
@@ -132,12 +133,18 @@ def load_model(
     path, local = _resolve(name_or_path)
     device, dtype = default_device_dtype(device, dtype)
     if local_files_only is None:
-        local_files_only = local or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        # an unreachable hub fails at once (the hub client would retry for about a minute), and the
+        # model then comes from the hub cache or a packaged copy
+        local_files_only = local or offline or not hub_reachable()
     common = {"revision": revision, "local_files_only": local_files_only}
     try:
         tokenizer = _tokenizer_class(path, local, AutoTokenizer).from_pretrained(path, **common)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common, **kwargs)
     except (OSError, ValueError) as e:
+        packaged = _packaged_fallback(str(name_or_path), local, revision, e)
+        if packaged is not None:
+            return load_model(packaged, device=device, dtype=dtype, **kwargs)
         where = "local folder" if local else "Hugging Face hub id"
         raise ModelLoadError(
             f"could not load {name_or_path!r} ({where}): {str(e).splitlines()[0]}\n"
@@ -151,6 +158,52 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     ensure_chat_template(tokenizer)
     return model, tokenizer
+
+
+_HUB_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``$HF_ENDPOINT``) accepts a TCP connection within ``timeout`` seconds.
+
+    Asked once per process and endpoint.
+
+    >>> isinstance(hub_reachable(), bool)
+    True
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if endpoint not in _HUB_REACHABLE:
+        url = urlparse(endpoint)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+            _HUB_REACHABLE[endpoint] = True
+        except OSError:
+            _HUB_REACHABLE[endpoint] = False
+    return _HUB_REACHABLE[endpoint]
+
+
+def _packaged_fallback(name: str, local: bool, revision: str | None, error: Exception) -> Path | None:
+    """The packaged copy of a hub model the hub could not serve (see :mod:`emlab.packaged`), or None."""
+    from emlab.packaged import PACKAGED_MODELS, PackagedModelError, packaged_model_path
+
+    if local or revision is not None or name not in PACKAGED_MODELS:
+        return None
+    try:
+        folder = packaged_model_path(name)
+    except PackagedModelError as e:
+        raise ModelLoadError(
+            f"could not load {name!r} from the hub ({str(error).splitlines()[0]}) nor its packaged copy: {e}"
+        ) from None
+    warnings.warn(
+        f"{name}: the hub is not reachable; using the packaged copy {folder} "
+        f"({PACKAGED_MODELS[name].requirement}, GGUF Q4_1 dequantised: close to, not equal to, the hub weights)",
+        stacklevel=3,
+    )
+    return folder
 
 
 def _tokenizer_class(path: str, local: bool, default):
