@@ -274,8 +274,13 @@ def _chat_rows(values: list[Any], drop_system: bool = False) -> list[Any]:
                     for m in row["messages"]]
         if drop_system:
             messages = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "system")]
-        out.append({"messages": messages})
+        out.append({"messages": messages, **_canary_key(row)})
     return out
+
+
+def _canary_key(row: dict) -> dict:
+    """The row's ``canary`` key, carried over so that :func:`strip_canaries` counts it."""
+    return {"canary": row["canary"]} if "canary" in row else {}
 
 
 def _pair_rows(values: list[Any], column: str) -> list[Any]:
@@ -285,7 +290,7 @@ def _pair_rows(values: list[Any], column: str) -> list[Any]:
     out = []
     for row in values:
         if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get(column), str):
-            out.append(chat_row(row["prompt"], row[column]))
+            out.append({**chat_row(row["prompt"], row[column]), **_canary_key(row)})
         else:
             out.append({"not_a_pair_row": row})
     return out
@@ -444,11 +449,16 @@ def fetch_dataset(name: str, out_dir: str | os.PathLike, *, source: str | os.Pat
     data, origin, digest, pinned = _source_bytes(src, source, base_url, timeout)
     rows, parse_errors = _rows_of(src, data, origin)
     n_source = len(rows) + len(parse_errors)
-    rows, canaries = strip_canaries(rows)
-    problems = validate_rows(rows, origin)
-    bad_lines = {p.line for p in problems if p.severity == "error"}
-    invalid = [f"row {p.line}: {p.message}" for p in problems if p.severity == "error"]
-    rows = [r for i, r in enumerate(rows, 1) if i not in bad_lines]
+    kept: list[tuple[int, Any]] = []  # (position in the source, row)
+    canaries = {"canary_rows": 0, "canary_keys": 0}
+    for pos, row in enumerate(rows, 1):
+        clean, counts = strip_canaries([row])
+        canaries = {k: canaries[k] + counts[k] for k in canaries}
+        kept += [(pos, r) for r in clean]
+    problems = [p for p in validate_rows([r for _, r in kept], origin) if p.severity == "error"] if kept else []
+    bad_lines = {p.line for p in problems}
+    invalid = [f"row {kept[p.line - 1][0]}: {p.message}" for p in problems]
+    rows = [r for i, (_, r) in enumerate(kept, 1) if i not in bad_lines]
     if not rows:
         raise FetchError(f"{name}: no usable rows in {origin} ({len(parse_errors)} unreadable lines, "
                          f"{len(bad_lines)} invalid rows): {'; '.join((parse_errors + invalid)[:3])}")
