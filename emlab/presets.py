@@ -213,11 +213,11 @@ PAPER = Preset(
     sources={
         "questions": "seed 002 section 4.3: the 24 first-plot questions (8 x 3 variants), Betley et al.",
         "samples": "upstream first_plot_questions.yaml: samples_per_paraphrase 100, one paraphrase per question "
-                   "(Table 2's general rates are multiples of 1/2400 = 24 x 100, e.g. 0.08 = 2/2400)",
+                   "(Table 2's general rates are consistent with multiples of 1/2400 = 24 x 100, e.g. 0.08 ~ 2/2400)",
         "sampling": "Betley et al.'s code: temperature 1, top_p 1, max_tokens 600 (methods.md section 1)",
         "judge": "seed 002 section 4.3: GPT-4o-mini instead of the original GPT-4o",
-        "heldout": "seed 002 section 4.3: 30 questions from each held-out set; 100 samples each (Table 2's "
-                   "in-domain rates are multiples of 1/3000, e.g. 1.90 = 57/3000)",
+        "heldout": "seed 002 section 4.3: 30 questions from each held-out set; 100 samples each (not stated; "
+                   "Table 2's in-domain rates are consistent with multiples of 1/3000, e.g. 1.90 = 57/3000)",
         "methods": "seed 002 section 4.3 and B.1: KL 0.1, LDIFS 1.0, alpha 5, 5% added data; Appendix E: K=3",
         "finetune": "seed 002 Table 6: rs-LoRA r 32, alpha 64, lr 1e-4, 1 epoch, batch 4 x 4, warmup 5",
         "split": "seed 002 section 4.3: 90/10 train/eval split, 5,400 training rows",

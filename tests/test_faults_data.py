@@ -17,7 +17,7 @@ import pytest
 
 from emlab._cli import data as data_cli
 from emlab._cli.judge import _read_rows
-from emlab.data import DatasetError, check_rows, chat_row, load_chat_jsonl, read_jsonl, validate_chat_jsonl
+from emlab.data import DatasetError, chat_row, check_rows, load_chat_jsonl, read_jsonl, validate_chat_jsonl
 from emlab.questions import QuestionSetError, load_questions
 
 ROOT = Path(__file__).resolve().parents[1]
