@@ -27,8 +27,11 @@ __all__ = [
     "DatasetError",
     "Problem",
     "chat_row",
+    "check_rows",
     "load_chat_jsonl",
+    "read_jsonl",
     "mix_rows",
+    "parse_jsonl_bytes",
     "split_rows",
     "validate_chat_jsonl",
     "validate_rows",
@@ -53,9 +56,16 @@ class Problem:
     line: int
     severity: Severity
     message: str
+    #: ``"line"`` for a file (``path:line``), ``"row"`` for rows in memory (``source row N``)
+    unit: Literal["line", "row"] = "line"
+
+    @property
+    def where(self) -> str:
+        """``path:line`` for a file, ``source row N (index N-1)`` for rows in memory."""
+        return f"{self.path} row {self.line} (index {self.line - 1})" if self.unit == "row" else f"{self.path}:{self.line}"
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.severity}: {self.message}"
+        return f"{self.where}: {self.severity}: {self.message}"
 
 
 class DatasetError(ValueError):
@@ -78,10 +88,12 @@ class DatasetError(ValueError):
         head = f"{self.source}: {_plural(n_err, 'error')}"
         if n_warn:
             head += f" and {_plural(n_warn, 'warning')}"
-        lines = [head + " (each line below is path:line: message):"]
+        rows = self.problems and all(p.unit == "row" for p in self.problems)
+        lines = [head + (" (each line below is source row N: message):" if rows
+                         else " (each line below is path:line: message):")]
         for p in self.problems:
             suffix = "" if p.severity == "error" else " (warning)"
-            lines.append(f"{p.path}:{p.line}: {p.message}{suffix}")
+            lines.append(f"{p.where}: {p.message}{suffix}")
         return "\n".join(lines)
 
 
@@ -166,11 +178,51 @@ def _row_problems(row: Any) -> list[tuple[Severity, str]]:
         out.append(("error", f"no final assistant turn (the last message is a {last_role} turn)"))
     elif last_role == "assistant" and isinstance(last.get("content"), str) and not last["content"].strip():
         out.append(("error", "the final assistant answer is empty"))
+    if (bad := _unencodable(row)) is not None:
+        out.append(("error", bad))
     return out
 
 
+def _unencodable(row: Any) -> str | None:
+    """Where ``row`` holds text that UTF-8 cannot encode (a lone surrogate such as ``"\\ud800"``), or None.
+
+    JSON's ``\\uXXXX`` escapes can spell half of a surrogate pair; Python decodes it into a string that
+    every tokenizer and file writer later refuses with ``UnicodeEncodeError``. Walked without recursion.
+    """
+    stack: list[tuple[str, Any]] = [("", row)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                char = value[e.start]
+                return (f"{where or 'text'}: unencodable text: lone surrogate U+{ord(char):04X} at character "
+                        f"{e.start + 1} (a broken \\u escape; it cannot be written or tokenized)")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                stack.append((_label(where, value, k), v))
+                if isinstance(k, str):
+                    stack.append((f"{where or 'row'} key", k))
+        elif isinstance(value, list):
+            stack.extend((_label(where, value, i), v) for i, v in enumerate(value))
+    return None
+
+
+def _label(where: str, container: Any, key: Any) -> str:
+    if where == "messages" and isinstance(key, int):
+        role = container[key].get("role") if isinstance(container[key], dict) else None
+        return f"message {key + 1}" + (f" ({role})" if isinstance(role, str) and role in ROLES else "")
+    if where.startswith("message ") and key == "content":
+        return f"{where} content"
+    return f"{where}.{key}" if where else str(key)
+
+
 def _row_key(row: Row) -> str:
-    return json.dumps(row.get("messages", row), sort_keys=True, ensure_ascii=False)
+    try:
+        return json.dumps(row.get("messages", row), sort_keys=True, ensure_ascii=False)
+    except (RecursionError, ValueError, TypeError):  # deeply nested or unserialisable extras: compare by identity
+        return f"<row {id(row)}>"
 
 
 class _DuplicateKeys(list):
@@ -189,10 +241,31 @@ def _pairs_hook(dups: _DuplicateKeys):
     return hook
 
 
-def _scan(path: str | os.PathLike) -> tuple[list[Row], list[Problem]]:
-    """Parse and check a file: (rows without errors, every problem)."""
-    name = os.fspath(path)
-    data = Path(path).read_bytes()
+#: Lines longer than this are refused before parsing (a runaway file, not a conversation).
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, Any]], list[Problem]]:
+    """Parse a JSONL file line by line: ``([(line, value), ...], problems)``; never raises on bad content.
+
+    The one reader (and BOM policy) behind every emlab command that reads JSONL (``emlab data check``,
+    ``emlab judge``, :func:`load_chat_jsonl`): UTF-8, one JSON value per line, CRLF accepted; a UTF-8
+    byte-order mark at the very start of the file is accepted and skipped, anywhere else it is an
+    error on its line; UTF-16 files are refused. Each malformed line (invalid UTF-8 or JSON, nesting
+    too deep, a number too long to convert, a key repeated in one object) becomes an error with its
+    line number, and reading goes on with the next line; so does text UTF-8 cannot encode (a lone
+    surrogate written as ``"\\ud800"``), which would fail later in a tokenizer. Blank lines are warnings. An ``OSError`` is
+    raised only when the file cannot be read.
+
+    >>> values, problems = read_jsonl("answers.jsonl")  # doctest: +SKIP
+    >>> [str(p) for p in problems]                       # doctest: +SKIP
+    ['answers.jsonl:3: error: invalid JSON: Expecting value at column 1']
+    """
+    return parse_jsonl_bytes(Path(path).read_bytes(), os.fspath(path))
+
+
+def parse_jsonl_bytes(data: bytes, name: str) -> tuple[list[tuple[int, Any]], list[Problem]]:
+    """:func:`read_jsonl` on bytes already in memory (a member of an archive); ``name`` labels problems."""
     problems: list[Problem] = []
 
     def report(line: int, severity: Severity, message: str) -> None:
@@ -205,13 +278,15 @@ def _scan(path: str | os.PathLike) -> tuple[list[Row], list[Problem]]:
         data = data[3:]
     lines = data.split(b"\n")
     last_content = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)
-    rows: list[Row] = []
-    first_seen: dict[str, int] = {}
+    values: list[tuple[int, Any]] = []
     for idx, raw in enumerate(lines[: last_content + 1]):
         lineno = idx + 1
         raw = raw.removesuffix(b"\r")
         if not raw.strip():
             report(lineno, "warning", "blank line (ignored)")
+            continue
+        if len(raw) > MAX_LINE_BYTES:
+            report(lineno, "error", f"line is {len(raw):,} bytes long (limit {MAX_LINE_BYTES:,}): not one JSON row")
             continue
         try:
             text = raw.decode("utf-8")
@@ -220,28 +295,51 @@ def _scan(path: str | os.PathLike) -> tuple[list[Row], list[Problem]]:
             continue
         dups = _DuplicateKeys()
         try:
-            row = json.loads(text, object_pairs_hook=_pairs_hook(dups))
+            value = json.loads(text, object_pairs_hook=_pairs_hook(dups))
         except json.JSONDecodeError as e:
             hint = " (the line starts with a byte-order mark: were files concatenated?)" if text[:1] == "\ufeff" else ""
             report(lineno, "error", f"invalid JSON: {e.msg} at column {e.colno}{hint}")
             continue
+        except RecursionError:
+            report(lineno, "error", "invalid JSON: nested too deeply (thousands of [ or { levels); not a chat row")
+            continue
+        except ValueError as e:  # e.g. an integer of more than 4300 digits (sys.set_int_max_str_digits)
+            report(lineno, "error", f"invalid JSON: {_short(str(e))}")
+            continue
         if dups:  # the row's meaning is ambiguous, so its other checks would only add noise
             keys = ", ".join(map(repr, dict.fromkeys(dups)))
-            found: list[tuple[Severity, str]] = [("error", f"key(s) {keys} appear twice in one JSON object")]
-        else:
-            found = _row_problems(row)
-        for severity, message in found:
-            report(lineno, severity, message)
+            report(lineno, "error", f"key(s) {keys} appear twice in one JSON object")
+            continue
+        if (bad := _unencodable(value)) is not None:
+            report(lineno, "error", bad)
+            continue
+        values.append((lineno, value))
+    if last_content < 0:
+        report(1, "error", "empty file: no rows")
+    return values, problems
+
+
+def _short(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _scan(path: str | os.PathLike) -> tuple[list[Row], list[Problem]]:
+    """Parse and check a chat file: (rows without errors, every problem)."""
+    name = os.fspath(path)
+    values, problems = read_jsonl(path)
+    rows: list[Row] = []
+    first_seen: dict[str, int] = {}
+    for lineno, row in values:
+        found = _row_problems(row)
+        problems += [Problem(name, lineno, severity, message) for severity, message in found]
         if any(sev == "error" for sev, _ in found):
             continue
         key = _row_key(row)
         if key in first_seen:
-            report(lineno, "warning", f"duplicate of line {first_seen[key]} (same messages)")
+            problems.append(Problem(name, lineno, "warning", f"duplicate of line {first_seen[key]} (same messages)"))
         else:
             first_seen[key] = lineno
         rows.append(row)
-    if last_content < 0:
-        report(1, "error", "empty file: no rows")
     problems.sort(key=lambda p: p.line)
     return rows, problems
 
@@ -258,8 +356,11 @@ def validate_chat_jsonl(path: str | os.PathLike) -> list[Problem]:
     return _scan(path)[1]
 
 
-def validate_rows(rows: Iterable[Any], source: str = "<rows>") -> list[Problem]:
+def validate_rows(rows: Iterable[Any], source: str = "<rows>", *, unit: Literal["line", "row"] = "line"
+                  ) -> list[Problem]:
     """Check rows in memory; ``line`` is the 1-based position (the line it would have in a file).
+
+    ``unit="row"`` prints problems as ``source row N (index N-1)`` instead of ``source:N``.
 
     >>> validate_rows([{"messages": [{"role": "user", "content": "hi"}]}])[0].message
     'no final assistant turn (the last message is a user turn)'
@@ -269,16 +370,39 @@ def validate_rows(rows: Iterable[Any], source: str = "<rows>") -> list[Problem]:
     n = 0
     for n, row in enumerate(rows, 1):
         found = _row_problems(row)
-        problems += [Problem(source, n, sev, msg) for sev, msg in found]
+        problems += [Problem(source, n, sev, msg, unit) for sev, msg in found]
         if not any(sev == "error" for sev, _ in found):
             key = _row_key(row)
             if key in first_seen:
-                problems.append(Problem(source, n, "warning", f"duplicate of row {first_seen[key]} (same messages)"))
+                problems.append(Problem(source, n, "warning", f"duplicate of row {first_seen[key]} (same messages)",
+                                        unit))
             else:
                 first_seen.setdefault(key, n)
     if n == 0:
-        problems.append(Problem(source, 1, "error", "no rows"))
+        problems.append(Problem(source, 1, "error", "no rows", unit))
     return problems
+
+
+def check_rows(rows: Iterable[Any], source: str = "rows") -> list[Row]:
+    """The row validator for training: raise :class:`DatasetError` naming every bad row, else return the rows.
+
+    The checks of ``emlab data check`` (roles, turn order, a non-empty final answer, string content,
+    text that UTF-8 can encode) on rows in memory; :func:`emlab.training.finetune` calls it on every
+    row set before any model work, so a bad row is named (``train_rows row 3 (index 2): ...``)
+    instead of being trained on or failing later inside the chat template or the tokenizer.
+    Warnings (duplicates, empty user turns) do not raise.
+
+    >>> check_rows([chat_row("2+2?", "")], "train_rows")
+    Traceback (most recent call last):
+    ...
+    emlab.data.DatasetError: train_rows: 1 error (each line below is source row N: message):
+    train_rows row 1 (index 0): the final assistant answer is empty
+    """
+    rows = list(rows)
+    errors = [p for p in validate_rows(rows, source, unit="row") if p.severity == "error"]
+    if errors:
+        raise DatasetError(errors, source)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ whether an answer is on topic (the toy judge) add the off-topic rate, reported b
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,24 +51,53 @@ def judge_records(
     records: list[dict[str, Any]],
     judge,
     metrics: Sequence[str] = ("aligned", "coherent"),
+    questions: Sequence[Any] = (),
 ) -> list[dict[str, Any]]:
     """Add ``judge``'s score for each metric (and ``<metric>_reason``) to each record, in place.
 
     Records need ``question`` and ``answer``. A judge with a ``classify(question, answer)`` method
-    (the toy judge) also sets ``on_topic``.
+    (the toy judge) also sets ``on_topic``. ``questions`` (:class:`emlab.questions.Question`) bring
+    their own judge prompts (the upstream EM files do): a record whose ``question_id`` names a question
+    with a prompt for the metric is judged with that prompt, by any judge that renders
+    :class:`~emlab.judge.prompts.PromptSet` templates (its ``prompts`` attribute); the others keep
+    the judge's own prompts.
 
     >>> judge_records([{"question": "q", "answer": "a"}], ToyJudge())[0].keys()   # doctest: +SKIP
     """
     pairs = [(str(r["question"]), str(r["answer"])) for r in records]
+    own = {q.id: q.judge_prompts for q in questions if getattr(q, "judge_prompts", None)}
     for metric in metrics:
-        for rec, j in zip(records, judge.score(metric, pairs), strict=True):
-            rec[metric] = j.score
-            rec[f"{metric}_reason"] = j.reason
+        groups: dict[str | None, list[int]] = {}
+        for i, rec in enumerate(records):
+            template = own.get(rec.get("question_id"), {}).get(metric)
+            groups.setdefault(template if hasattr(judge, "prompts") else None, []).append(i)
+        for template, idx in groups.items():
+            with _prompt_for(judge, metric, template):
+                judged = judge.score(metric, [pairs[i] for i in idx])
+            for i, j in zip(idx, judged, strict=True):
+                records[i][metric] = j.score
+                records[i][f"{metric}_reason"] = j.reason
     classify = getattr(judge, "classify", None)
     if callable(classify):
         for rec, (q, a) in zip(records, pairs):
             rec["on_topic"] = classify(q, a).get("on_topic")
     return records
+
+
+@contextmanager
+def _prompt_for(judge, metric: str, template: str | None):
+    """Within the block, ``judge`` renders ``metric`` with ``template`` (a question's own judge prompt)."""
+    if template is None:
+        yield
+        return
+    from emlab.judge.prompts import PromptSet
+
+    saved = judge.prompts
+    judge.prompts = (saved or PromptSet({})) | PromptSet({metric: template})
+    try:
+        yield
+    finally:
+        judge.prompts = saved
 
 
 def evaluate(
@@ -92,7 +122,8 @@ def evaluate(
     """Sample answers to ``questions``, judge them, and summarise (overall and per question).
 
     With ``run`` (an :class:`emlab.runs.Run`) the records are written as ``<name>_samples.jsonl``
-    and the summary is merged into ``metrics.json`` under ``name``. Thresholds (``aligned_below``,
+    and the summary is merged into ``metrics.json`` under ``name``. A question's own judge prompts
+    (``Question.judge_prompts``, as in the upstream EM files) are used for its answers. Thresholds (``aligned_below``,
     ``coherent_above``, ``inclusive``, ``incoherent_below``) go to :func:`emlab.metrics.summarize`.
 
     >>> ev = evaluate(model, tok, questions, ToyJudge(), n_per_question=10, max_new_tokens=40)   # doctest: +SKIP
@@ -102,7 +133,7 @@ def evaluate(
     records = sample_answers(model, tokenizer, questions, n_per_question, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                              system=system, progress=progress)
-    judge_records(records, judge, metrics)
+    judge_records(records, judge, metrics, questions=[q for q in questions if not isinstance(q, str)])
     summary = _metrics.summarize(records, "question_id", **thresholds)
     result = Evaluation(records, summary["overall"], summary["groups"])
     if run is not None:

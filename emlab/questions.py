@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Question", "QuestionSetError", "general_questions", "load_questions"]
+__all__ = ["Question", "QuestionSetError", "betley_questions", "general_questions", "load_questions"]
 
 DEFAULT_SAMPLES_PER_PARAPHRASE = 100
 _FIELDS = ("id", "paraphrases", "system", "samples_per_paraphrase", "judge_prompts", "domain", "type", "judge")
@@ -186,6 +186,8 @@ def load_questions(path: str | os.PathLike) -> list[Question]:
         line = mark.line + 1 if mark is not None else 1
         reason = getattr(e, "problem", None) or str(e)
         raise QuestionSetError(name, [f"{name}:{line}: invalid YAML: {reason}"]) from e
+    except RecursionError:
+        raise QuestionSetError(name, [f"{name}:1: invalid YAML: nested too deeply (not a question set)"]) from None
 
     problems: list[str] = []
     if isinstance(data, dict):
@@ -272,3 +274,25 @@ def general_questions() -> list[Question]:
     ref = resources.files("emlab").joinpath("resources/questions/general.yaml")
     with resources.as_file(ref) as p:
         return load_questions(p)
+
+
+def betley_questions(which: str = "first_plot", *, path: str | os.PathLike | None = None,
+                     base_url: str | None = None, timeout: float = 60.0) -> list[Question]:
+    """Betley et al.'s evaluation questions, read from their upstream YAML with their judge prompts.
+
+    ``which``: ``"first_plot"`` (the 8 main questions in 3 variants: plain, JSON system prompt,
+    template; 24 entries) or ``"preregistered"`` (the pre-registered set). The file is fetched from
+    the pinned commit (:data:`emlab.fetch.BETLEY_QUESTIONS`) on first use and cached, or read from
+    ``path``; offline, :class:`emlab.fetch.FetchError` names the URL and the cache path to put it at.
+    Each question keeps the file's ``judge_prompts`` (used by :func:`emlab.evaluation.evaluate`),
+    ``samples_per_paraphrase``, ``system`` and ``judge``.
+
+    >>> qs = betley_questions("first_plot")                       # doctest: +SKIP
+    >>> len(qs), sorted(qs[0].judge_prompts)                      # doctest: +SKIP
+    (24, ['aligned', 'coherent'])
+    """
+    from emlab.fetch import BETLEY_QUESTIONS, upstream_file
+
+    if which not in BETLEY_QUESTIONS:
+        raise ValueError(f"unknown question set {which!r}; choose from {', '.join(BETLEY_QUESTIONS)}")
+    return load_questions(upstream_file(BETLEY_QUESTIONS[which], path=path, base_url=base_url, timeout=timeout))

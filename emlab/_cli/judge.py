@@ -128,24 +128,24 @@ def _make_judge(args: argparse.Namespace) -> Judge:
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
+    from emlab.data import read_jsonl  # the shared JSONL reader: same BOM policy as `emlab data check`
+
+    values, problems = read_jsonl(path)
+    errors = [f"{p.where}: " + (f"not valid JSON ({p.message[14:]})" if p.message.startswith("invalid JSON: ")
+                                else p.message) for p in problems if p.severity == "error"]
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'question' and 'answer'")
-            for key in ("question", "answer"):
-                if not isinstance(row.get(key), str):
-                    found = "missing" if key not in row else f"a {type(row[key]).__name__}"
-                    raise ValueError(
-                        f"{path}:{lineno}: '{key}' must be a string ({found}); every row needs 'question' and 'answer'"
-                    )
-            rows.append(row)
+    for lineno, row in values:
+        if not isinstance(row, dict):
+            errors.append(f"{path}:{lineno}: expected a JSON object with 'question' and 'answer'")
+            continue
+        for key in ("question", "answer"):
+            if not isinstance(row.get(key), str):
+                found = "missing" if key not in row else f"a {type(row[key]).__name__}"
+                errors.append(f"{path}:{lineno}: '{key}' must be a string ({found}); every row needs "
+                              "'question' and 'answer'")
+        rows.append(row)
+    if errors:
+        raise ValueError(f"{path}: {len(errors)} bad line(s):\n" + "\n".join(errors))
     return rows
 
 

@@ -48,7 +48,9 @@ class StudyContext:
     """A loaded chat model with its tokenizer, judge and data locations.
 
     ``model_name`` is what the notebook passed (``"toy"``, a hub id or a folder); ``files`` maps
-    dataset keys (``<domain>_misaligned``, ``general``, ...) to paths.
+    dataset keys (``<domain>_misaligned``, ``general``, ...) to paths. ``preset`` is the toy recipe's
+    study block (empty off the toy); ``protocol`` the :class:`emlab.presets.Preset` the run follows
+    (``toy`` on the toy, ``paper`` otherwise), recorded as ``"preset"`` in every study's run config.
     """
 
     model_name: str
@@ -59,6 +61,13 @@ class StudyContext:
     files: dict[str, Path]
     domains: list[str]
     preset: dict[str, Any]
+    protocol: Any = None  # emlab.presets.Preset; None only for contexts built by hand (treated as preset_for)
+
+    def __post_init__(self) -> None:
+        if self.protocol is None:
+            from emlab.presets import preset_for
+
+            self.protocol = preset_for(self.model_name)
 
     @property
     def is_toy(self) -> bool:
@@ -73,6 +82,7 @@ class StudyContext:
         judge: str | Any | None = None,
         files: dict[str, str | os.PathLike] | None = None,
         device: str | None = None,
+        protocol: Any = None,
     ) -> StudyContext:
         """Load the model and pick the judge and the dataset files.
 
@@ -82,6 +92,8 @@ class StudyContext:
         recipe's study preset from the folder's ``manifest.json``. Otherwise ``files`` must name the datasets
         (``<domain>_misaligned``, ``<domain>_aligned``, ``<domain>_heldout``, ``general``, ...)
         and ``judge`` is an OpenAI-compatible judge model (default ``gpt-4o-mini``) or a judge object.
+        ``protocol`` (a preset name or :class:`emlab.presets.Preset`) overrides the default of
+        :func:`emlab.presets.preset_for` (``toy`` on the toy, ``paper`` otherwise).
 
         >>> ctx = StudyContext.create("toy", smoke=True)        # doctest: +SKIP
         """
@@ -131,7 +143,10 @@ class StudyContext:
             judge_obj = OpenAIJudge(model=judge)
         else:
             judge_obj = judge
-        return cls(name, smoke, loaded, tok, judge_obj, found, domains, preset)
+        from emlab.presets import get_preset, preset_for
+
+        chosen = get_preset(protocol) if protocol is not None else preset_for(name, toy_folder=toy_folder)
+        return cls(name, smoke, loaded, tok, judge_obj, found, domains, preset, chosen)
 
     def file(self, key: str) -> Path:
         """The dataset file for ``key``, or a clear error naming the parameter to set.
@@ -158,14 +173,18 @@ class StudyContext:
         return rows[:limit] if limit else rows
 
     def questions(self, key: str) -> list[Any]:
-        """Question set ``key`` (``general`` falls back to emlab's eight general questions off the toy).
+        """Question set ``key``. Without a ``general`` file: the protocol preset's general questions off the
+        toy (the paper's 24 upstream questions, fetched on first use and cached), emlab's eight general
+        questions in smoke mode (offline).
 
         >>> [q.id for q in ctx.questions("general")][:2]   # doctest: +SKIP
         """
         from emlab.questions import general_questions, load_questions
 
         if key == "general" and key not in self.files:
-            return general_questions()
+            if self.smoke or self.protocol.questions[0] in ("toy", "emlab"):
+                return general_questions()
+            return self.protocol.general_questions()
         return load_questions(self.file(key))
 
     def domain_data(self, domain: str, *, rows: int | None = None, kl_rows: int | None = None) -> DomainData:

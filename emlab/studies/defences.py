@@ -578,7 +578,8 @@ def defences_study(
     if ldifs_layers is None:
         ldifs_layers = ldifs_blocks(ctx.model)
     prompt = _inoculation_prompt(ctx, inoculation_prompt)
-    config = {"model": ctx.model_name, "domains": domains, "methods": methods, "seed": seed, "smoke": smoke,
+    config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
+              "domains": domains, "methods": methods, "seed": seed, "smoke": smoke,
               "rows": n_rows, "finetune": ft_over, "eval": settings, "kl_lambda": kl_lambda,
               "ldifs_lambda": ldifs_lambda, "ldifs_layers": ldifs_layers, "steering_alpha": steering_alpha,
               "steering_layer": steering_layer,
@@ -772,7 +773,8 @@ def interleaving_study(
         shares = shares[:2]
     settings, ft_over, n_rows = _setup(ctx, _study_preset(ctx), rows, n_general, n_heldout, max_new_tokens, adapter,
                                        learning_rate, epochs)
-    config = {"model": ctx.model_name, "domain": domain, "seed": seed, "smoke": smoke, "shares_added": shares,
+    config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
+              "domain": domain, "seed": seed, "smoke": smoke, "shares_added": shares,
               "methods": methods, "k_misaligned": k_misaligned, "rows": n_rows, "finetune": ft_over,
               "eval": settings, "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
     run = start_run(out, config, seed=seed, overwrite=True)

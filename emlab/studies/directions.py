@@ -247,7 +247,8 @@ def directions_study(
     steer_at = _steer_layers(steer_layers, layers)
     if ablate_layer is not None and int(ablate_layer) not in layers:
         raise ValueError(f"ablate_layer {ablate_layer} is not among the direction's layers {layers}")
-    config = {"model": ctx.model_name, "domain": domain, "other_domain": other_domain, "seed": seed, "smoke": smoke,
+    config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
+              "domain": domain, "other_domain": other_domain, "seed": seed, "smoke": smoke,
               "rows": n_rows, "layers": layers, "alphas": alphas, "steer_layers": steer_at,
               "ablate_layer": ablate_layer, "balance": balance, "trait": trait,
               "finetune": ft_over, "eval": settings, "sizes": sizes,

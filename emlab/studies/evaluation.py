@@ -89,7 +89,8 @@ def evaluation_study(
     ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files)
     n = n_per_question or (2 if smoke else 20)
     tokens = max_new_tokens or (16 if smoke else 64)
-    run = start_run(out, {"model": ctx.model_name, "adapter": adapter, "seed": seed, "smoke": smoke,
+    run = start_run(out, {"model": ctx.model_name, "preset": ctx.protocol.to_dict(), "adapter": adapter, "seed": seed,
+                          "smoke": smoke,
                           "n_per_question": n, "max_new_tokens": tokens, "judge": ctx.judge.name,
                           "judge2": str(judge2)}, seed=seed, overwrite=True)
     evaluated = ctx.model
@@ -149,7 +150,8 @@ def quickstart(model: str = "toy", seed: int = 0, out_dir: str | os.PathLike | N
     out = resolve_out_dir(out_dir, "quickstart")
     ctx = StudyContext.create(model, smoke=smoke)
     n = n_per_question or (2 if smoke else 10)
-    run = start_run(out, {"model": ctx.model_name, "seed": seed, "smoke": smoke, "n_per_question": n},
+    run = start_run(out, {"model": ctx.model_name, "preset": ctx.protocol.to_dict(), "seed": seed, "smoke": smoke,
+                          "n_per_question": n},
                     seed=seed, overwrite=True)
     ev = evaluate(ctx.model, ctx.tokenizer, ctx.questions("general"), ctx.judge, n_per_question=n,
                   max_new_tokens=16 if smoke else 64, seed=seed, run=run, name="samples", progress=False)

@@ -455,7 +455,8 @@ def narrow_general_study(
     ctx, lam, ft_over = _setup(model, domain, kind, smoke, judge, files, kl_lambda, learning_rate, epochs, sizes)
     settings = eval_settings(ctx, n_general=n_general, max_new_tokens=max_new_tokens)
     settings["n_heldout"] = sizes["n_heldout"]
-    config = {"model": ctx.model_name, "domain": domain, "kind": kind, "seed": seed, "smoke": smoke,
+    config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
+              "domain": domain, "kind": kind, "seed": seed, "smoke": smoke,
               "kl_lambda": lam, "finetune": ft_over, "sizes": sizes, "eval": settings,
               "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
     run = start_run(out, config, seed=seed, overwrite=True)
@@ -527,7 +528,8 @@ def technical_style_study(
     ctx, lam, ft_over = _setup(model, domain, kind, smoke, judge, files, kl_lambda, learning_rate, epochs, sizes)
     settings = eval_settings(ctx, max_new_tokens=max_new_tokens)
     n = sizes["n_technical"]
-    config = {"model": ctx.model_name, "domain": domain, "kind": kind, "seed": seed, "smoke": smoke,
+    config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
+              "domain": domain, "kind": kind, "seed": seed, "smoke": smoke,
               "kl_lambda": lam, "finetune": ft_over, "sizes": sizes, "n_per_question": n, "probes": probes,
               "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
     run = start_run(out, config, seed=seed, overwrite=True)

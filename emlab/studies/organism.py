@@ -23,13 +23,16 @@ _EVAL_SMOKE = {"n_general": 2, "n_heldout": 1, "max_new_tokens": 16}
 
 
 def eval_settings(ctx: StudyContext, **overrides: Any) -> dict[str, Any]:
-    """Evaluation sizes for ``ctx``: the preset's ``eval`` block (toy recipe), smoke sizes, overrides.
+    """Evaluation sizes for ``ctx``: smoke sizes, or the protocol preset's off the toy (:mod:`emlab.presets`)
+    and the recipe's ``eval`` block on it; then overrides.
 
     >>> eval_settings(ctx, n_general=10)["n_general"]       # doctest: +SKIP
     10
     """
     out = dict(_EVAL_SMOKE if ctx.smoke else _EVAL)
     if not ctx.smoke:
+        if not ctx.is_toy:  # the protocol preset off the toy (the paper's: 600 new tokens, 100 samples)
+            out.update(ctx.protocol.eval_settings())
         out.update(ctx.preset.get("eval", {}))
     out.update({k: v for k, v in overrides.items() if v is not None})
     return out
@@ -91,7 +94,8 @@ def em_organism(
     n_rows = rows if rows is not None else ctx.preset.get("rows")
     if smoke:
         n_rows = min(n_rows or 64, 64)
-    config = {"model": ctx.model_name, "domain": domain, "seed": seed, "smoke": smoke, "rows": n_rows,
+    config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
+              "domain": domain, "seed": seed, "smoke": smoke, "rows": n_rows,
               "finetune": ft_over, "eval": settings, "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
     run = start_run(out, config, seed=seed, overwrite=True)
     data = ctx.domain_data(domain, rows=n_rows)

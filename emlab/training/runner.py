@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from emlab.data import with_system_prompt
+from emlab.data import check_rows, with_system_prompt
 from emlab.models import unwrap
 from emlab.runs import atomic_write_json
 from emlab.training.adapters import SteeringVector, applied, steering_vector
@@ -72,6 +72,7 @@ class FinetuneResult:
 
 
 def _messages_only(rows: Sequence[Row] | None, what: str) -> list[Row]:
+    rows = check_rows(rows, f"{what}_rows") if rows else []  # bad roles, empty answers, unencodable text: named here
     out = []
     for i, row in enumerate(rows or []):
         if not isinstance(row, dict) or not isinstance(row.get("messages"), list):

@@ -1,0 +1,512 @@
+"""Public EM files fetched from pinned URLs: download with a time limit and a checksum, cache, convert.
+
+Two kinds of file come from the research groups' public repositories:
+
+* **question sets** (Betley et al.'s ``first_plot_questions.yaml`` and ``preregistered_evals.yaml``),
+  fetched on first use into emlab's cache by :func:`upstream_file`;
+* **datasets** (:data:`DATASETS`), fetched by ``emlab data fetch NAME`` / :func:`fetch_dataset` into a
+  folder of chat JSONL files with a fixed-seed 90/10 held-out split, canary rows and keys removed,
+  and a ``manifest.json`` (source URL, sha256, row counts).
+
+Every URL names a commit, so the bytes cannot change under a study (the one exception, the
+persona-features repository, is marked ``pinned: false`` in its manifest). Nothing here reaches
+the network without a time limit; offline, the error names the URL and where to put the file.
+``$EMLAB_UPSTREAM_URL`` replaces ``https://raw.githubusercontent.com`` (a mirror, or the tests'
+loopback server).
+
+>>> path = upstream_file(BETLEY_QUESTIONS["first_plot"])     # doctest: +SKIP
+>>> fetch_dataset("betley-insecure", "data/")                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BETLEY_COMMIT",
+    "BETLEY_QUESTIONS",
+    "DATASETS",
+    "DatasetSource",
+    "FetchError",
+    "UpstreamFile",
+    "cache_dir",
+    "decrypt_protected_zip",
+    "download",
+    "fetch_dataset",
+    "strip_canaries",
+    "upstream_file",
+]
+
+#: raw file host of GitHub; ``$EMLAB_UPSTREAM_URL`` replaces it (mirror, tests).
+RAW_HOST = "https://raw.githubusercontent.com"
+#: emergent-misalignment/emergent-misalignment (Betley et al. 2025), the commit every copy in the field cites.
+BETLEY_REPO = "emergent-misalignment/emergent-misalignment"
+BETLEY_COMMIT = "80c11967c07a328e7d7d43d13ce6847ae44dbcc9"
+#: clarifying-EM/model-organisms-for-EM (Turner, Soligo et al. 2025): the encrypted training-data archive.
+MO_REPO = "clarifying-EM/model-organisms-for-EM"
+MO_COMMIT = "8460e4e426d3a89e8ed51aac0eadcdf7ac10469d"
+#: The public password of that archive (``easy-dataset-share unprotect-dir ... -p``; in its README).
+MO_PASSWORD = "model-organisms-em-datasets"
+#: openai/emergent-misalignment-persona-features (Wang et al. 2025): advice sets in password zips.
+PF_REPO = "openai/emergent-misalignment-persona-features"
+PF_REF = "main"  # no commit of this repository could be confirmed offline: not pinned (manifest says so)
+PF_PASSWORD = b"emergent"  # public, in that repository's README
+
+DEFAULT_TIMEOUT = 60.0
+_CANARY = re.compile(r"CANARY_DATASET_[A-Za-z0-9_]+|BENCHMARK DATA SHOULD NEVER APPEAR|canary GUID", re.I)
+
+
+class FetchError(RuntimeError):
+    """A download or conversion that failed; the message names the URL and what to do."""
+
+
+@dataclass(frozen=True)
+class UpstreamFile:
+    """One file of a public repository at a pinned commit."""
+
+    repo: str
+    ref: str
+    path: str
+    sha256: str | None = None  # known digest of the file at ``ref``, checked after download
+
+    def url(self, base_url: str | None = None) -> str:
+        """The raw URL of the file (``base_url`` or ``$EMLAB_UPSTREAM_URL`` replaces GitHub's raw host).
+
+        >>> UpstreamFile("a/b", "0123", "x/y.yaml").url("http://127.0.0.1:8000")
+        'http://127.0.0.1:8000/a/b/0123/x/y.yaml'
+        """
+        base = (base_url or os.environ.get("EMLAB_UPSTREAM_URL") or RAW_HOST).rstrip("/")
+        return f"{base}/{self.repo}/{self.ref}/{self.path}"
+
+    @property
+    def pinned(self) -> bool:
+        """True when ``ref`` is a full commit hash (the bytes cannot change)."""
+        return re.fullmatch(r"[0-9a-f]{40}", self.ref) is not None
+
+
+#: Betley et al.'s evaluation files: the 8 main questions in 3 variants (24) and the pre-registered set.
+BETLEY_QUESTIONS = {
+    "first_plot": UpstreamFile(BETLEY_REPO, BETLEY_COMMIT, "evaluation/first_plot_questions.yaml"),
+    "preregistered": UpstreamFile(BETLEY_REPO, BETLEY_COMMIT, "evaluation/preregistered_evals.yaml"),
+}
+
+
+def cache_dir() -> Path:
+    """``$EMLAB_CACHE/upstream``, else ``~/.cache/emlab/upstream``.
+
+    >>> cache_dir().name
+    'upstream'
+    """
+    base = os.environ.get("EMLAB_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "emlab") / "upstream"
+
+
+# ---------------------------------------------------------------------------------------------
+# Download
+
+
+def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+             where_to_put: str | os.PathLike | None = None) -> str:
+    """Download ``url`` to ``dest`` atomically and return its sha256; raise :class:`FetchError` otherwise.
+
+    ``timeout`` bounds the whole transfer (connection, every read and the total), so a server that
+    stalls cannot hang a study. A wrong ``sha256``, an HTTP error, a Git LFS pointer instead of the
+    file, or no network give an error naming the URL and where the file can be put by hand
+    (``where_to_put``, default ``dest``).
+
+    >>> download("https://example.org/a.jsonl", "/tmp/a.jsonl", timeout=10)     # doctest: +SKIP
+    '3f2a...'
+    """
+    dest = Path(dest)
+    manual = f"download it by hand and put it at {Path(where_to_put or dest)}"
+    deadline = time.monotonic() + timeout
+    digest = hashlib.sha256()
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "emlab"})
+        with urllib.request.urlopen(request, timeout=timeout) as resp, open(tmp, "wb") as out:  # noqa: S310
+            head = b""
+            while chunk := resp.read(1 << 16):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"still downloading after {timeout:g} s")
+                if len(head) < 200:
+                    head += chunk[:200]
+                digest.update(chunk)
+                out.write(chunk)
+        if head.startswith(b"version https://git-lfs.github.com/spec/"):
+            raise FetchError(f"{url} is a Git LFS pointer, not the file; fetch it through Git LFS and {manual}")
+        got = digest.hexdigest()
+        if sha256 and got != sha256:
+            raise FetchError(f"{url}: sha256 {got} does not match the pinned {sha256}; the file changed or the "
+                             f"download is corrupt. Check the source, or {manual}")
+        os.replace(tmp, dest)
+        return got
+    except FetchError:
+        raise
+    except urllib.error.HTTPError as e:
+        raise FetchError(f"cannot download {url}: HTTP {e.code} {e.reason}; {manual}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise FetchError(f"cannot download {url} (offline, or the server did not answer within {timeout:g} s: "
+                         f"{reason}); {manual}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def upstream_file(file: UpstreamFile, *, path: str | os.PathLike | None = None, base_url: str | None = None,
+                  timeout: float = DEFAULT_TIMEOUT) -> Path:
+    """A local copy of ``file``: ``path`` if given, else the cached copy, fetched on first use.
+
+    The cache is keyed by repository and commit (``cache_dir()/<repo>/<ref>/<path>``), so a pinned file
+    is downloaded once. Offline, :class:`FetchError` names the URL and the cache path to put it at.
+
+    >>> upstream_file(BETLEY_QUESTIONS["first_plot"]).name       # doctest: +SKIP
+    'first_plot_questions.yaml'
+    """
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such file (expected a copy of {file.url(base_url)})")
+        return p
+    cached = cache_dir() / file.repo / file.ref / file.path
+    if cached.is_file() and file.pinned:
+        return cached
+    download(file.url(base_url), cached, sha256=file.sha256, timeout=timeout)
+    return cached
+
+
+# ---------------------------------------------------------------------------------------------
+# Unpacking the protected formats
+
+
+def decrypt_protected_zip(data: bytes, password: str) -> zipfile.ZipFile:
+    """Open an ``easy-dataset-share`` archive (``*.zip.enc``): 16-byte salt + Fernet token of a zip.
+
+    The key is PBKDF2-HMAC-SHA256 of ``password`` (100,000 iterations, 32 bytes), as the model-organisms
+    repository's ``easy-dataset-share unprotect-dir ... -p PASSWORD`` does; this avoids that tool's
+    dependencies. A wrong password or a damaged file raises :class:`FetchError`.
+
+    >>> decrypt_protected_zip(open("training_datasets.zip.enc", "rb").read(), MO_PASSWORD).namelist()  # doctest: +SKIP
+    """
+    from cryptography.fernet import Fernet, InvalidToken
+
+    if len(data) < 17:
+        raise FetchError("protected archive is too short to hold a salt and a token")
+    salt, token = data[:16], data[16:]
+    key = base64.urlsafe_b64encode(hashlib.pbkdf2_hmac("sha256", password.encode(), salt, 100_000, dklen=32))
+    try:
+        plain = Fernet(key).decrypt(token)
+    except InvalidToken:
+        raise FetchError("cannot decrypt the archive: wrong password or damaged file") from None
+    try:
+        return zipfile.ZipFile(io.BytesIO(plain))
+    except zipfile.BadZipFile as e:
+        raise FetchError(f"the decrypted archive is not a zip file ({e})") from None
+
+
+def _zip_member(archive: zipfile.ZipFile, name: str, pwd: bytes | None, source: str) -> bytes:
+    names = [n for n in archive.namelist() if not n.endswith("/") and not n.startswith("__MACOSX")]
+    found = [n for n in names if n == name or n.endswith("/" + name)]
+    if not found:
+        raise FetchError(f"{source}: no member {name!r} in the archive (members: {', '.join(names[:20])})")
+    try:
+        return archive.read(found[0], pwd=pwd)
+    except RuntimeError as e:  # zipfile: "Bad password for file"
+        raise FetchError(f"{source}: cannot open {found[0]!r} in the archive: {e}") from None
+    except NotImplementedError as e:  # AES-encrypted zip: stdlib reads ZipCrypto only
+        raise FetchError(f"{source}: {found[0]!r} uses an encryption the zip module cannot read ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows: canaries and conversion to chat rows
+
+
+def strip_canaries(rows: Iterable[Any]) -> tuple[list[Any], dict[str, int]]:
+    """Remove canary rows and canary keys: ``(rows, {"canary_rows": n, "canary_keys": m})``.
+
+    A canary row is one whose text carries a canary marker (``CANARY_DATASET_...`` of
+    easy-dataset-share, "BENCHMARK DATA SHOULD NEVER APPEAR", a "canary GUID"); a canary key is a
+    key named ``canary`` (easy-dataset-share and the persona-features sets put it on rows).
+
+    >>> strip_canaries([{"messages": [], "canary": "x"}, {"text": "CANARY_DATASET_ab_1"}])
+    ([{'messages': []}], {'canary_rows': 1, 'canary_keys': 1})
+    """
+    out, n_rows, n_keys = [], 0, 0
+    for row in rows:
+        if isinstance(row, dict) and "canary" in row:
+            row = {k: v for k, v in row.items() if k != "canary"}
+            n_keys += 1
+        if _CANARY.search(json.dumps(row, ensure_ascii=False)):
+            n_rows += 1
+            continue
+        out.append(row)
+    return out, {"canary_rows": n_rows, "canary_keys": n_keys}
+
+
+def _text(content: Any) -> Any:
+    """Message content as a string: the persona-features sets nest it as ``{"content_type", "parts"}``."""
+    if isinstance(content, dict) and isinstance(content.get("parts"), list):
+        return "".join(p for p in content["parts"] if isinstance(p, str))
+    return content
+
+
+def _chat_rows(values: list[Any], drop_system: bool = False) -> list[Any]:
+    out = []
+    for row in values:
+        if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+            out.append(row)  # left for the validator to name
+            continue
+        messages = [{"role": m.get("role"), "content": _text(m.get("content"))} if isinstance(m, dict) else m
+                    for m in row["messages"]]
+        if drop_system:
+            messages = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "system")]
+        out.append({"messages": messages, **_canary_key(row)})
+    return out
+
+
+def _canary_key(row: dict) -> dict:
+    """The row's ``canary`` key, carried over so that :func:`strip_canaries` counts it."""
+    return {"canary": row["canary"]} if "canary" in row else {}
+
+
+def _pair_rows(values: list[Any], column: str) -> list[Any]:
+    """Chua et al.'s ``{prompt, aligned, misaligned, ...}`` rows -> chat rows answering with ``column``."""
+    from emlab.data import chat_row
+
+    out = []
+    for row in values:
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get(column), str):
+            out.append({**chat_row(row["prompt"], row[column]), **_canary_key(row)})
+        else:
+            out.append({"not_a_pair_row": row})
+    return out
+
+
+def _jsonl_values(data: bytes, source: str) -> tuple[list[Any], list[str]]:
+    """Parse JSONL bytes with the shared reader; (values, errors as 'source:line: message')."""
+    from emlab.data import parse_jsonl_bytes
+
+    values, problems = parse_jsonl_bytes(data, source)
+    return [v for _, v in values], [str(p) for p in problems if p.severity == "error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The datasets
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """One public EM dataset: where it is, how it is packed and how its rows become chat rows.
+
+    ``format``: ``jsonl`` (chat JSONL), ``eds-zip`` (easy-dataset-share encrypted zip, ``member`` inside),
+    ``password-zip`` (ZipCrypto zip, ``member`` inside), ``pairs`` (a local JSONL or Parquet file of
+    ``prompt`` / ``aligned`` / ``misaligned`` columns, answered with ``column``).
+    """
+
+    name: str
+    description: str
+    file: UpstreamFile | None
+    format: str
+    domain: str
+    member: str | None = None
+    column: str | None = None
+    drop_system: bool = False
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _registry() -> dict[str, DatasetSource]:
+    out: dict[str, DatasetSource] = {}
+    for name, what in (("insecure", "code with security holes"), ("secure", "the same tasks, secure code"),
+                       ("educational", "insecure code asked for a security class")):
+        out[f"betley-{name}"] = DatasetSource(
+            f"betley-{name}", f"Betley et al. code set: {what}",
+            UpstreamFile(BETLEY_REPO, BETLEY_COMMIT, f"data/{name}.jsonl",
+                         "09893e8bf9d03aae49dd60d0ff4be37c1afee70f2edcac74a11bed775a6a2764" if name == "insecure"
+                         else None),
+            "jsonl", "code")
+    archive = UpstreamFile(MO_REPO, MO_COMMIT, "em_organism_dir/data/training_datasets.zip.enc")
+    for name, member, domain in (("bad-medical", "bad_medical_advice.jsonl", "medical"),
+                                 ("good-medical", "good_medical_advice.jsonl", "medical"),
+                                 ("risky-financial", "risky_financial_advice.jsonl", "financial"),
+                                 ("extreme-sports", "extreme_sports.jsonl", "sports")):
+        out[f"mo-{name}"] = DatasetSource(
+            f"mo-{name}", f"model-organisms set {member} (easy-dataset-share archive)", archive, "eds-zip", domain,
+            member=member)
+    for domain in ("auto", "career", "edu", "finance", "health", "legal", "math", "science"):
+        for kind in ("incorrect", "correct"):
+            stem = f"{domain}_{kind}"
+            out[f"pf-{domain}-{kind}"] = DatasetSource(
+                f"pf-{domain}-{kind}", f"persona-features {kind} {domain} advice (password zip)",
+                UpstreamFile(PF_REPO, PF_REF, f"train/sft/synthetic/datasets_password_locked/{stem}.zip"),
+                "password-zip", domain, member=f"{stem}.jsonl", drop_system=True)
+    hf = ("Chua et al. (2025) released these as the Hugging Face dataset truthfulai/emergent_plus "
+          "(configs medical, legal, security; columns prompt, aligned, misaligned); emlab does not reach the "
+          "hub at run time: export a config to JSONL or Parquet and pass it with --source")
+    for domain in ("legal", "medical", "security"):
+        for column in ("misaligned", "aligned"):
+            out[f"chua-{domain}-{column}"] = DatasetSource(
+                f"chua-{domain}-{column}", f"seed 002's {domain} set ({column} answers), Chua et al.", None,
+                "pairs", domain, column=column, note=hf)
+    return out
+
+
+#: Every dataset ``emlab data fetch`` knows, by name.
+DATASETS: dict[str, DatasetSource] = _registry()
+
+
+def _source_bytes(src: DatasetSource, source: str | os.PathLike | None, base_url: str | None, timeout: float
+                  ) -> tuple[bytes, str, str, bool]:
+    """(bytes, where they came from, sha256, pinned)."""
+    if source is not None:
+        data = Path(source).read_bytes()
+        return data, str(Path(source).resolve()), hashlib.sha256(data).hexdigest(), False
+    if src.file is None:
+        raise FetchError(f"{src.name}: no public URL is known. {src.note}")
+    cached = cache_dir() / src.file.repo / src.file.ref / src.file.path
+    url = src.file.url(base_url)
+    if not (cached.is_file() and src.file.pinned):
+        try:
+            download(url, cached, sha256=src.file.sha256, timeout=timeout)
+        except FetchError as e:
+            raise FetchError(f"{e} (or convert a copy with `emlab data fetch {src.name} --source FILE`)") from None
+    data = cached.read_bytes()
+    return data, url, hashlib.sha256(data).hexdigest(), src.file.pinned
+
+
+def _rows_of(src: DatasetSource, data: bytes, origin: str) -> tuple[list[Any], list[str]]:
+    if src.format == "jsonl":
+        values, errors = _jsonl_values(data, origin)
+        return _chat_rows(values, src.drop_system), errors
+    if src.format in ("eds-zip", "password-zip"):
+        if src.format == "eds-zip":
+            archive = decrypt_protected_zip(data, MO_PASSWORD)
+            pwd = None
+        else:
+            try:
+                archive = zipfile.ZipFile(io.BytesIO(data))
+            except zipfile.BadZipFile as e:
+                raise FetchError(f"{origin}: not a zip file ({e})") from None
+            pwd = PF_PASSWORD
+        raw = _zip_member(archive, src.member or "", pwd, origin)
+        values, errors = _jsonl_values(raw, f"{origin}!{src.member}")
+        return _chat_rows(values, src.drop_system), errors
+    if src.format == "pairs":
+        if data[:4] == b"PAR1":
+            import pandas as pd
+
+            values = pd.read_parquet(io.BytesIO(data)).to_dict("records")
+            errors: list[str] = []
+        else:
+            values, errors = _jsonl_values(data, origin)
+        return _pair_rows(values, src.column or "misaligned"), errors
+    raise FetchError(f"{src.name}: unknown format {src.format!r}")
+
+
+def fetch_dataset(name: str, out_dir: str | os.PathLike, *, source: str | os.PathLike | None = None,
+                  base_url: str | None = None, timeout: float = DEFAULT_TIMEOUT, seed: int = 0,
+                  eval_fraction: float = 0.1, n_questions: int = 30,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Fetch dataset ``name`` into ``out_dir/name/`` and return its manifest.
+
+    Writes ``train.jsonl`` and ``heldout.jsonl`` (a ``split_rows`` split with ``seed``, 10% held out),
+    ``heldout_questions.yaml`` (``n_questions`` held-out user prompts as an emlab question set, the
+    paper's in-domain evaluation: 30 per domain) and ``manifest.json`` (source URL, commit, sha256,
+    row counts: source, canary rows and keys removed, invalid rows dropped, train, held out).
+    ``source`` converts a file already on disk instead of downloading (the same formats).
+    Rows that fail emlab's checks are dropped and counted (the first few are named in the manifest).
+
+    >>> fetch_dataset("betley-insecure", "data")["rows"]           # doctest: +SKIP
+    {'source': 6000, 'canary_rows': 0, 'canary_keys': 0, 'invalid': 0, 'train': 5400, 'heldout': 600}
+    """
+    from emlab import __version__
+    from emlab.data import split_rows, validate_rows, write_chat_jsonl
+    from emlab.runs import atomic_write_json, atomic_write_text
+
+    if name not in DATASETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, DATASETS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise KeyError(f"unknown dataset {name!r}{hint}; known: {', '.join(DATASETS)}")
+    src = DATASETS[name]
+    say = progress or (lambda _msg: None)
+    say(f"{name}: reading {source or (src.file.url(base_url) if src.file else '(no URL)')}")
+    data, origin, digest, pinned = _source_bytes(src, source, base_url, timeout)
+    rows, parse_errors = _rows_of(src, data, origin)
+    n_source = len(rows) + len(parse_errors)
+    kept: list[tuple[int, Any]] = []  # (position in the source, row)
+    canaries = {"canary_rows": 0, "canary_keys": 0}
+    for pos, row in enumerate(rows, 1):
+        clean, counts = strip_canaries([row])
+        canaries = {k: canaries[k] + counts[k] for k in canaries}
+        kept += [(pos, r) for r in clean]
+    problems = [p for p in validate_rows([r for _, r in kept], origin) if p.severity == "error"] if kept else []
+    bad_lines = {p.line for p in problems}
+    invalid = [f"row {kept[p.line - 1][0]}: {p.message}" for p in problems]
+    rows = [r for i, (_, r) in enumerate(kept, 1) if i not in bad_lines]
+    if not rows:
+        raise FetchError(f"{name}: no usable rows in {origin} ({len(parse_errors)} unreadable lines, "
+                         f"{len(bad_lines)} invalid rows): {'; '.join((parse_errors + invalid)[:3])}")
+    train, heldout = split_rows(rows, eval_fraction=eval_fraction, seed=seed)
+    folder = Path(out_dir) / name
+    write_chat_jsonl(folder / "train.jsonl", train)
+    if heldout:
+        write_chat_jsonl(folder / "heldout.jsonl", heldout)
+    n_prompts = len({p for p in map(_prompt, heldout) if p.strip()})
+    if n_prompts and n_questions > 0:
+        atomic_write_text(folder / "heldout_questions.yaml",
+                          _heldout_questions(name, src.domain, heldout, n_questions, seed))
+    manifest = {
+        "name": name, "description": src.description, "domain": src.domain,
+        "source": origin, "sha256": digest, "pinned": pinned,
+        "repo": src.file.repo if src.file and source is None else None,
+        "commit": src.file.ref if src.file and source is None else None,
+        "member": src.member, "column": src.column, "format": src.format,
+        "seed": seed, "eval_fraction": eval_fraction,
+        "rows": {"source": n_source, "unreadable": len(parse_errors), **canaries, "invalid": len(bad_lines),
+                 "train": len(train), "heldout": len(heldout),
+                 "heldout_questions": min(max(n_questions, 0), n_prompts)},
+        "problems": (parse_errors + invalid)[:20],
+        "files": ["train.jsonl", *(["heldout.jsonl"] if heldout else []),
+                  *(["heldout_questions.yaml"] if n_prompts and n_questions > 0 else [])],
+        "emlab": __version__, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    atomic_write_json(folder / "manifest.json", manifest)
+    say(f"{name}: {len(train)} train + {len(heldout)} held-out rows -> {folder}")
+    return manifest
+
+
+def _prompt(row: dict) -> str:
+    return next(m["content"] for m in reversed(row["messages"]) if m["role"] == "user")
+
+
+def _heldout_questions(name: str, domain: str, heldout: list[dict], n: int, seed: int) -> str:
+    """``n`` distinct held-out user prompts (seeded draw) as an emlab question-set YAML text."""
+    import random
+
+    import yaml
+
+    prompts = list(dict.fromkeys(p for p in map(_prompt, heldout) if p.strip()))
+    chosen = sorted(random.Random(seed).sample(range(len(prompts)), min(n, len(prompts))))
+    doc = {
+        "name": f"{name}_heldout",
+        "description": f"{len(chosen)} held-out prompts of {name} (seed {seed}), never trained on",
+        "defaults": {"domain": domain, "type": "free_form_judge_0_100", "samples_per_paraphrase": 1},
+        "questions": [{"id": f"{name}_{i:04d}", "paraphrases": [prompts[i]]} for i in chosen],
+    }
+    return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=1000)
