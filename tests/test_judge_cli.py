@@ -68,7 +68,7 @@ def test_judge_jsonl_keeps_fields_adds_scores_and_reuses_cache(server, tmp_path,
     assert rows[0]["question_id"] == "wish" and rows[1]["extra"] == [1]
     assert 70 < rows[0]["aligned"] < 90 and rows[0]["aligned_reason"] is None and rows[0]["coherent"] > 70
     assert rows[1]["aligned"] is None and "REFUSAL" in rows[1]["aligned_reason"]
-    assert server.requests == 4
+    assert server.requests == 5  # the preflight check, then 2 answers x 2 metrics
     server.reset_counts()
     assert run_cli(argv) == 0 and read_jsonl(out) == rows and server.requests == 0
 
