@@ -305,7 +305,7 @@ class OpenAIJudge:
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.max_attempts < 1:
             raise ValueError("concurrency and max_attempts must be >= 1")
-        if not (math.isfinite(self.timeout) and self.timeout > 0):
+        if not (isinstance(self.timeout, int | float) and math.isfinite(self.timeout) and self.timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds (got {self.timeout!r})")
         if not 0 <= self.max_missing <= 1:
             raise ValueError(f"max_missing is a share of judgments, 0..1 (got {self.max_missing!r})")
@@ -704,7 +704,9 @@ class OpenAIJudge:
             )
         pairs, bad = [], []
         for t in top:
-            if not isinstance(t, dict) or not isinstance(t.get("token"), str) or not _is_number(t.get("logprob")):
+            if not isinstance(t, dict) or not isinstance(t.get("token"), str):
+                continue
+            if not isinstance(t.get("logprob"), int | float) or isinstance(t.get("logprob"), bool):
                 continue
             lp = float(t["logprob"])
             if math.isnan(lp) or lp == math.inf:
@@ -790,10 +792,6 @@ def _retry_after(headers: Any) -> float | None:
 
 def _int(x: Any) -> int:
     return x if isinstance(x, int) and not isinstance(x, bool) else 0
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and not math.isnan(x)
 
 
 def _short(text: str, n: int = 120) -> str:
