@@ -89,7 +89,7 @@ class FakeOpenAIServer:
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}
         self.batch_requests: list[str] = []  # paths of every /files and /batches request, in order
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._httpd = _Server(("127.0.0.1", 0), _make_handler(self))
         self._thread: threading.Thread | None = None
 
