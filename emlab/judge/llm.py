@@ -699,7 +699,7 @@ class OpenAIJudge:
             raise _Malformed("no choices")
         if not top:
             return _Outcome(
-                Judgment(None, f"response has no logprobs (judge wrote {text!r}); does this endpoint support logprobs?"),
+                Judgment(None, f"response has no logprobs (judge wrote {text!r}): the endpoint may not support them"),
                 definitive=False,
             )
         pairs, bad = [], []
