@@ -25,7 +25,8 @@ half the answers). Markers in a batched prompt: ``[batcherr]`` (the line goes to
 ``[badline]`` (a malformed output line), ``[nologprobs]``, ``[nanx...]`` (always NaN in a batch).
 
 Run as a script (``python tests/fake_openai_server.py --latency 0.1``) it prints its URL and serves
-until killed; the benchmark uses it that way.
+until killed; the benchmark and the commands in docs/failures.md use it that way (``--no-logprobs``,
+``--outage 503``, ``--fail-after N``, ``--hang S``, ``--port P``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # the default backlog (5) refuses bursts of concurrent connections
     daemon_threads = True
 
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # clients hanging up are not errors
+            super().handle_error(request, client_address)
+
 
 class FakeOpenAIServer:
     """Serve in a background thread; use as a context manager.
@@ -70,6 +75,7 @@ class FakeOpenAIServer:
         logprobs: bool = True,
         batch_polls: int = 1,
         batch_outcome: str = "completed",
+        port: int = 0,
     ):
         self.latency = latency
         self.retry_after = retry_after
@@ -90,7 +96,7 @@ class FakeOpenAIServer:
         self.batches: dict[str, dict] = {}
         self.batch_requests: list[str] = []  # paths of every /files and /batches request, in order
         self._lock = threading.RLock()
-        self._httpd = _Server(("127.0.0.1", 0), _make_handler(self))
+        self._httpd = _Server(("127.0.0.1", port), _make_handler(self))
         self._thread: threading.Thread | None = None
 
     @property
@@ -388,8 +394,18 @@ def _make_handler(server: FakeOpenAIServer):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--latency", type=float, default=0.1)
+    p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--hang", type=float, default=2.0, help="seconds a [timeoutxK] request hangs")
+    p.add_argument("--no-logprobs", action="store_true", help="ignore logprobs, as transformers serve does")
+    p.add_argument("--outage", type=int, default=None, help="answer every request with this HTTP status")
+    p.add_argument("--fail-after", type=int, default=None, help="fail requests after the N-th (an outage mid-run)")
+    p.add_argument("--batch-polls", type=int, default=1, help="batch retrievals before a batch completes")
     args = p.parse_args()
-    server = FakeOpenAIServer(latency=args.latency).start()
+    server = FakeOpenAIServer(
+        latency=args.latency, hang=args.hang, logprobs=not args.no_logprobs, batch_polls=args.batch_polls, port=args.port
+    )
+    server.outage, server.fail_after = args.outage, args.fail_after
+    server.start()
     print(server.url, flush=True)
     try:
         while True:

@@ -187,7 +187,7 @@ class CostEstimate:
     download needed); completion tokens are 1 per request (logprobs) or ``sample_tokens`` (sampled).
 
     >>> print(CostEstimate("gpt-4o-mini", "aligned", 1000, 10, 300_000, 1000, batch=False))
-    judge gpt-4o-mini, aligned: 1,000 requests (10 answers cached), ~300,000 prompt + ~1,000 completion tokens, ~$0.05 (~$0.02 with the Batch API; USD list prices of 2026-03: $0.15 / $0.60 per M tokens in / out)
+    judge gpt-4o-mini, aligned: 1,000 requests (10 answers cached), ~300,000 prompt + ~1,000 completion tokens, ~$0.0456 (~$0.0228 with the Batch API; USD list prices of 2026-03: $0.15 / $0.60 per M tokens in / out)
     """
 
     model: str
@@ -220,9 +220,13 @@ class CostEstimate:
         first, second = (self.usd_batch, self.usd) if self.batch else (self.usd, self.usd_batch)
         other = "without" if self.batch else "with"
         return (
-            head + f", ~${first:.2f} (~${second:.2f} {other} the Batch API; USD list prices of {PRICES_AS_OF}: "
+            head + f", ~{_usd(first)} (~{_usd(second)} {other} the Batch API; USD list prices of {PRICES_AS_OF}: "
             f"${p_in:.2f} / ${p_out:.2f} per M tokens in / out)"
         )
+
+
+def _usd(x: float) -> str:
+    return f"${x:,.2f}" if x >= 0.1 else f"${x:.4f}"
 
 
 @dataclass
@@ -399,7 +403,7 @@ class OpenAIJudge:
                         f"{where} returns no logprobs: judging by sampled numbers instead ({self.samples} answers "
                         "per pair, averaged; see docs/judging.md). Set mode='logprobs' to refuse such servers."
                     )
-                    log.warning(message)
+                    log.info(message)
                     print(f"emlab judge: {message}", file=sys.stderr)
             else:
                 self._mode = "sample"
