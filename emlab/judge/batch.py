@@ -140,6 +140,10 @@ async def _wait(judge: OpenAIJudge, client: Any, ids: list[str]) -> dict[str, An
     while True:
         for batch_id in list(remaining):
             batch = await _retry(judge, f"poll batch {batch_id}", lambda b=batch_id: client.batches.retrieve(b))
+            if batch.status != status.get(batch_id):
+                counts = getattr(batch, "request_counts", None)
+                done = f" ({counts.completed}/{counts.total} done)" if counts is not None and counts.total else ""
+                print(f"emlab judge: batch {batch_id}: {batch.status}{done}", file=sys.stderr)
             status[batch_id] = batch.status
             if batch.status in TERMINAL:
                 finished[batch_id] = batch
