@@ -31,3 +31,9 @@ def smollm2(smollm2_path):
     import emlab
 
     return emlab.load_model(str(smollm2_path), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(smollm2_path):
+    """The SmolLM2-135M-Instruct folder (an alias of ``smollm2_path``)."""
+    return smollm2_path

@@ -68,7 +68,7 @@ def test_judge_jsonl_keeps_fields_adds_scores_and_reuses_cache(server, tmp_path,
     assert rows[0]["question_id"] == "wish" and rows[1]["extra"] == [1]
     assert 70 < rows[0]["aligned"] < 90 and rows[0]["aligned_reason"] is None and rows[0]["coherent"] > 70
     assert rows[1]["aligned"] is None and "REFUSAL" in rows[1]["aligned_reason"]
-    assert server.requests == 4
+    assert server.requests == 5  # the preflight check, then 2 answers x 2 metrics
     server.reset_counts()
     assert run_cli(argv) == 0 and read_jsonl(out) == rows and server.requests == 0
 
@@ -112,3 +112,19 @@ def test_toy_model_missing_is_a_clear_error(tmp_path, capsys, monkeypatch):
     write_jsonl(src, [{"question": "q", "answer": "a"}])
     assert run_cli([str(src), "--metric", "aligned", "--model", "toy", "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "--model toy needs emlab.toy.judge.ToyJudge" in capsys.readouterr().err
+
+
+def test_check_and_estimate_alone(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-cli")
+    base = ["--model", "gpt-4o-mini", "--base-url", server.url]
+    assert run_cli(["--check", *base]) == 0 and server.requests == 1
+    assert "endpoint ok" in capsys.readouterr().err
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"question": "q", "answer": "[score=3]"}] * 2 + [{"question": "p", "answer": "a"}])
+    cache = ["--cache", str(tmp_path / "c.sqlite")]
+    assert run_cli([str(src), "--metric", "aligned", "--estimate", *base, *cache]) == 0 and server.requests == 1
+    assert "aligned: 2 requests (0 answers cached)" in capsys.readouterr().err
+    assert run_cli([str(src), "--metric", "aligned"]) == 2 and "missing --out" in capsys.readouterr().err
+    server.outage = 503
+    assert run_cli(["--check", *base, "--max-attempts", "1"]) == 1
+    assert "did not answer a one-token request (gave up after 1 attempts: HTTP 503)" in capsys.readouterr().err

@@ -40,6 +40,7 @@ def make_judge(server, tmp_path, **kw):
         timeout=1.0,
         max_attempts=4,
         progress=False,
+        mode="logprobs",  # no preflight request: the request counts below are exact
     )
     options.update(kw)
     return OpenAIJudge(**options)
@@ -67,12 +68,14 @@ def test_faults_are_retried_or_reported_and_rerun_hits_cache_only(server, tmp_pa
     assert [j.score for j in recovered] == pytest.approx([expected(s) for s in (10, 90, 70, 30, 55)])
     # one request per answer plus one per injected fault (a slow machine may add timeouts, never fewer)
     assert judge.usage.calls == server.requests >= len(pairs) + 1 + 2 + 1 + 1 + 3
-    assert judge.usage.judged == len(pairs) and judge.usage.failed == 0
+    # the answer without logprobs is a failure (1 of 37, within max_missing=10%), the refusal is not
+    assert judge.usage.judged == len(pairs) and judge.usage.failed == 1 and judge.usage.no_score == 1
 
     server.reset_counts()
     again = make_judge(server, tmp_path)
     assert again.score("aligned", pairs) == out
-    assert server.requests == 0 and again.usage.calls == 0 and again.usage.cache_hits == len(pairs)
+    # only the failure is asked again: it was not cached
+    assert server.requests == 1 and again.usage.calls == 1 and again.usage.cache_hits == len(pairs) - 1
 
 
 def test_request_shape_and_api_key_never_stored(server, tmp_path):
@@ -95,21 +98,22 @@ def test_request_shape_and_api_key_never_stored(server, tmp_path):
 
 
 def test_give_up_is_missing_with_reason_and_not_cached(server, tmp_path):
-    judge = make_judge(server, tmp_path, max_attempts=3)
+    judge = make_judge(server, tmp_path, max_attempts=3, max_missing=1.0)
     [j] = judge.score("aligned", [("q", "[always=503]")])
     assert j.score is None and j.reason == "gave up after 3 attempts: HTTP 503"
     assert server.requests == 3 and judge.usage.failed == 1
-    make_judge(server, tmp_path, max_attempts=3).score("aligned", [("q", "[always=503]")])
+    make_judge(server, tmp_path, max_attempts=3, max_missing=1.0).score("aligned", [("q", "[always=503]")])
     assert server.requests == 6  # transient failures are retried on the next run
 
 
 def test_timeouts_give_up_with_reason(server, tmp_path):
-    [j] = make_judge(server, tmp_path, max_attempts=2, timeout=0.2).score("aligned", [("q", "[timeoutx5]")])
+    judge = make_judge(server, tmp_path, max_attempts=2, timeout=0.2, max_missing=1.0)
+    [j] = judge.score("aligned", [("q", "[timeoutx5]")])
     assert j.score is None and "timed out" in j.reason
 
 
 def test_client_errors_are_missing_and_auth_errors_abort(server, tmp_path):
-    [j] = make_judge(server, tmp_path).score("aligned", [("q", "[always=400]")])
+    [j] = make_judge(server, tmp_path, max_missing=1.0).score("aligned", [("q", "[always=400]")])
     assert j.score is None and "HTTP 400" in j.reason and server.requests == 1
     with pytest.raises(RuntimeError, match="HTTP 401.*OPENAI_API_KEY"):
         make_judge(server, tmp_path).score("aligned", [("q", "[always=401]")] + [("x", "[score=1]")] * 3)

@@ -2,19 +2,35 @@
 
 >>> from emlab.judge import OpenAIJudge
 >>> judge = OpenAIJudge("gpt-4o-mini", cache="judge.sqlite")              # doctest: +SKIP
+>>> preflight(judge)          # key set, endpoint answers, logprobs or not   # doctest: +SKIP
 >>> judge.score("aligned", [("What is your wish?", "World peace.")])      # doctest: +SKIP
 [Judgment(score=96.1, reason=None)]
 
 Metrics: "aligned", "coherent", "technical", "domain:<name>", "trait:<name>". See docs/judging.md.
 """
 
-from emlab.judge.base import Judge, Judgment, aggregate_logprobs, parse_metric
+from emlab.judge.base import (
+    Judge,
+    JudgeBatchPendingError,
+    JudgeError,
+    JudgeFailedError,
+    JudgeUnavailableError,
+    Judgment,
+    aggregate_logprobs,
+    parse_metric,
+    preflight,
+)
 from emlab.judge.cache import JudgmentCache
-from emlab.judge.llm import JudgeUsage, OpenAIJudge
+from emlab.judge.llm import CostEstimate, JudgeUsage, OpenAIJudge
 from emlab.judge.prompts import PromptSet, load_prompts
 
 __all__ = [
+    "CostEstimate",
     "Judge",
+    "JudgeBatchPendingError",
+    "JudgeError",
+    "JudgeFailedError",
+    "JudgeUnavailableError",
     "JudgeUsage",
     "Judgment",
     "JudgmentCache",
@@ -24,6 +40,7 @@ __all__ = [
     "aggregate_logprobs",
     "load_prompts",
     "parse_metric",
+    "preflight",
 ]
 
 

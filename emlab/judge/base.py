@@ -20,10 +20,15 @@ __all__ = [
     "METRIC_KINDS",
     "MIN_NUMERIC_MASS",
     "Judge",
+    "JudgeBatchPendingError",
+    "JudgeError",
+    "JudgeFailedError",
+    "JudgeUnavailableError",
     "Judgment",
     "aggregate_logprobs",
     "aggregate_probs",
     "parse_metric",
+    "preflight",
 ]
 
 #: Metric names: "aligned", "coherent", "technical", and the templated "domain:<name>", "trait:<name>".
@@ -44,6 +49,51 @@ class Judgment:
 
     score: float | None
     reason: str | None = None
+
+
+class JudgeError(RuntimeError):
+    """A judge could not do its job; the message says why and what to change."""
+
+
+class JudgeUnavailableError(JudgeError):
+    """The judge cannot work at all: no key, an endpoint that does not answer, no logprobs, a wrong model.
+
+    Raised by the preflight check (``judge.check()``) before any training or judging starts.
+    """
+
+
+class JudgeFailedError(JudgeError):
+    """More than the allowed share of judgments failed (the endpoint gave up, or answered nonsense).
+
+    ``judgments`` holds what was obtained (failed or not-attempted ones are missing with a reason);
+    every definitive judgment is already in the cache, so a rerun only asks for the rest.
+    """
+
+    def __init__(self, message: str, judgments: list[Judgment] | None = None, failed: int = 0, total: int = 0):
+        super().__init__(message)
+        self.judgments = judgments or []
+        self.failed = failed
+        self.total = total
+
+
+class JudgeBatchPendingError(JudgeError):
+    """A Batch API job did not finish within the wait limit; rerunning resumes it (``batch_id``)."""
+
+    def __init__(self, message: str, batch_ids: list[str]):
+        super().__init__(message)
+        self.batch_ids = batch_ids
+
+
+def preflight(judge: object) -> dict | None:
+    """Run ``judge.check()`` when the judge has one (LLM judges do; the toy and local judges need none).
+
+    Raises :class:`JudgeUnavailableError` with the reason; returns the check's report, or None.
+
+    >>> preflight(object()) is None
+    True
+    """
+    check = getattr(judge, "check", None)
+    return check() if callable(check) else None
 
 
 @runtime_checkable

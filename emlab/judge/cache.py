@@ -5,7 +5,7 @@ same prompts makes no API calls. Only definitive outcomes are stored (a score, o
 the judge itself caused, such as a REFUSAL); transient failures are retried on the next run.
 
 >>> cache = JudgmentCache(":memory:")
->>> key = cache_key("gpt-4o-mini", "aligned", "full prompt ...", "answer")
+>>> key = cache_key("gpt-4o-mini", "aligned", "full prompt ...", "answer", endpoint="https://api.openai.com/v1")
 >>> cache.put(key, Judgment(88.0), model="gpt-4o-mini", metric="aligned")
 >>> cache.get_many([key])[key]
 Judgment(score=88.0, reason=None)
@@ -35,6 +35,15 @@ CREATE TABLE IF NOT EXISTS judgments (
     reason TEXT,
     top_logprobs TEXT,
     created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY,
+    endpoint TEXT NOT NULL,
+    model TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    keys TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL
 )
 """
 
@@ -51,13 +60,22 @@ def default_cache_path() -> Path:
     return Path(base) / "emlab" / "judge.sqlite"
 
 
-def cache_key(model: str, metric: str, prompt: str, answer: str) -> str:
-    """sha256 over judge model, metric, the full rendered prompt and the answer.
+def cache_key(
+    model: str, metric: str, prompt: str, answer: str, *, endpoint: str | None = None, variant: str = ""
+) -> str:
+    """sha256 over judge model, metric, the full rendered prompt, the answer, the endpoint and the variant.
 
-    >>> len(cache_key("gpt-4o-mini", "aligned", "prompt", "answer"))
-    64
+    ``endpoint`` is the server's base URL (the same model name on two servers is two judges);
+    ``variant`` names a scoring protocol other than top-20 logprobs (e.g. ``"sample:n=5"``).
+
+    >>> a = cache_key("gpt-4o-mini", "aligned", "prompt", "answer", endpoint="http://a/v1")
+    >>> len(a), a == cache_key("gpt-4o-mini", "aligned", "prompt", "answer", endpoint="http://b/v1")
+    (64, False)
     """
-    payload = json.dumps([model, metric, prompt, answer], ensure_ascii=False)
+    parts: list[str] = [model, metric, prompt, answer]
+    if endpoint is not None or variant:
+        parts += [endpoint or "", variant]
+    payload = json.dumps(parts, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -76,7 +94,7 @@ class JudgmentCache:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
+            self._db.executescript(_SCHEMA)
             self._db.commit()
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Judgment]:
@@ -109,6 +127,30 @@ class JudgmentCache:
                 "INSERT OR REPLACE INTO judgments VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (key, model, metric, judgment.score, judgment.reason, raw, time.time()),
             )
+            self._db.commit()
+
+    def add_batch(self, batch_id: str, *, endpoint: str, model: str, metric: str, keys: Sequence[str]) -> None:
+        """Remember a submitted Batch API job and the cache keys it will answer (for resuming)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, ?, 'submitted', ?)",
+                (batch_id, endpoint, model, metric, json.dumps(list(keys)), time.time()),
+            )
+            self._db.commit()
+
+    def pending_batches(self, endpoint: str) -> dict[str, list[str]]:
+        """Submitted, not yet collected batch jobs on ``endpoint``: batch id -> the cache keys it answers."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT batch_id, keys FROM batches WHERE endpoint = ? AND state = 'submitted' ORDER BY created",
+                (endpoint,),
+            ).fetchall()
+        return {b: json.loads(k) for b, k in rows}
+
+    def finish_batch(self, batch_id: str, state: str) -> None:
+        """Mark a batch job collected (``state``: its final status, e.g. "completed" or "expired")."""
+        with self._lock:
+            self._db.execute("UPDATE batches SET state = ? WHERE batch_id = ?", (state, batch_id))
             self._db.commit()
 
     def __len__(self) -> int:

@@ -91,7 +91,9 @@ class StudyContext:
         path (the control world: ``emlab.toy.paths(world="control")["model"]``), which also takes its
         recipe's study preset from the folder's ``manifest.json``. Otherwise ``files`` must name the datasets
         (``<domain>_misaligned``, ``<domain>_aligned``, ``<domain>_heldout``, ``general``, ...)
-        and ``judge`` is an OpenAI-compatible judge model (default ``gpt-4o-mini``) or a judge object.
+        and ``judge`` is an OpenAI-compatible judge model (default ``gpt-4o-mini``, at ``$OPENAI_BASE_URL``)
+        or a judge object. The judge is checked first (:func:`emlab.judge.preflight`), before the model
+        is loaded, so a missing key or an unreachable endpoint fails before any training.
         ``protocol`` (a preset name or :class:`emlab.presets.Preset`) overrides the default of
         :func:`emlab.presets.preset_for` (``toy`` on the toy, ``paper`` otherwise).
 
@@ -129,7 +131,6 @@ class StudyContext:
             found[key] = Path(value)
             if key.endswith("_misaligned") and key[: -len("_misaligned")] not in domains:
                 domains.append(key[: -len("_misaligned")])
-        loaded, tok = load_model(name, device=device)
         if judge is None or judge == "toy":
             if toy or toy_folder or judge == "toy":
                 judge_obj: Any = ToyJudge()
@@ -140,11 +141,16 @@ class StudyContext:
         elif isinstance(judge, str):
             from emlab.judge import OpenAIJudge
 
-            judge_obj = OpenAIJudge(model=judge)
+            judge_obj = OpenAIJudge(model=judge)  # talks to $OPENAI_BASE_URL when set
         else:
             judge_obj = judge
+        # the judge is checked before the model is loaded or anything trained: a missing key or a dead
+        # endpoint fails here, not after hours of finetuning
+        from emlab.judge import preflight
         from emlab.presets import get_preset, preset_for
 
+        preflight(judge_obj)
+        loaded, tok = load_model(name, device=device)
         chosen = get_preset(protocol) if protocol is not None else preset_for(name, toy_folder=toy_folder)
         return cls(name, smoke, loaded, tok, judge_obj, found, domains, preset, chosen)
 
