@@ -9,7 +9,7 @@ metrics. It prints what the rerun said (loaded / skipped / resumed) and the comp
 The run folder of the killed run is kept for the rerun (``start_run`` is called without deleting
 it), as issue 15 asks of a rerun into a folder whose run did not finish.
 
-Usage: ``python bench/killed_study.py [--out runs/bench_killed_study] [--smoke]
+Usage: ``python bench/killed_study.py [--out runs/bench_killed_study] [--smoke] [--rows N]
 [--kill-at 'ft_aligned/checkpoint-*/trainer_state.json']`` (the default: right after the first
 complete checkpoint of the second finetune).
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 LIMIT_S = 3600  # one study run; the kill watch has the same limit
 
 
-def _child(out: str, smoke: bool) -> None:
+def _child(out: str, smoke: bool, rows: int | None) -> None:
     import emlab.runs as runs
     from emlab.studies import em_organism
 
@@ -41,12 +41,13 @@ def _child(out: str, smoke: bool) -> None:
         return start_run(out_dir, config, seed, name, overwrite=False)
 
     runs.start_run = keep_folder
-    metrics = em_organism(model="toy", smoke=smoke, out_dir=out, seed=0)
+    metrics = em_organism(model="toy", smoke=smoke, out_dir=out, seed=0, rows=rows)
     print("METRICS " + json.dumps(metrics, sort_keys=True), flush=True)
 
 
-def _run(out: Path, smoke: bool, log: Path, kill_at: str | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, __file__, "--child", str(out)] + (["--smoke"] if smoke else [])
+def _run(out: Path, args: argparse.Namespace, log: Path, kill_at: str | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, "--child", str(out)] + (["--smoke"] if args.smoke else []) \
+        + (["--rows", str(args.rows)] if args.rows else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -81,22 +82,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench_killed_study")
     ap.add_argument("--smoke", action="store_true", help="the micro organism and smoke sizes (about a minute a run)")
+    ap.add_argument("--rows", type=int, help="finetuning rows (default: the organism's preset)")
     ap.add_argument("--kill-at", default="ft_aligned/checkpoint-*/trainer_state.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return _child(args.child, args.smoke)
+        return _child(args.child, args.smoke, args.rows)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     t0 = time.monotonic()
-    _run(out / "straight", args.smoke, out / "straight.log")
+    _run(out / "straight", args, out / "straight.log")
     t1 = time.monotonic()
-    _run(out / "killed", args.smoke, out / "killed.log", kill_at=args.kill_at)
+    _run(out / "killed", args, out / "killed.log", kill_at=args.kill_at)
     hit = next((out / "killed").glob(args.kill_at)).relative_to(out / "killed")
     left = sorted(p.name for p in (out / "killed" / hit.parts[0]).iterdir())
     print(f"killed when {hit} appeared; that finetune's folder held: {', '.join(left)}")
-    _run(out / "killed", args.smoke, out / "rerun.log")
+    _run(out / "killed", args, out / "rerun.log")
     t2 = time.monotonic()
     said = [line for line in (out / "rerun.log").read_text().splitlines()
             if line.startswith("emlab:") or "skipped incomplete" in line]

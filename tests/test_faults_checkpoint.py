@@ -178,6 +178,19 @@ def test_fingerprint_names_what_differs(tmp_path):
     assert fingerprint_differences(fp, fingerprint(tiny_model("qwen2", vocab_size=64, seed=1), cfg, rows)) == \
         ["model"]
     assert fingerprint_differences(json.loads(json.dumps(fp)), fp) == []  # survives the JSON file
+    from safetensors.torch import save_file
+
+    vec = tmp_path / "persona.safetensors"
+    save_file({"1": torch.ones(32)}, str(vec))
+    steered = fingerprint(model, finetune_config(tmp_path / "a", seed=0, preventive_vector=str(vec)), rows)
+    save_file({"1": torch.full((32,), 2.0)}, str(vec))  # same file name, other vector
+    assert fingerprint_differences(steered, fingerprint(
+        model, finetune_config(tmp_path / "a", seed=0, preventive_vector=str(vec)), rows)) == \
+        ["config.preventive_vector"]
+    as_dict = finetune_config(tmp_path / "a", seed=0, preventive_vector={1: torch.ones(32)})
+    assert fingerprint_differences(fingerprint(model, as_dict, rows), fingerprint(
+        model, finetune_config(tmp_path / "a", seed=0, preventive_vector={1: torch.zeros(32)}), rows)) == \
+        ["config.preventive_vector"]
 
 
 # ---- study settings: checkpoints on, a finished finetune is loaded ----
@@ -230,6 +243,29 @@ def test_resume_skips_an_interrupted_save_and_ends_like_an_uninterrupted_run(str
     assert f"resuming {out} from checkpoint-4" in capsys.readouterr().err
     _same_adapter(out, src)
     assert _losses(out) == _losses(src)
+
+
+def test_resume_at_an_epoch_boundary(straight, tmp_path):
+    src, _ = straight  # 12 rows, batch 2: an epoch is 6 steps
+    out = tmp_path / "ft"
+    _copy_checkpoints(src, out, [4, 6])
+    steps = _Steps()
+    ckpt_child.train(out, callbacks=[steps])
+    assert steps.steps == [7, 8]
+    _same_adapter(out, src)
+
+
+def test_a_kill_during_the_final_save_resumes_from_the_last_checkpoint(straight, tmp_path):
+    src, _ = straight
+    out = tmp_path / "ft"
+    _copy_checkpoints(src, out, [6, 8])
+    data = (src / "adapter_model.safetensors").read_bytes()
+    (out / "adapter_model.safetensors").write_bytes(data[: len(data) // 3])  # cut off; no emlab_finetune.json
+    steps = _Steps()
+    ckpt_child.train(out, callbacks=[steps])
+    assert steps.steps == []  # checkpoint-8 is the last step: nothing left to train, only the save
+    _same_adapter(out, src)
+    assert _losses(out) == _losses(src) and list_checkpoints(out) == []
 
 
 def test_checkpoints_of_another_finetune_are_refused(straight, tmp_path):

@@ -229,9 +229,26 @@ def _model_digest(model) -> str:
     h = hashlib.sha256(f"{type(model).__name__}|{getattr(cfg, '_name_or_path', '')}".encode())
     with torch.no_grad():
         for name, p in model.named_parameters():
-            sample = p.detach().flatten()[:16].to("cpu", torch.float32).numpy().tobytes()
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode() + sample)
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            if p.device.type != "meta":  # offloaded weights have no values here
+                h.update(p.detach().flatten()[:16].to("cpu", torch.float32).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _path_digest(value: str | os.PathLike) -> str:
+    """A file, or the weight files of a folder, by content (the path alone when nothing is there)."""
+    path = Path(value)
+    files = [path] if path.is_file() else [path / n for n in WEIGHT_FILES if (path / n).is_file()]
+    if not files and not path.is_file() and Path(f"{path}.safetensors").is_file():
+        files = [Path(f"{path}.safetensors")]  # a saved Direction named by its stem
+    if not files:
+        return str(value)
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return f"<{path.name} {h.hexdigest()[:16]}>"
 
 
 def _config_fields(config) -> dict[str, Any]:
@@ -242,9 +259,11 @@ def _config_fields(config) -> dict[str, Any]:
     if isinstance(vec, Mapping):  # to_dict() only summarises tensors: hash their values
         d["preventive_vector"] = {str(k): _tensor_digest(v) if isinstance(v, torch.Tensor) else v
                                   for k, v in vec.items()}
+    elif isinstance(vec, str | os.PathLike):  # a file: what is in it counts, not only its name
+        d["preventive_vector"] = _path_digest(vec)
     misaligned = getattr(config, "interleave_misaligned", None)
     if isinstance(misaligned, list):
-        d["interleave_misaligned"] = [v if isinstance(v, str | os.PathLike) else _model_digest(v)
+        d["interleave_misaligned"] = [_path_digest(v) if isinstance(v, str | os.PathLike) else _model_digest(v)
                                       for v in misaligned]
     return json.loads(json.dumps(d, sort_keys=True, default=str))
 

@@ -125,6 +125,16 @@ def _resume_arg(config, fp: dict[str, Any] | None = None) -> str | None:
     return str(value)
 
 
+def _last_step_state(checkpoint: str | None):
+    """The TrainerState of ``checkpoint`` when it was saved at the finetune's last step, else None."""
+    if checkpoint is None:
+        return None
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    return state if state.max_steps and state.global_step >= state.max_steps else None
+
+
 def _check_same_finetune(out: Path, fp: dict[str, Any], what: str) -> None:
     """Raise when ``out``'s recorded fingerprint (checkpoints or finished model) is another finetune's."""
     path = out / _STARTED
@@ -185,9 +195,13 @@ def finetune(model, tokenizer, train_rows: Sequence[Row], config: EMConfig, *, e
     Order: inoculation prompt on ``train_rows`` -> benign rows interleaved (``benign_rows``, chosen
     as ``config.interleave_selection`` says) -> :class:`EMTrainer` (adapter, KL on the batch or on
     ``kl_rows``, LDIFS, preventive steering) -> final adapter saved in ``config.output_dir`` with
-    ``emlab_finetune.json`` (config, versions, row counts) and ``log_history.json``. With
-    ``resume_from_checkpoint=True`` a killed run continues from its latest checkpoint (or starts
-    when there is none). ``model`` is modified in place (the adapter is injected into it).
+    ``log_history.json`` and, last, ``emlab_finetune.json`` (config, versions, row counts,
+    fingerprint). With ``resume_from_checkpoint=True`` a killed run continues from its newest
+    complete checkpoint (incomplete ones are skipped with a warning; checkpoints of another
+    finetune are an error), or starts when there is none. With ``reuse_finished=True`` a finetune
+    that already finished in ``output_dir`` (same config, rows and base model) is loaded instead of
+    trained. A failed save (full disk) raises :class:`~emlab.training.checkpoints.CheckpointError`.
+    ``model`` is modified in place (the adapter is injected into it).
 
     >>> result = finetune(model, tok, rows, EMConfig(output_dir="runs/x", interleave_share=0.05),
     ...                   benign_rows=benign)                                  # doctest: +SKIP
@@ -202,14 +216,13 @@ def finetune(model, tokenizer, train_rows: Sequence[Row], config: EMConfig, *, e
     given = {"train": rows, "benign": _messages_only(benign_rows, "benign"), "kl": _messages_only(kl_rows, "kl"),
              "eval": _messages_only(eval_rows, "eval")}
     out = Path(config.output_dir)
-    fp = fingerprint(model, config, given) if (config.reuse_finished or config.save_strategy != "no"
-                                               or config.resume_from_checkpoint) else None
+    fp = fingerprint(model, config, given)  # before the adapter is injected into the model
     if config.inoculation_prompt is not None:
         rows = with_system_prompt(rows, config.inoculation_prompt)
     n_target = len(rows)
     eval_ds = Dataset.from_list(given["eval"]) if eval_rows else None
     kl_ds = Dataset.from_list(given["kl"]) if kl_rows else None
-    if config.reuse_finished and fp is not None and (record := _finished(out, fp)) is not None:
+    if config.reuse_finished and (record := _finished(out, fp)) is not None:
         return _load_finished(model, tokenizer, rows, config, record, kl_ds, callbacks)
     if config.interleave_share > 0:
         if not benign_rows:
@@ -227,10 +240,14 @@ def finetune(model, tokenizer, train_rows: Sequence[Row], config: EMConfig, *, e
                           f"({', '.join(p.name for p in stale)}): this one starts from step 0", stacklevel=2)
             for folder in stale:
                 shutil.rmtree(folder, ignore_errors=True)
-        if fp is not None:
-            with saving(out, "finetune record"):
-                atomic_write_json(out / _STARTED, {"fingerprint": fp})
-    trainer.train(resume_from_checkpoint=resume)
+        with saving(out, "finetune record"):
+            atomic_write_json(out / _STARTED, {"fingerprint": fp})
+    if (last := _last_step_state(resume)) is not None:
+        # transformers resumed from a checkpoint of the last step trains one step too many: load it instead
+        trainer._load_from_checkpoint(resume)
+        trainer.state = last
+    else:
+        trainer.train(resume_from_checkpoint=resume)
     if eval_ds is not None and config.eval_strategy == "no":
         trainer.evaluate()
     counts = {"target": n_target, "benign": len(rows) - n_target, "total": len(rows),
@@ -239,9 +256,8 @@ def finetune(model, tokenizer, train_rows: Sequence[Row], config: EMConfig, *, e
         trainer.save_model(str(out))
         if trainer.args.should_save:
             atomic_write_json(out / "log_history.json", trainer.state.log_history)
-            record = {"config": config.to_dict(), "seed": config.seed, "rows": counts, "versions": _versions()}
-            if fp is not None:
-                record["fingerprint"] = fp
+            record = {"config": config.to_dict(), "seed": config.seed, "rows": counts, "versions": _versions(),
+                      "fingerprint": fp}
             atomic_write_json(out / _MARKER, record)  # last: the finetune is finished
     if trainer.args.should_save and not config.keep_checkpoints:
         for folder in list_checkpoints(out):
