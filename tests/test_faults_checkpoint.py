@@ -318,6 +318,36 @@ def test_sigkill_during_a_checkpoint_save_then_rerun_resumes(straight, tmp_path)
 
 
 @pytest.mark.slow
+def test_sigkill_timed_by_watching_the_folder_then_rerun_resumes(straight, tmp_path, capsys):
+    """No hold: the kill lands wherever the child is once checkpoint-4 appears (in or just after the save)."""
+    src, _ = straight
+    out = tmp_path / "ft"
+    log = tmp_path / "child.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(CHILD), str(out), "{}"], cwd=ROOT, env=_env(), stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + START_LIMIT_S
+        while not (out / "checkpoint-4").exists():
+            assert proc.poll() is None, f"the child ended first:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no checkpoint-4 within {START_LIMIT_S} s"
+            time.sleep(0.001)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    newest = last_complete_checkpoint(out, quiet=True)
+    assert newest is not None and Path(newest).name in ("checkpoint-2", "checkpoint-4")
+    steps = _Steps()
+    ckpt_child.train(out, callbacks=[steps])
+    assert f"resuming {out} from {Path(newest).name}" in capsys.readouterr().err
+    assert steps.steps[0] == int(Path(newest).name.split("-")[1]) + 1 and steps.steps[-1] == 8
+    _same_adapter(out, src)
+
+
+@pytest.mark.slow
 def test_file_size_limit_during_a_save_is_a_clear_error_and_the_last_checkpoint_survives(straight, tmp_path):
     src, _ = straight
     out = tmp_path / "ft"
