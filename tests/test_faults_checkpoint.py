@@ -24,6 +24,7 @@ from emlab.studies.common import STUDY_CHECKPOINTS, finetune_config
 from emlab.training.checkpoints import (
     CheckpointError,
     checkpoint_problem,
+    config_defaults,
     fingerprint,
     fingerprint_differences,
     last_complete_checkpoint,
@@ -178,6 +179,13 @@ def test_fingerprint_names_what_differs(tmp_path):
     assert fingerprint_differences(fp, fingerprint(tiny_model("qwen2", vocab_size=64, seed=1), cfg, rows)) == \
         ["model"]
     assert fingerprint_differences(json.loads(json.dumps(fp)), fp) == []  # survives the JSON file
+    older = json.loads(json.dumps(fp))
+    del older["config"]["ldifs_normalize"]  # a fingerprint written before the field existed
+    assert fingerprint_differences(older, fp) == ["config.ldifs_normalize"]
+    assert fingerprint_differences(older, fp, defaults=config_defaults(cfg)) == []  # left at its default
+    norm = fingerprint(model, finetune_config(tmp_path / "a", seed=0, ldifs_normalize=True,
+                                              **ckpt_child.settings()), rows)
+    assert fingerprint_differences(older, norm, defaults=config_defaults(cfg)) == ["config.ldifs_normalize"]
     from safetensors.torch import save_file
 
     vec = tmp_path / "persona.safetensors"
@@ -283,6 +291,27 @@ def test_an_explicit_incomplete_checkpoint_is_a_clear_error(straight, tmp_path):
     (out / "checkpoint-4" / "trainer_state.json").unlink()
     with pytest.raises(CheckpointError, match=r"not a complete checkpoint: no trainer_state.json.*checkpoint-2"):
         ckpt_child.train(out, {"resume_from_checkpoint": str(out / "checkpoint-4")})
+
+
+def test_a_failing_save_names_the_folder_and_keeps_the_previous_checkpoint(straight, tmp_path):
+    from emlab.training.checkpoints import saving
+
+    src, _ = straight
+    out = tmp_path / "ft"
+    _copy_checkpoints(src, out, [2])
+    half = out / "checkpoint-4"
+    with pytest.raises(CheckpointError, match=r"checkpoint-4 failed \(RuntimeError: .*unexpected pos 576.*disk full"
+                                              r".*checkpoint-2 is intact") as err:
+        with saving(half):
+            half.mkdir()
+            (half / "adapter_model.safetensors").write_bytes(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    assert isinstance(err.value.__cause__, RuntimeError)
+    assert not half.exists() and checkpoint_problem(out / "checkpoint-2") is None
+    with pytest.raises(CheckpointError) as err:  # not a write failure: no talk of disks
+        with saving(out / "checkpoint-6"):
+            raise TypeError("a callback broke")
+    assert "disk" not in str(err.value) and "checkpoint-2 is intact" in str(err.value)
 
 
 # ---- real kills ----

@@ -27,6 +27,7 @@ from typing import Any
 __all__ = [
     "CheckpointError",
     "checkpoint_problem",
+    "config_defaults",
     "fingerprint",
     "fingerprint_differences",
     "last_complete_checkpoint",
@@ -52,6 +53,10 @@ _NOT_FINGERPRINTED = {
     "hub_private_repo", "hub_always_push", "hub_revision", "dataloader_num_workers", "dataloader_pin_memory",
     "dataloader_persistent_workers", "dataloader_prefetch_factor",
 }
+
+
+#: words of torch / safetensors errors raised by a failed write (torch.save says "unexpected pos ...")
+_WRITE_FAILURES = ("write", "space", "too large", "i/o", "unexpected pos", "quota")
 
 
 class CheckpointError(RuntimeError):
@@ -203,8 +208,10 @@ def saving(folder: str | os.PathLike, what: str = "checkpoint", *, model_only: b
         hint = (f"The previous complete checkpoint {previous} is intact: free space and rerun "
                 "(resume_from_checkpoint=True, as studies set it) to continue from it" if previous else
                 "No complete checkpoint exists yet: a rerun starts this finetune again")
+        disk = isinstance(e, OSError) or any(w in str(e).lower() for w in _WRITE_FAILURES)
+        ask = "Is the disk full or a file-size limit (ulimit -f) set? " if disk else ""
         raise CheckpointError(f"writing the {what} {folder} failed ({type(e).__name__}: {str(e)[:300]}). "
-                              f"Is the disk full or a file-size limit (ulimit -f) set? {hint}.") from e
+                              f"{ask}{hint}.") from e
 
 
 def _digest(obj: Any) -> str:
@@ -268,6 +275,24 @@ def _config_fields(config) -> dict[str, Any]:
     return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 
+def config_defaults(config) -> dict[str, Any]:
+    """The declared defaults of ``config``'s dataclass fields, as JSON values (no config is built:
+    building a TrainingArguments resets accelerate's state under a live Trainer).
+
+    >>> config_defaults(EMConfig(output_dir="x"))["kl_lambda"]   # doctest: +SKIP
+    0.0
+    """
+    import dataclasses
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
 def fingerprint(model, config, rows: Mapping[str, Sequence[Any] | None]) -> dict[str, Any]:
     """What makes a finetune this finetune: its config (minus output and save settings), data and base model.
 
@@ -280,17 +305,26 @@ def fingerprint(model, config, rows: Mapping[str, Sequence[Any] | None]) -> dict
             "rows": {k: _digest(list(v)) if v else None for k, v in sorted(rows.items())}}
 
 
-def fingerprint_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+def fingerprint_differences(old: Mapping[str, Any], new: Mapping[str, Any], *,
+                            defaults: Mapping[str, Any] | None = None) -> list[str]:
     """Names of what differs between two fingerprints (``config.learning_rate``, ``rows.train``, ``model``).
 
+    With ``defaults`` (:func:`config_defaults`), a config field that ``old`` lacks (added to emlab
+    since) and that ``new`` leaves at its default does not count.
+
     >>> fingerprint_differences({"config": {"lr": 1}, "model": "a", "rows": {}},
-    ...                         {"config": {"lr": 2}, "model": "a", "rows": {}})
+    ...                         {"config": {"lr": 2, "new": 0}, "model": "a", "rows": {}}, defaults={"new": 0})
     ['config.lr']
     """
     out = []
+    missing = object()
     for part in ("config", "rows"):
         a, b = old.get(part) or {}, new.get(part) or {}
-        out += [f"{part}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        for k in sorted(set(a) | set(b)):
+            if part == "config" and k not in a and defaults is not None and defaults.get(k, missing) == b[k]:
+                continue
+            if a.get(k, missing) != b.get(k, missing):
+                out.append(f"{part}.{k}")
     if old.get("model") != new.get("model"):
         out.append("model")
     return out

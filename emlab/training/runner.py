@@ -25,6 +25,7 @@ from emlab.training.adapters import SteeringVector, applied, steering_vector
 from emlab.training.checkpoints import (
     CheckpointError,
     checkpoint_problem,
+    config_defaults,
     fingerprint,
     fingerprint_differences,
     last_complete_checkpoint,
@@ -113,7 +114,7 @@ def _resume_arg(config, fp: dict[str, Any] | None = None) -> str | None:
             return None
         found = last_complete_checkpoint(out, model_only=model_only, remove_incomplete=config.should_save)
         if found is not None and fp is not None:
-            _check_same_finetune(Path(out), fp, f"checkpoint {found}")
+            _check_same_finetune(config, Path(out), fp, f"checkpoint {found}")
         if found is not None:
             print(f"emlab: resuming {out} from {Path(found).name}", file=sys.stderr)
         return found
@@ -135,7 +136,7 @@ def _last_step_state(checkpoint: str | None):
     return state if state.max_steps and state.global_step >= state.max_steps else None
 
 
-def _check_same_finetune(out: Path, fp: dict[str, Any], what: str) -> None:
+def _check_same_finetune(config, out: Path, fp: dict[str, Any], what: str) -> None:
     """Raise when ``out``'s recorded fingerprint (checkpoints or finished model) is another finetune's."""
     path = out / _STARTED
     try:
@@ -147,13 +148,13 @@ def _check_same_finetune(out: Path, fp: dict[str, Any], what: str) -> None:
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable ({e}); delete the checkpoints in {out} or resume from an "
                               "explicit resume_from_checkpoint folder") from e
-    if diff := fingerprint_differences(old, fp):
+    if diff := fingerprint_differences(old, fp, defaults=config_defaults(config)):
         raise CheckpointError(f"{what} in {out} was written by another finetune (differs in: {', '.join(diff)}): "
                               "use another output_dir, delete the checkpoint folders there, or pass an explicit "
                               "resume_from_checkpoint folder")
 
 
-def _finished(out: Path, fp: dict[str, Any]) -> dict[str, Any] | None:
+def _finished(config, out: Path, fp: dict[str, Any]) -> dict[str, Any] | None:
     """The record of this very finetune finished in ``out`` with its weights, else None (train it)."""
     marker = out / _MARKER
     if not marker.is_file():
@@ -167,7 +168,7 @@ def _finished(out: Path, fp: dict[str, Any]) -> dict[str, Any] | None:
         warnings.warn(f"{marker} has no fingerprint (written by an older emlab): training the finetune again",
                       stacklevel=3)
         return None
-    if diff := fingerprint_differences(record["fingerprint"], fp):
+    if diff := fingerprint_differences(record["fingerprint"], fp, defaults=config_defaults(config)):
         raise CheckpointError(f"{out} holds a finished finetune of other settings (differs in: {', '.join(diff)}): "
                               "use another output_dir, or delete that folder to train this one there")
     if (problem := weights_problem(out)) is not None:
@@ -222,7 +223,7 @@ def finetune(model, tokenizer, train_rows: Sequence[Row], config: EMConfig, *, e
     n_target = len(rows)
     eval_ds = Dataset.from_list(given["eval"]) if eval_rows else None
     kl_ds = Dataset.from_list(given["kl"]) if kl_rows else None
-    if config.reuse_finished and (record := _finished(out, fp)) is not None:
+    if config.reuse_finished and (record := _finished(config, out, fp)) is not None:
         return _load_finished(model, tokenizer, rows, config, record, kl_ds, callbacks)
     if config.interleave_share > 0:
         if not benign_rows:
