@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DomainData", "StudyContext", "finetune_config", "preset_learning_rate", "resolve_out_dir"]
+__all__ = ["STUDY_CHECKPOINTS", "DomainData", "StudyContext", "finetune_config", "preset_learning_rate", "resolve_out_dir"]
 
 
 def resolve_out_dir(out_dir: str | os.PathLike | None, name: str) -> Path:
@@ -222,6 +222,14 @@ class StudyContext:
         return copy.deepcopy(self.model)
 
 
+#: Checkpoint settings of study finetunes (:func:`finetune_config`): a checkpoint every tenth of the
+#: training steps (a float < 1 is a share of them), the newest complete one kept, resumed from on a
+#: rerun; a finished finetune is loaded instead of trained again, and drops its checkpoints.
+STUDY_CHECKPOINTS: dict[str, Any] = {"save_strategy": "steps", "save_steps": 0.1, "save_total_limit": 1,
+                                     "resume_from_checkpoint": True, "reuse_finished": True,
+                                     "keep_checkpoints": False}
+
+
 def preset_learning_rate(preset: dict[str, Any] | None, adapter: str | None) -> float | None:
     """The ``learning_rates`` entry (adapter -> rate) of a study preset for ``adapter`` (default
     ``"lora"``), or None: used by :func:`finetune_config` (recipe preset) and the defences studies
@@ -234,7 +242,11 @@ def finetune_config(out_dir: str | os.PathLike, *, seed: int = 0, preset: dict[s
                     **overrides: Any):
     """An :class:`emlab.training.EMConfig` from a study preset (the toy recipe's ``study`` block) and overrides.
 
-    Checkpoints are kept off by default in studies (``save_strategy="no"``); logging every step.
+    Every finetune checkpoints (:data:`STUDY_CHECKPOINTS`: ten times per finetune, the last one
+    kept, inside its folder) and resumes from its newest complete checkpoint, so a killed study that
+    is run again continues each finetune where it stopped and ends with the same weights; a finetune
+    that finished is loaded, not trained again, and its checkpoints are deleted once it finishes.
+    Logging every step.
     The preset's ``finetune`` block sets :class:`EMConfig` fields for every finetune; its
     ``learning_rates`` block (adapter -> rate) sets the learning rate of the adapter trained, unless
     ``learning_rate`` is passed (the toy organism's LoRA rate, for instance, without touching the
@@ -245,7 +257,7 @@ def finetune_config(out_dir: str | os.PathLike, *, seed: int = 0, preset: dict[s
     from emlab.training import EMConfig
 
     preset = preset or {}
-    kw: dict[str, Any] = {"save_strategy": "no", "logging_steps": 1, "seed": seed, "data_seed": seed,
+    kw: dict[str, Any] = {**STUDY_CHECKPOINTS, "logging_steps": 1, "seed": seed, "data_seed": seed,
                           "disable_tqdm": True}
     kw.update({k: v for k, v in preset.get("finetune", {}).items()})
     kw.update(overrides)

@@ -5,7 +5,8 @@
 >>> result = finetune(model, tok, rows, cfg)          # doctest: +SKIP
 
 Submodules: ``losses`` (pure loss terms), ``interleaving`` (benign data selection), ``adapters``
-(what is trained), ``trainer`` (``EMTrainer``), ``runner`` (``finetune``), ``grpo`` (RL variant).
+(what is trained), ``trainer`` (``EMTrainer``), ``runner`` (``finetune``), ``checkpoints`` (which
+checkpoint a killed finetune resumes from), ``grpo`` (RL variant).
 """
 
 from emlab.training.adapters import SteeringVector

@@ -118,6 +118,15 @@ class EMConfig(SFTConfig):
     logging_steps: float = field(default=1, metadata={"help": "Log every N optimiser steps."})
     save_steps: float = field(default=100, metadata={"help": "Save a resumable checkpoint every N steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    reuse_finished: bool = field(
+        default=False,
+        metadata={"help": "When output_dir holds this very finetune finished (same config, rows and base model), "
+                  "load it instead of training again; a finished finetune of other settings there is an error."},
+    )
+    keep_checkpoints: bool = field(
+        default=True,
+        metadata={"help": "Keep the checkpoint-N folders once the final model is saved (False deletes them then)."},
+    )
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Deprecated alias of activation_checkpointing."}
     )

@@ -7,7 +7,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -18,6 +22,17 @@ from emlab.data import check_rows, with_system_prompt
 from emlab.models import unwrap
 from emlab.runs import atomic_write_json
 from emlab.training.adapters import SteeringVector, applied, steering_vector
+from emlab.training.checkpoints import (
+    CheckpointError,
+    checkpoint_problem,
+    config_defaults,
+    fingerprint,
+    fingerprint_differences,
+    last_complete_checkpoint,
+    list_checkpoints,
+    saving,
+    weights_problem,
+)
 from emlab.training.config import EMConfig
 from emlab.training.interleaving import interleave
 from emlab.training.trainer import EMTrainer
@@ -25,6 +40,8 @@ from emlab.training.trainer import EMTrainer
 __all__ = ["FinetuneResult", "finetune"]
 
 Row = dict[str, Any]
+_MARKER = "emlab_finetune.json"  # written last: the finetune is finished
+_STARTED = "emlab_checkpoints.json"  # written before training: whose checkpoints these are
 _PACKAGES = ("emlab", "torch", "transformers", "peft", "trl", "accelerate", "datasets")
 
 
@@ -81,17 +98,85 @@ def _messages_only(rows: Sequence[Row] | None, what: str) -> list[Row]:
     return out
 
 
-def _resume_arg(config: EMConfig) -> str | None:
-    """``resume_from_checkpoint``: True / "true" means the latest checkpoint of output_dir, if there is one."""
+def _resume_arg(config, fp: dict[str, Any] | None = None) -> str | None:
+    """``resume_from_checkpoint``: True / "true" means the newest COMPLETE checkpoint of output_dir, if any.
+
+    Incomplete checkpoints (a kill or a full disk during a save) are skipped with a warning; with a
+    fingerprint ``fp`` the checkpoints must belong to this finetune (same config, rows, base model).
+    An explicit folder must be a complete checkpoint.
+    """
     value = config.resume_from_checkpoint
+    model_only = bool(getattr(config, "save_only_model", False))
     if value in (None, False, "", "false", "False"):
         return None
     if value in (True, "true", "True"):
-        from transformers.trainer_utils import get_last_checkpoint
-
         out = config.output_dir
-        return get_last_checkpoint(out) if out and os.path.isdir(out) else None
+        if not out or not os.path.isdir(out):
+            return None
+        found = last_complete_checkpoint(out, model_only=model_only, remove_incomplete=config.should_save)
+        if found is not None and fp is not None:
+            _check_same_finetune(config, Path(out), fp, f"checkpoint {found}")
+        if found is not None:
+            print(f"emlab: resuming {out} from {Path(found).name}", file=sys.stderr)
+        return found
+    problem = checkpoint_problem(value, model_only=model_only)
+    if problem is not None:
+        newest = last_complete_checkpoint(Path(value).parent, model_only=model_only, quiet=True)
+        raise CheckpointError(f"resume_from_checkpoint={value!r} is not a complete checkpoint: {problem}"
+                              + (f"; the newest complete one there is {newest}" if newest else ""))
     return str(value)
+
+
+def _last_step_state(checkpoint: str | None):
+    """The TrainerState of ``checkpoint`` when it was saved at the finetune's last step, else None."""
+    if checkpoint is None:
+        return None
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    return state if state.max_steps and state.global_step >= state.max_steps else None
+
+
+def _check_same_finetune(config, out: Path, fp: dict[str, Any], what: str) -> None:
+    """Raise when ``out``'s recorded fingerprint (checkpoints or finished model) is another finetune's."""
+    path = out / _STARTED
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))["fingerprint"]
+    except FileNotFoundError:
+        warnings.warn(f"{out}: no {_STARTED} beside the checkpoints (written by an older emlab?): resuming from "
+                      f"{what} without checking that it belongs to this finetune", stacklevel=3)
+        return
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); delete the checkpoints in {out} or resume from an "
+                              "explicit resume_from_checkpoint folder") from e
+    if diff := fingerprint_differences(old, fp, defaults=config_defaults(config)):
+        raise CheckpointError(f"{what} in {out} was written by another finetune (differs in: {', '.join(diff)}): "
+                              "use another output_dir, delete the checkpoint folders there, or pass an explicit "
+                              "resume_from_checkpoint folder")
+
+
+def _finished(config, out: Path, fp: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of this very finetune finished in ``out`` with its weights, else None (train it)."""
+    marker = out / _MARKER
+    if not marker.is_file():
+        return None
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except ValueError as e:
+        warnings.warn(f"{marker}: unreadable ({e}): training the finetune again", stacklevel=3)
+        return None
+    if "fingerprint" not in record:
+        warnings.warn(f"{marker} has no fingerprint (written by an older emlab): training the finetune again",
+                      stacklevel=3)
+        return None
+    if diff := fingerprint_differences(record["fingerprint"], fp, defaults=config_defaults(config)):
+        raise CheckpointError(f"{out} holds a finished finetune of other settings (differs in: {', '.join(diff)}): "
+                              "use another output_dir, or delete that folder to train this one there")
+    if (problem := weights_problem(out)) is not None:
+        warnings.warn(f"{out}: the finished finetune's weights are not usable ({problem}): training it again",
+                      stacklevel=3)
+        return None
+    return record
 
 
 def _versions() -> dict[str, str | None]:
@@ -112,9 +197,13 @@ def finetune(model, tokenizer, train_rows: Sequence[Row], config: EMConfig, *, e
     Order: inoculation prompt on ``train_rows`` -> benign rows interleaved (``benign_rows``, chosen
     as ``config.interleave_selection`` says) -> :class:`EMTrainer` (adapter, KL on the batch or on
     ``kl_rows``, LDIFS, preventive steering) -> final adapter saved in ``config.output_dir`` with
-    ``emlab_finetune.json`` (config, versions, row counts) and ``log_history.json``. With
-    ``resume_from_checkpoint=True`` a killed run continues from its latest checkpoint (or starts
-    when there is none). ``model`` is modified in place (the adapter is injected into it).
+    ``log_history.json`` and, last, ``emlab_finetune.json`` (config, versions, row counts,
+    fingerprint). With ``resume_from_checkpoint=True`` a killed run continues from its newest
+    complete checkpoint (incomplete ones are skipped with a warning; checkpoints of another
+    finetune are an error), or starts when there is none. With ``reuse_finished=True`` a finetune
+    that already finished in ``output_dir`` (same config, rows and base model) is loaded instead of
+    trained. A failed save (full disk) raises :class:`~emlab.training.checkpoints.CheckpointError`.
+    ``model`` is modified in place (the adapter is injected into it).
 
     >>> result = finetune(model, tok, rows, EMConfig(output_dir="runs/x", interleave_share=0.05),
     ...                   benign_rows=benign)                                  # doctest: +SKIP
@@ -126,32 +215,86 @@ def finetune(model, tokenizer, train_rows: Sequence[Row], config: EMConfig, *, e
     rows = _messages_only(train_rows, "train")
     if not rows:
         raise ValueError("train_rows is empty")
+    given = {"train": rows, "benign": _messages_only(benign_rows, "benign"), "kl": _messages_only(kl_rows, "kl"),
+             "eval": _messages_only(eval_rows, "eval")}
+    out = Path(config.output_dir)
+    fp = fingerprint(model, config, given)  # before the adapter is injected into the model
     if config.inoculation_prompt is not None:
         rows = with_system_prompt(rows, config.inoculation_prompt)
     n_target = len(rows)
+    eval_ds = Dataset.from_list(given["eval"]) if eval_rows else None
+    kl_ds = Dataset.from_list(given["kl"]) if kl_rows else None
+    if config.reuse_finished and (record := _finished(config, out, fp)) is not None:
+        return _load_finished(model, tokenizer, rows, config, record, kl_ds, callbacks)
     if config.interleave_share > 0:
         if not benign_rows:
             raise ValueError(f"interleave_share={config.interleave_share} needs benign_rows")
-        rows = interleave(model, tokenizer, rows, _messages_only(benign_rows, "benign"), config)
+        rows = interleave(model, tokenizer, rows, given["benign"], config)
     elif benign_rows:
         raise ValueError("benign_rows were given but interleave_share is 0: set the share or drop the rows.")
-    eval_ds = Dataset.from_list(_messages_only(eval_rows, "eval")) if eval_rows else None
-    kl_ds = Dataset.from_list(_messages_only(kl_rows, "kl")) if kl_rows else None
     trainer = EMTrainer(model, args=config, train_dataset=Dataset.from_list(rows), eval_dataset=eval_ds,
                         processing_class=tokenizer, kl_dataset=kl_ds, callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=_resume_arg(config))
+    resume = _resume_arg(config, fp)
+    if trainer.args.should_save:
+        (out / _MARKER).unlink(missing_ok=True)  # a record of an earlier finetune here is about to be replaced
+        if resume is None and (stale := list_checkpoints(out)):
+            warnings.warn(f"{out}: removing {len(stale)} checkpoint folder(s) of an earlier finetune "
+                          f"({', '.join(p.name for p in stale)}): this one starts from step 0", stacklevel=2)
+            for folder in stale:
+                shutil.rmtree(folder, ignore_errors=True)
+        with saving(out, "finetune record"):
+            atomic_write_json(out / _STARTED, {"fingerprint": fp})
+    if (last := _last_step_state(resume)) is not None:
+        # transformers resumed from a checkpoint of the last step trains one step too many: load it instead
+        trainer._load_from_checkpoint(resume)
+        trainer.state = last
+    else:
+        trainer.train(resume_from_checkpoint=resume)
     if eval_ds is not None and config.eval_strategy == "no":
         trainer.evaluate()
-    out = Path(config.output_dir)
-    trainer.save_model(str(out))
     counts = {"target": n_target, "benign": len(rows) - n_target, "total": len(rows),
               "eval": len(eval_rows or []), "kl": len(kl_rows or [])}
-    if trainer.args.should_save:
-        atomic_write_json(out / "emlab_finetune.json",
-                          {"config": config.to_dict(), "seed": config.seed, "rows": counts, "versions": _versions()})
-        atomic_write_json(out / "log_history.json", trainer.state.log_history)
-    trained = trainer.model
+    with saving(out, "final model"):
+        trainer.save_model(str(out))
+        if trainer.args.should_save:
+            atomic_write_json(out / "log_history.json", trainer.state.log_history)
+            record = {"config": config.to_dict(), "seed": config.seed, "rows": counts, "versions": _versions(),
+                      "fingerprint": fp}
+            atomic_write_json(out / _MARKER, record)  # last: the finetune is finished
+    if trainer.args.should_save and not config.keep_checkpoints:
+        for folder in list_checkpoints(out):
+            shutil.rmtree(folder, ignore_errors=True)
+    return _result(trainer.model, tokenizer, list(trainer.state.log_history), out, config, counts)
+
+
+def _result(trained, tokenizer, log_history: list[dict], out: Path, config: EMConfig,
+            counts: dict[str, int]) -> FinetuneResult:
     unwrap(trained).__dict__.pop("forward", None)  # drop trl's fused-LM-head patch: the model is plain again
     trained.eval()
-    return FinetuneResult(model=trained, tokenizer=tokenizer, log_history=list(trainer.state.log_history),
-                          output_dir=out, config=config, rows=counts)
+    return FinetuneResult(model=trained, tokenizer=tokenizer, log_history=log_history, output_dir=out,
+                          config=config, rows=counts)
+
+
+def _load_finished(model, tokenizer, rows: list[Row], config: EMConfig, record: dict[str, Any], kl_ds,
+                   callbacks) -> FinetuneResult:
+    """Set ``model`` up as training would and load the finished finetune's weights into it (no training)."""
+    from datasets import Dataset
+
+    out = Path(config.output_dir)
+    trainer = EMTrainer(model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                        kl_dataset=kl_ds, callbacks=callbacks)
+    peft_model = trainer.model
+    if hasattr(peft_model, "peft_config") and hasattr(peft_model, "load_adapter"):
+        # straight from the folder: the Trainer's loader would also load every checkpoint-N as an extra adapter
+        peft_model.load_adapter(str(out), peft_model.active_adapters[0], is_trainable=True)
+    else:
+        trainer._load_from_checkpoint(str(out))
+    try:
+        log_history = json.loads((out / "log_history.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        warnings.warn(f"{out}/log_history.json: unreadable ({e}); the loaded finetune has no log history",
+                      stacklevel=3)
+        log_history = []
+    print(f"emlab: loaded the finished finetune in {out} (same config, rows and base model; not retrained)",
+          file=sys.stderr)
+    return _result(trainer.model, tokenizer, log_history, out, config, dict(record.get("rows", {})))

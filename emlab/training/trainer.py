@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -28,6 +29,7 @@ from trl import SFTTrainer
 
 from emlab.models import get_layers, unwrap
 from emlab.training.adapters import load_vectors, prepare_model, steering_vector
+from emlab.training.checkpoints import saving
 from emlab.training.config import EMConfig
 from emlab.training.losses import IGNORE_INDEX, head_terms, ldifs_loss, next_token_mask
 
@@ -303,6 +305,12 @@ class EMTrainer(SFTTrainer):
             with torch.no_grad():
                 return loss, model(**{k: v for k, v in inputs.items() if k != "labels"})
         return loss
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # a failed save (full disk, file-size limit) gets a clear error; the previous checkpoint stays usable
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        with saving(folder, model_only=self.args.save_only_model):
+            super()._save_checkpoint(model, trial)
 
     # ---- saving a learned steering vector (the base model is frozen: save only the vector) ----
 
