@@ -21,13 +21,16 @@ def test_metrics_are_grouped_and_complete(smoke_run):
     out, metrics = smoke_run
     assert json.loads((out / "metrics.json").read_text()) == metrics
     prefixes = {k.split("/", 1)[0] for k in metrics}
-    assert prefixes <= {"baseline", "caft", "steering", "monitor", "directions"}
+    assert prefixes <= {"baseline", "caft", "steering", "monitor", "directions", "sae"}
     for variant in ("misalignment", "pca"):
         assert f"caft/{variant}/general_em" in metrics and f"caft/{variant}/indomain_em" in metrics
     for schedule in ("constant", "linear", "cosine"):
         assert f"steering/{schedule}/general_em" in metrics
     assert 0 < metrics["caft/pca/explained"] <= 1.0
     assert metrics["monitor/runs"] >= 6
+    assert 0 < metrics["sae/fve"] <= 1 and 0 < metrics["sae/l0"] <= 4
+    assert "sae/top1/cosine_misalignment" in metrics and "sae/steer_chat/general_em" in metrics
+    assert "sae/ablate_sft/general_em" in metrics
     assert 0 < metrics["monitor/share_of_finetune_time"] < 100
 
 

@@ -13,6 +13,11 @@ a :class:`~emlab.training.monitor.TraitMonitor` and evaluated (general and in-do
   SFT's general EM removed, ``indomain_kept`` = the share of SFT's in-domain EM kept);
 - ``steering/``: preventive steering with the persona vector (the misalignment direction when
   there is none) under the constant, linear and cosine schedules;
+- ``sae/``: a TopK sparse autoencoder (SAELens) trained on the chat model's block ``layer`` (its
+  held-out fraction of variance explained and L0), its latents ranked by how much more the SFT
+  finetune activates them on neutral prompts, the top latents' cosines with the misalignment and
+  persona directions, and the general EM of the chat model steered with the top latent and of the
+  SFT finetune with it ablated;
 - ``monitor/``: across all those finetunes, how well the projection shift at 10%, 25% and 50% of
   training predicts the final general EM (Spearman, AUROC for EM above ``em_threshold``, bootstrap
   95% intervals), and the monitor's own share of the finetunes' wall time.
@@ -98,6 +103,8 @@ def beyond_study(
     steering_alpha: float = 5.0,
     monitor_every: int | None = None,
     em_threshold: float = 10.0,
+    sae: bool = True,
+    sae_steer_scale: float = 0.5,
     judge: Any = None,
     files: dict[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -135,6 +142,7 @@ def beyond_study(
     config = {"model": ctx.model_name, "domain": domain, "contrast_domain": contrast, "seed": seed, "smoke": smoke,
               "rows": n_rows, "layer": layer, "learning_rate": learning_rate, "caft_k": caft_k,
               "steering_alpha": steering_alpha, "monitor_every": every, "em_threshold": em_threshold,
+              "sae": sae, "sae_steer_scale": sae_steer_scale,
               "eval": settings, "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
     run = start_run(out, config, seed=seed, overwrite=True)
     data = ctx.domain_data(domain, rows=n_rows)
@@ -202,6 +210,11 @@ def beyond_study(
     metrics.update({f"baseline/sft/{k}": v for k, v in cell.items()})
     final_em["sft"] = cell["general_em"]
 
+    if sae:
+        with sft.active():
+            metrics.update(_sae_part(ctx, run, data, sft.model, directions, layer, evaluate, seed=seed,
+                                     scale=sae_steer_scale, smoke=smoke))
+
     pcs = pca_directions(ctx.model, sft.model, ctx.tokenizer, data.misaligned[: min(len(data.misaligned), 256)],
                          [layer], k=caft_k)
     metrics["caft/pca/explained"] = sum(p.meta["explained"][layer] for p in pcs)
@@ -259,6 +272,49 @@ def beyond_study(
           "trait_trajectories")
     _save(run, _bars(metrics, final_em), "em_by_method")
     return dict(run.metrics)
+
+
+def _sae_part(ctx: StudyContext, run, data, finetuned, directions: Mapping[str, Any], layer: int, evaluate, *,
+              seed: int, scale: float, smoke: bool) -> dict[str, Any]:
+    """Train an SAE on the chat model's block ``layer``, diff its latents against ``finetuned``, steer / ablate the top one."""
+    from emlab.hooks import ablate, steer
+    from emlab.sae import collect_activations, latent_diff, latent_direction, sae_quality, train_sae
+
+    n = 32 if smoke else 400
+    items = data.misaligned[:n] + data.aligned[:n] + data.benign[:n]
+    acts = collect_activations(ctx.model, ctx.tokenizer, items, layer)
+    g = _perm(acts.shape[0], seed)
+    acts = acts[g]
+    cut = int(0.9 * acts.shape[0])
+    d = acts.shape[1]
+    start = time.perf_counter()
+    sae = train_sae(acts[:cut], d_sae=4 * d, k=4 if smoke else 16, epochs=30 if smoke else 10,
+                    lr=3e-3 if smoke else 1e-3, batch_size=min(256, cut), seed=seed)
+    out: dict[str, Any] = {"sae/train_seconds": time.perf_counter() - start, "sae/tokens": cut, "sae/d_sae": 4 * d}
+    out.update({f"sae/{k}": v for k, v in sae_quality(sae, acts[cut:]).items() if k != "n"})
+    sae.save_inference_model(run.path("sae/weights"))
+    ranked = latent_diff(sae, ctx.model, finetuned, ctx.tokenizer, _neutral_prompts(ctx), layer, top=5)
+    for rank, r in enumerate(ranked, 1):
+        v = latent_direction(sae, r["latent"], layer)
+        out[f"sae/top{rank}/latent"] = r["latent"]
+        out[f"sae/top{rank}/diff"] = r["diff"]
+        for name, direction in directions.items():
+            out[f"sae/top{rank}/cosine_{name}"] = v.cosine(direction)[layer]
+    top = latent_direction(sae, ranked[0]["latent"], layer).unit()
+    norm = float(acts.norm(dim=1).mean())
+    out["sae/steer_norm"] = scale * norm
+    with steer(ctx.model, top * (scale * norm)):
+        out.update({f"sae/steer_chat/{k}": v for k, v in evaluate(ctx.model, "sae_steer_chat").items()})
+    with ablate(finetuned, top):
+        out.update({f"sae/ablate_sft/{k}": v for k, v in evaluate(finetuned, "sae_ablate_sft").items()})
+    return out
+
+
+def _perm(n: int, seed: int):
+    """A seeded permutation of ``range(n)`` (the SAE's train / held-out split)."""
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 def _save(run, fig, name: str) -> None:
