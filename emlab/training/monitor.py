@@ -233,8 +233,8 @@ def read_trajectories(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
 def value_at(steps: Sequence[int], values: Sequence[float], fraction: float, total_steps: int) -> float:
     """The trajectory's value at ``fraction`` of ``total_steps``, linearly interpolated between measurements.
 
-    >>> value_at([0, 10, 20], [0.0, 1.0, 3.0], 0.25, 20)
-    1.5
+    >>> value_at([0, 10, 20], [0.0, 1.0, 3.0], 0.75, 20)
+    2.0
     """
     if not steps:
         raise ValueError("empty trajectory")
