@@ -73,6 +73,8 @@ class CAFT(TrainerCallback):
     their whole span is removed. The hooks are installed on ``on_step_begin`` and removed on
     ``on_optimizer_step``; a step that raises leaves them until :meth:`close` or ``on_train_end``
     (:func:`emlab.training.finetune` users: call ``close()`` in ``finally`` or use ``with caft:``).
+    With ``adapter="steering_vector"`` the learned vector is added after the ablation at its own
+    block, so CAFT does not stop it from writing along an ablated direction at that block.
 
     >>> caft = CAFT(pca_directions(chat, finetuned, tok, rows, layers=[2], k=3))   # doctest: +SKIP
     >>> trainer = EMTrainer(model, args=cfg, train_dataset=ds, callbacks=[caft])    # doctest: +SKIP
