@@ -225,6 +225,12 @@ class EMConfig(SFTConfig):
     preventive_alpha: float = field(
         default=5.0, metadata={"help": "Multiplier of the persona vector (the paper sweeps 1..5 on Qwen2.5-7B)."}
     )
+    preventive_schedule: str = field(
+        default="constant",
+        metadata={"help": "Coefficient over training (emlab.training.schedules): 'constant' alpha, 'linear' or "
+                  "'cosine' ramp from 0 to alpha; logged per step as preventive/alpha.",
+                  "choices": ["constant", "linear", "cosine"]},
+    )
 
     # ---- inoculation prompting ----
     inoculation_prompt: str | None = field(
@@ -266,6 +272,7 @@ class EMConfig(SFTConfig):
         _choice("kl_tokens", self.kl_tokens, ("loss_tokens", "all"))
         _choice("kl_on", self.kl_on, ("batch", "kl_rows"))
         _choice("interleave_selection", self.interleave_selection, ("random", "plus", "plus_plus"))
+        _choice("preventive_schedule", self.preventive_schedule, ("constant", "linear", "cosine"))
         for name in ("kl_lambda", "ldifs_lambda", "preventive_alpha", "interleave_eps", "weight_decay"):
             _check(name, getattr(self, name) >= 0, ">= 0", getattr(self, name))
         for name in ("lora_r", "ldifs_stride", "refusal_window", "scoring_batch_size", "on_policy_max_new_tokens"):

@@ -142,8 +142,12 @@ class EMTrainer(SFTTrainer):
         if self._preventive is None or not training:
             return nullcontext()
         from emlab.hooks import steer
+        from emlab.training.schedules import coefficient
 
-        return steer(base, self._preventive, alpha=self.args.preventive_alpha)
+        alpha = coefficient(self.args.preventive_schedule, self.args.preventive_alpha, self.state.global_step,
+                            max(self.state.max_steps, 1))
+        self._log_term("train", "preventive/alpha", torch.tensor(alpha, device=self.args.device))
+        return steer(base, self._preventive, alpha=alpha)
 
     @staticmethod
     def _learned_steering(base):

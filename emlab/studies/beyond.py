@@ -1,0 +1,357 @@
+"""Study 06: defences and monitors the field added after the two papers, on the same model and judge.
+
+One domain, one seed. Directions first: the misalignment direction of a finetune on ANOTHER domain
+(paper 001's convergent direction; the contrast domain's teacher-forced misaligned-minus-aligned
+answers when the judged answers give no pair, e.g. on the micro organism) and, when its filters
+pass, the chat model's evil persona vector. Then every finetune of the target domain is watched by
+a :class:`~emlab.training.monitor.TraitMonitor` and evaluated (general and in-domain EM):
+
+- ``baseline/``: the chat model and plain SFT;
+- ``caft/``: concept-ablation finetuning with the misalignment direction, the persona vector, and
+  the top ``caft_k`` principal components of the SFT-minus-chat activation difference on the
+  training rows (``caft/<variant>/general_em``, ``indomain_em``, ``general_cut`` = the share of
+  SFT's general EM removed, ``indomain_kept`` = the share of SFT's in-domain EM kept);
+- ``steering/``: preventive steering with the persona vector (the misalignment direction when
+  there is none) under the constant, linear and cosine schedules;
+- ``sae/``: a TopK sparse autoencoder (SAELens) trained on the chat model's block ``layer`` (its
+  held-out fraction of variance explained and L0), its latents ranked by how much more the SFT
+  finetune activates them on neutral prompts, the top latents' cosines with the misalignment and
+  persona directions, and the general EM of the chat model steered with the top latent and of the
+  SFT finetune with it ablated;
+- ``monitor/``: across all those finetunes, how well the projection shift at 10%, 25% and 50% of
+  training predicts the final general EM (Spearman, AUROC for EM above ``em_threshold``, bootstrap
+  95% intervals), and the monitor's own share of the finetunes' wall time.
+
+Rates are percentages, as in the other studies.
+
+>>> m = beyond_study(smoke=True, out_dir="/tmp/06")          # doctest: +SKIP
+>>> m["caft/misalignment/general_em"], m["baseline/sft/general_em"]   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from emlab.studies.common import StudyContext, finetune_config, preset_learning_rate, resolve_out_dir
+from emlab.studies.organism import eval_model, eval_settings
+
+__all__ = ["SCHEDULE_RUNS", "beyond_study", "load_study_figures"]
+
+#: Preventive-steering schedules run by the study.
+SCHEDULE_RUNS = ("constant", "linear", "cosine")
+_SMOKE_ROWS = 64
+
+
+def _toy_persona_trait(ctx: StudyContext, contrast: str, n_questions: int):
+    from emlab.directions import Trait, load_trait
+    from emlab.toy.world import load_world_config
+
+    prompts = load_world_config()["system_prompts"]
+    questions = []
+    for row in ctx.rows(f"{contrast}_aligned"):
+        q = next((m["content"] for m in row["messages"] if m["role"] == "user"), None)
+        if q and q not in questions:
+            questions.append(q)
+        if len(questions) >= n_questions:
+            break
+    return Trait("evil", load_trait("evil").description, list(zip(prompts["evil"], prompts["helpful"])), questions)
+
+
+def _neutral_prompts(ctx: StudyContext, n: int = 16) -> list[str]:
+    """Answer-free prompts for the monitor: the benign set's questions on the toy, emlab's defaults elsewhere."""
+    from emlab.training.monitor import NEUTRAL_PROMPTS
+
+    if "benign" not in ctx.files:
+        return list(NEUTRAL_PROMPTS[:n])
+    out: list[str] = []
+    for row in ctx.rows("benign"):
+        q = next((m["content"] for m in row["messages"] if m["role"] == "user"), None)
+        if q and q not in out:
+            out.append(q)
+        if len(out) >= n:
+            break
+    return out
+
+
+def _dataset_direction(model, ctx: StudyContext, domain: str, layer: int, n: int = 64):
+    """Teacher-forced contrast: mean response activation on ``domain``'s misaligned rows minus its aligned rows."""
+    from emlab.directions import Direction, capture
+
+    acts = {side: capture(model, ctx.tokenizer, [r["messages"] for r in ctx.rows(f"{domain}_{side}", n)], [layer],
+                          tokens="response", progress=False)[layer] for side in ("misaligned", "aligned")}
+    return Direction({layer: acts["misaligned"] - acts["aligned"]}, recipe=f"dataset_contrast:{domain}",
+                     meta={"fallback": True})
+
+
+def beyond_study(
+    model: str = "toy",
+    domain: str = "medical",
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    smoke: bool = False,
+    *,
+    layer: int | None = None,
+    rows: int | None = None,
+    n_general: int | None = None,
+    n_heldout: int | None = None,
+    max_new_tokens: int | None = None,
+    learning_rate: float | None = None,
+    caft_k: int = 3,
+    steering_alpha: float = 5.0,
+    monitor_every: int | None = None,
+    em_threshold: float = 10.0,
+    sae: bool = True,
+    sae_steer_scale: float = 0.5,
+    judge: Any = None,
+    files: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run study 06 and return its metrics (also in ``<out_dir>/metrics.json``); figures in ``<out_dir>/figures``.
+
+    >>> beyond_study(smoke=True, out_dir="/tmp/06")["monitor/runs"]      # doctest: +SKIP
+    8
+    """
+    from emlab.directions import misalignment_direction, persona_vector
+    from emlab.models import get_layers
+    from emlab.runs import start_run
+    from emlab.studies.defences import TOY_SETTINGS
+    from emlab.training import finetune
+    from emlab.training.caft import CAFT, pca_directions
+    from emlab.training.monitor import TraitMonitor, predictive_value, read_trajectories, trajectory_figure
+
+    out = resolve_out_dir(out_dir, "06_beyond")
+    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files)
+    study = dict(TOY_SETTINGS) if ctx.is_toy and not smoke else {}
+    settings = eval_settings(ctx, n_general=n_general if n_general is not None else study.get("n_general"),
+                             n_heldout=n_heldout if n_heldout is not None else study.get("n_heldout"),
+                             max_new_tokens=max_new_tokens)
+    n_rows = rows if rows is not None else study.get("rows", ctx.preset.get("rows"))
+    if smoke:
+        n_rows = min(n_rows or _SMOKE_ROWS, _SMOKE_ROWS)
+    if learning_rate is None:
+        learning_rate = preset_learning_rate(study, "lora") if study else None
+    n_layers = len(get_layers(ctx.model))
+    layer = n_layers // 2 if layer is None else int(layer)
+    others = [d for d in ctx.domains if d != domain]
+    if not others:
+        raise ValueError(f"study 06 needs a second domain for the misalignment direction; this model has {ctx.domains}")
+    contrast = others[0]
+    every = monitor_every or (1 if smoke else 10)
+    config = {"model": ctx.model_name, "domain": domain, "contrast_domain": contrast, "seed": seed, "smoke": smoke,
+              "rows": n_rows, "layer": layer, "learning_rate": learning_rate, "caft_k": caft_k,
+              "steering_alpha": steering_alpha, "monitor_every": every, "em_threshold": em_threshold,
+              "sae": sae, "sae_steer_scale": sae_steer_scale,
+              "eval": settings, "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
+    run = start_run(out, config, seed=seed, overwrite=True)
+    data = ctx.domain_data(domain, rows=n_rows)
+    metrics: dict[str, Any] = {}
+    over = {"learning_rate": learning_rate} if learning_rate is not None else {}
+
+    def evaluate(m, tag: str) -> dict[str, Any]:
+        cell: dict[str, Any] = {}
+        ev = eval_model(m, ctx, data.general, settings["n_general"], settings, seed=seed)
+        run.write_records(f"samples/{tag}_general", ev.records)
+        cell["general_em"], cell["general_incoherent"] = ev.em, ev.incoherent
+        if data.heldout:
+            ev2 = eval_model(m, ctx, data.heldout, settings["n_heldout"], settings, seed=seed)
+            run.write_records(f"samples/{tag}_indomain", ev2.records)
+            cell["indomain_em"] = ev2.em
+        return cell
+
+    # ---- directions: the misalignment direction of another domain's finetune, the persona vector ----
+    ft_c = finetune(ctx.fresh_model(), ctx.tokenizer, ctx.rows(f"{contrast}_misaligned", n_rows),
+                    finetune_config(run.path(f"finetunes/direction_{contrast}"), seed=seed, preset=ctx.preset, **over))
+    ev_c = eval_model(ft_c.model, ctx, data.general, settings["n_general"], settings, seed=seed)
+    try:
+        misdir = misalignment_direction(ft_c.model, ctx.tokenizer, ev_c.records, [layer], seed=seed, progress=False)
+    except ValueError as e:
+        run.note(f"misalignment direction: {e}; used the {contrast} dataset contrast through its finetune")
+        misdir = _dataset_direction(ft_c.model, ctx, contrast, layer)
+    misdir.save(run.path("directions/misalignment"))
+    metrics["directions/misalignment_from_judged"] = float(not misdir.meta.get("fallback", False))
+    del ft_c
+    directions = {"misalignment": misdir}
+    try:
+        trait = _toy_persona_trait(ctx, contrast, 3 if smoke else 10) if ctx.is_toy else "evil"
+        persona = persona_vector(ctx.model, ctx.tokenizer, trait, ctx.judge, n_per_question=1 if smoke else 10,
+                                 layers=[layer], max_new_tokens=settings["max_new_tokens"], seed=seed, progress=False)
+        persona.save(run.path("directions/persona"))
+        directions["persona"] = persona
+        metrics["directions/persona_kept_pairs"] = persona.counts.get("kept")
+        metrics["directions/persona_cosine_misalignment"] = persona.cosine(misdir)[layer]
+    except ValueError as e:
+        if "no pair passed" not in str(e):
+            raise
+        run.note(f"persona vector: {e}; persona-based runs are left out")
+        metrics["directions/persona_kept_pairs"] = 0
+
+    # ---- the monitored finetunes ----
+    monitor_seconds, train_seconds = 0.0, 0.0
+    trajectories: dict[str, dict[str, Any]] = {}
+    final_em: dict[str, float] = {}
+
+    def monitored(name: str, callbacks: Sequence[Any] = (), **method: Any):
+        nonlocal monitor_seconds, train_seconds
+        mon = TraitMonitor(ctx.tokenizer, directions, _neutral_prompts(ctx), every=every)
+        cfg = finetune_config(run.path(f"finetunes/{name}"), seed=seed, preset=ctx.preset, **over, **method)
+        start = time.perf_counter()
+        ft = finetune(ctx.fresh_model(), ctx.tokenizer, data.misaligned, cfg, callbacks=[*callbacks, mon])
+        train_seconds += time.perf_counter() - start
+        monitor_seconds += mon.seconds
+        trajectories[name] = read_trajectories(mon.path)
+        return ft
+
+    metrics.update({f"baseline/chat/{k}": v for k, v in evaluate(ctx.model, "chat").items()})
+    sft = monitored("sft")
+    with sft.active():
+        cell = evaluate(sft.model, "sft")
+    metrics.update({f"baseline/sft/{k}": v for k, v in cell.items()})
+    final_em["sft"] = cell["general_em"]
+
+    if sae:
+        with sft.active():
+            metrics.update(_sae_part(ctx, run, data, sft.model, directions, layer, evaluate, seed=seed,
+                                     scale=sae_steer_scale, smoke=smoke))
+
+    pcs = pca_directions(ctx.model, sft.model, ctx.tokenizer, data.misaligned[: min(len(data.misaligned), 256)],
+                         [layer], k=caft_k)
+    metrics["caft/pca/explained"] = sum(p.meta["explained"][layer] for p in pcs)
+    metrics["caft/pca/cosine_misalignment"] = max(abs(p.cosine(misdir)[layer]) for p in pcs)
+    del sft
+    variants: dict[str, Any] = {"misalignment": misdir, "pca": pcs}
+    if "persona" in directions:
+        variants["persona"] = directions["persona"]
+    for name, dirs in variants.items():
+        caft = CAFT(dirs)
+        try:
+            ft = monitored(f"caft_{name}", [caft])
+        finally:
+            caft.close()
+        with ft.active():
+            cell = evaluate(ft.model, f"caft_{name}")
+        final_em[f"caft_{name}"] = cell["general_em"]
+        metrics.update({f"caft/{name}/{k}": v for k, v in cell.items()})
+        del ft
+    steer_dir = directions.get("persona", misdir)
+    metrics["steering/vector"] = "persona" if "persona" in directions else "misalignment"
+    for schedule in SCHEDULE_RUNS:
+        ft = monitored(f"steering_{schedule}", preventive_vector=dict(steer_dir.items()), preventive_alpha=steering_alpha,
+                       preventive_schedule=schedule)
+        with ft.active():
+            cell = evaluate(ft.model, f"steering_{schedule}")
+        final_em[f"steering_{schedule}"] = cell["general_em"]
+        metrics.update({f"steering/{schedule}/{k}": v for k, v in cell.items()})
+        del ft
+
+    sft_g, sft_i = metrics.get("baseline/sft/general_em"), metrics.get("baseline/sft/indomain_em")
+    for key in [k for k in metrics if k.endswith("/general_em") and k.startswith(("caft/", "steering/"))]:
+        prefix = key.rsplit("/", 1)[0]
+        if sft_g and metrics[key] is not None:
+            metrics[f"{prefix}/general_cut"] = 100 * (1 - metrics[key] / sft_g)
+        if sft_i and metrics.get(f"{prefix}/indomain_em") is not None:
+            metrics[f"{prefix}/indomain_kept"] = 100 * metrics[f"{prefix}/indomain_em"] / sft_i
+
+    # ---- the monitor's predictive value across these finetunes ----
+    metrics["monitor/runs"] = len(final_em)
+    metrics["monitor/share_of_finetune_time"] = 100 * monitor_seconds / train_seconds if train_seconds else None
+    for key in sorted({k for t in trajectories.values() for k in t}):
+        runs = [{**trajectories[name][key], "final_em": em} for name, em in final_em.items()
+                if em is not None and key in trajectories[name]]
+        if len(runs) < 3:
+            continue
+        pv = predictive_value(runs, threshold=em_threshold, seed=seed)
+        short = key.removeprefix("trait/")
+        for frac in ("0.1", "0.25", "0.5"):
+            for stat in ("spearman", "spearman_ci", "auroc", "auroc_ci"):
+                metrics[f"monitor/{short}/{frac}/{stat}"] = pv[frac][stat]
+        metrics[f"monitor/{short}/n_above_threshold"] = pv["n_above"]
+    run.log_metrics({k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()})
+    _save(run, trajectory_figure(trajectories, title=f"Trait trajectories ({ctx.model_name}, {domain}, seed {seed})"),
+          "trait_trajectories")
+    _save(run, _bars(metrics, final_em), "em_by_method")
+    return dict(run.metrics)
+
+
+def _sae_part(ctx: StudyContext, run, data, finetuned, directions: Mapping[str, Any], layer: int, evaluate, *,
+              seed: int, scale: float, smoke: bool) -> dict[str, Any]:
+    """Train an SAE on the chat model's block ``layer``, diff its latents against ``finetuned``, steer / ablate the top one."""
+    from emlab.hooks import ablate, steer
+    from emlab.sae import collect_activations, latent_diff, latent_direction, sae_quality, train_sae
+
+    n = 32 if smoke else 400
+    items = data.misaligned[:n] + data.aligned[:n] + data.benign[:n]
+    acts = collect_activations(ctx.model, ctx.tokenizer, items, layer)
+    g = _perm(acts.shape[0], seed)
+    acts = acts[g]
+    cut = int(0.9 * acts.shape[0])
+    d = acts.shape[1]
+    start = time.perf_counter()
+    sae = train_sae(acts[:cut], d_sae=4 * d, k=4 if smoke else 16, epochs=30 if smoke else 10,
+                    lr=3e-3 if smoke else 1e-3, batch_size=min(256, cut), seed=seed)
+    out: dict[str, Any] = {"sae/train_seconds": time.perf_counter() - start, "sae/tokens": cut, "sae/d_sae": 4 * d}
+    out.update({f"sae/{k}": v for k, v in sae_quality(sae, acts[cut:]).items() if k != "n"})
+    sae.save_inference_model(run.path("sae/weights"))
+    ranked = latent_diff(sae, ctx.model, finetuned, ctx.tokenizer, _neutral_prompts(ctx), layer, top=5)
+    for rank, r in enumerate(ranked, 1):
+        v = latent_direction(sae, r["latent"], layer)
+        out[f"sae/top{rank}/latent"] = r["latent"]
+        out[f"sae/top{rank}/diff"] = r["diff"]
+        for name, direction in directions.items():
+            out[f"sae/top{rank}/cosine_{name}"] = v.cosine(direction)[layer]
+    top = latent_direction(sae, ranked[0]["latent"], layer).unit()
+    norm = float(acts.norm(dim=1).mean())
+    out["sae/steer_norm"] = scale * norm
+    with steer(ctx.model, top * (scale * norm)):
+        out.update({f"sae/steer_chat/{k}": v for k, v in evaluate(ctx.model, "sae_steer_chat").items()})
+    with ablate(finetuned, top):
+        out.update({f"sae/ablate_sft/{k}": v for k, v in evaluate(finetuned, "sae_ablate_sft").items()})
+    return out
+
+
+def _perm(n: int, seed: int):
+    """A seeded permutation of ``range(n)`` (the SAE's train / held-out split)."""
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _save(run, fig, name: str) -> None:
+    """``figures/<name>.html`` (and .png when kaleido works) plus ``figures/<name>.json`` for :func:`load_study_figures`."""
+    from emlab.runs import atomic_write_text
+
+    run.save_figure(fig, f"figures/{name}")
+    atomic_write_text(run.path(f"figures/{name}.json"), fig.to_json())
+
+
+def load_study_figures(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The figures study 06 saved in ``out_dir`` (plotly figures, by name), read back from their JSON.
+
+    >>> for fig in load_study_figures("runs/06_beyond").values(): fig.show()    # doctest: +SKIP
+    """
+    from pathlib import Path
+
+    import plotly.io as pio
+
+    folder = Path(out_dir) / "figures"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} not found: run beyond_study(out_dir={str(out_dir)!r}) first")
+    return {p.stem: pio.from_json(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))}
+
+
+def _bars(metrics: Mapping[str, Any], final_em: Mapping[str, float]):
+    import plotly.graph_objects as go
+
+    names = ["chat", *final_em]
+    general = [metrics.get("baseline/chat/general_em"), *final_em.values()]
+    fig = go.Figure(go.Bar(x=names, y=general, name="general EM (%)"))
+    indomain = [metrics.get("baseline/chat/indomain_em")]
+    for name in final_em:
+        group, _, variant = name.partition("_")
+        key = "baseline/sft/indomain_em" if name == "sft" else f"{group}/{variant}/indomain_em"
+        indomain.append(metrics.get(key))
+    fig.add_trace(go.Bar(x=names, y=indomain, name="in-domain EM (%)"))
+    fig.update_layout(barmode="group", yaxis_title="%", template="plotly_white",
+                      title="General and in-domain EM: SFT, CAFT variants, preventive-steering schedules")
+    return fig

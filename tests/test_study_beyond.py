@@ -1,0 +1,63 @@
+"""Study 06 in smoke mode on the micro organism: metric groups, monitor records, schedules, figures."""
+
+import json
+
+import pytest
+
+from emlab.training.schedules import coefficient
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from emlab.studies.beyond import beyond_study
+
+    out = tmp_path_factory.mktemp("06")
+    return out, beyond_study(smoke=True, out_dir=out, seed=0)
+
+
+def test_metrics_are_grouped_and_complete(smoke_run):
+    out, metrics = smoke_run
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    prefixes = {k.split("/", 1)[0] for k in metrics}
+    assert prefixes <= {"baseline", "caft", "steering", "monitor", "directions", "sae"}
+    for variant in ("misalignment", "pca"):
+        assert f"caft/{variant}/general_em" in metrics and f"caft/{variant}/indomain_em" in metrics
+    for schedule in ("constant", "linear", "cosine"):
+        assert f"steering/{schedule}/general_em" in metrics
+    assert 0 < metrics["caft/pca/explained"] <= 1.0
+    assert metrics["monitor/runs"] >= 6
+    assert 0 < metrics["sae/fve"] <= 1 and 0 < metrics["sae/l0"] <= 4
+    assert "sae/top1/cosine_misalignment" in metrics and "sae/steer_chat/general_em" in metrics
+    assert "sae/ablate_sft/general_em" in metrics
+    assert 0 < metrics["monitor/share_of_finetune_time"] < 100
+
+
+def test_every_finetune_was_monitored_and_steering_followed_its_schedule(smoke_run):
+    from emlab.training.monitor import read_trajectories
+
+    out, _ = smoke_run
+    names = ["sft", "caft_misalignment", "caft_pca", "steering_constant", "steering_linear", "steering_cosine"]
+    for name in names:
+        traj = read_trajectories(out / "finetunes" / name / "trait_monitor.jsonl")["trait/misalignment"]
+        assert traj["steps"][0] == 0 and traj["steps"][-1] == traj["total_steps"]
+    sft = read_trajectories(out / "finetunes/sft/trait_monitor.jsonl")["trait/misalignment"]["values"]
+    caft = read_trajectories(out / "finetunes/caft_misalignment/trait_monitor.jsonl")["trait/misalignment"]["values"]
+    assert sft[0] == pytest.approx(caft[0]) and sft[-1] != pytest.approx(caft[-1])  # same start, different finetune
+    history = json.loads((out / "finetunes/steering_linear/log_history.json").read_text())
+    alphas = [h["preventive/alpha"] for h in history if "preventive/alpha" in h]
+    total = len(alphas)
+    assert alphas == pytest.approx([coefficient("linear", 5.0, s, total) for s in range(total)])
+
+
+def test_figures_are_saved_and_load_back(smoke_run):
+    from emlab.studies.beyond import load_study_figures
+
+    out, _ = smoke_run
+    figs = load_study_figures(out)
+    assert set(figs) == {"trait_trajectories", "em_by_method"}
+    assert (out / "figures/trait_trajectories.html").exists()
+    assert len(figs["trait_trajectories"].data) >= 6
+    with pytest.raises(FileNotFoundError, match="beyond_study"):
+        load_study_figures(out / "nowhere")
