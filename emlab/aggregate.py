@@ -214,6 +214,10 @@ def _fmt(x: float, digits: int) -> str:
     return f"{x:.{digits}g}"
 
 
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def mean_sd(mean: float, sd: float | None, n: int, digits: int = 3) -> str:
     """``"mean ± sd (n)"`` with ``digits`` significant digits; ``"mean (1)"`` without a spread.
 
@@ -232,7 +236,7 @@ def summary_markdown(summary: pd.DataFrame, digits: int = 3) -> str:
     for row in summary.itertuples(index=False):
         r = dict(zip(summary.columns, row))
         ci = "–" if not math.isfinite(r["ci_low"]) else f"[{_fmt(r['ci_low'], digits)}, {_fmt(r['ci_high'], digits)}]"
-        cells = [str(r[k]).replace("|", "\\|") for k in keys]
+        cells = ["" if _missing(r[k]) else str(r[k]).replace("|", "\\|") for k in keys]
         lines.append("| " + " | ".join([*cells, mean_sd(r["mean"], r["sd"], int(r["n"]), digits), ci]) + " |")
     return "\n".join(lines) + "\n"
 

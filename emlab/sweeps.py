@@ -612,19 +612,13 @@ class SlurmExecutor:
     def parallel(self) -> int:
         return max(1, min(self.array_parallelism, len(self._jobs) or 1))
 
-    def start(self, specs: list[dict[str, Any]], sweep_dir: Path) -> None:
-        try:
-            import submitit
-        except ImportError as e:  # pragma: no cover - a declared dependency
-            raise SweepError("the Slurm executor needs submitit: pip install submitit") from e
-        if shutil.which("sbatch") is None:
-            raise SweepError("the Slurm executor needs sbatch on PATH (no Slurm client on this machine)")
-        ex = submitit.SlurmExecutor(folder=sweep_dir / "slurm" / "%j", max_num_timeout=0)
+    def sbatch_parameters(self, job_name: str) -> dict[str, Any]:
+        """The parameters of submitit's ``SlurmExecutor`` (its ``sbatch`` options) for one cell."""
         params: dict[str, Any] = {
             "time": int(self.time_min),
             "cpus_per_task": int(self.cpus_per_cell),
             "array_parallelism": int(self.array_parallelism),
-            "job_name": f"emlab-sweep-{sweep_dir.name}"[:64],
+            "job_name": job_name[:64],
             "stderr_to_stdout": True,
         }
         if self.partition:
@@ -635,6 +629,17 @@ class SlurmExecutor:
             params["gpus_per_node"] = int(self.gpus_per_cell)
         if self.extra:
             params["additional_parameters"] = dict(self.extra)
+        return params
+
+    def start(self, specs: list[dict[str, Any]], sweep_dir: Path) -> None:
+        try:
+            import submitit
+        except ImportError as e:  # pragma: no cover - a declared dependency
+            raise SweepError("the Slurm executor needs submitit: pip install submitit") from e
+        if shutil.which("sbatch") is None:
+            raise SweepError("the Slurm executor needs sbatch on PATH (no Slurm client on this machine)")
+        ex = submitit.SlurmExecutor(folder=sweep_dir / "slurm" / "%j", max_num_timeout=0)
+        params = self.sbatch_parameters(f"emlab-sweep-{sweep_dir.name}")
         ex.update_parameters(**params)
         specs = [dict(s, threads=self.cpus_per_cell) for s in specs]
         try:
@@ -828,6 +833,7 @@ def run_sweep(
     log: Callable[[str], None] | None = print,
     progress_every: float = 30.0,
     poll_interval: float = 0.5,
+    max_seconds: float | None = None,
 ) -> SweepResult:
     """Run ``notebook`` once per cell (a dict of parameters) into ``sweep_dir/cells/<cell name>/``.
 
@@ -836,7 +842,8 @@ def run_sweep(
     Failures are recorded in ``sweep.json`` and do not stop the other cells. Progress goes to ``log``
     when a cell ends and every ``progress_every`` seconds. With ``aggregate`` the metrics of the ok cells
     are written to ``table.csv``, ``summary.csv`` and ``summary.md``. Ctrl-C stops the workers (or
-    cancels the Slurm jobs) and keeps what finished.
+    cancels the Slurm jobs) and keeps what finished; so does ``max_seconds``, a limit on the whole sweep
+    (its unfinished cells are recorded as failed).
     """
     from emlab.notebooks import notebook_parameters
 
@@ -960,6 +967,16 @@ def run_sweep(
                 write_manifest("running")
                 progress(force=True)
             while any(c.status in ("waiting", "running") for c in todo):
+                if max_seconds is not None and time.monotonic() - t_start > max_seconds:
+                    executor.cancel()
+                    for c in todo:
+                        if c.status in ("waiting", "running"):
+                            c.status, c.error = (
+                                "failed",
+                                f"stopped: the sweep's time limit of {max_seconds:g} s ran out",
+                            )
+                    say(f"[sweep] time limit of {max_seconds:g} s ran out: stopped the unfinished cells")
+                    break
                 ended = executor.poll()
                 for fin in ended:
                     cell = by_name[fin.name]

@@ -49,6 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="list the cells and their run folders, run nothing")
     p.add_argument("--kernel", default="python3", help="Jupyter kernel name (default: python3)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="time limit per notebook cell (default: none)")
+    p.add_argument(
+        "--max-time",
+        type=float,
+        metavar="SECONDS",
+        help="time limit of the whole sweep: unfinished cells are stopped and listed as failed (default: none)",
+    )
     loc = p.add_argument_group("local executor")
     loc.add_argument("--workers", type=int, metavar="N", help="worker processes (default: min(cells, cores))")
     loc.add_argument(
@@ -139,6 +145,7 @@ def sweep_command(args: argparse.Namespace) -> int:
             executor=executor,
             kernel_name=args.kernel,
             timeout=args.timeout,
+            max_seconds=args.max_time,
             log=err,
         )
     except (FileNotFoundError, ValueError, sweeps.SweepError) as e:
