@@ -592,6 +592,7 @@ class SlurmExecutor:
         self.poll_interval = poll_interval
         self.extra = dict(extra or {})
         self._jobs: dict[str, Any] = {}
+        self.job_ids: list[str] = []
         self._gone: dict[str, float] = {}
         self._states: dict[str, tuple[str, str]] = {}
         self._started = time.monotonic()
@@ -605,7 +606,7 @@ class SlurmExecutor:
             "gpus_per_cell": self.gpus_per_cell,
             "cpus_per_cell": self.cpus_per_cell,
             "array_parallelism": self.array_parallelism,
-            "job_ids": sorted({j.job_id.split("_")[0] for j in self._jobs.values()}),
+            "job_ids": self.job_ids,
         }
 
     @property
@@ -647,6 +648,7 @@ class SlurmExecutor:
         except Exception as e:  # noqa: BLE001 - sbatch's message is the useful part
             raise SweepError(f"sbatch refused the sweep's array job: {e}") from e
         self._jobs = {s["name"]: j for s, j in zip(specs, jobs)}
+        self.job_ids = sorted({j.job_id.split("_")[0] for j in jobs})
         self._started = time.monotonic()
 
     def running(self) -> list[str]:
