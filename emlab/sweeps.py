@@ -432,6 +432,7 @@ class LocalExecutor:
         self.start_timeout = start_timeout
         self._queue: list[dict[str, Any]] = []
         self._pool: list[_Worker] = []
+        self._retired: list[_Worker] = []
         self._answers: queue.Queue = queue.Queue()
         self._spawned = 0
 
@@ -478,8 +479,10 @@ class LocalExecutor:
             except (BrokenPipeError, OSError, ValueError):
                 w.cell = None  # it died; its end-of-output answer replaces it
                 return
-        self._pool.remove(w)
-        w.stop()
+        self._pool.remove(w)  # no more work: let it exit on its own, reaped in close()
+        with contextlib.suppress(OSError, ValueError):
+            w.proc.stdin.close()  # type: ignore[union-attr]
+        self._retired.append(w)
 
     def poll(self) -> list[Finished]:
         done: list[Finished] = []
@@ -529,9 +532,16 @@ class LocalExecutor:
 
     def cancel(self) -> None:
         self._queue.clear()
-        for w in self._pool:
+        for w in self._pool + self._retired:
             w.stop(kill=True)
         self._pool.clear()
+        self._retired.clear()
+
+    def close(self) -> None:
+        """Wait for the workers that ran out of work to exit (30 s each at most, then killed)."""
+        for w in self._retired:
+            w.stop()
+        self._retired.clear()
 
 
 def _squeue(job_ids: Sequence[str]) -> dict[str, tuple[str, str]] | None:
@@ -700,6 +710,9 @@ class SlurmExecutor:
     def cancel(self) -> None:
         self._cancel(sorted({j.job_id.split("_")[0] for j in self._jobs.values()}))
         self._jobs.clear()
+
+    def close(self) -> None:
+        """Nothing to wait for: finished Slurm jobs are gone."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1024,6 +1037,7 @@ def run_sweep(
                     say(f"[sweep] aggregated the ok cells: {', '.join(str(p) for p in written)}")
             except (ValueError, KeyError) as e:
                 say(f"[sweep] could not aggregate the metrics: {e}")
+        executor.close()
         say(sweep.describe())
         return sweep
 

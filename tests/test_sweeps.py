@@ -360,12 +360,12 @@ def test_a_cell_over_its_time_limit_is_killed_with_its_kernel(tmp_path):
     import psutil
 
     nb = write_notebook(tmp_path / "tiny.ipynb")
-    ex = sweeps.LocalExecutor(workers=1, threads=1, cell_time_limit=15)
+    ex = sweeps.LocalExecutor(workers=1, threads=1, cell_time_limit=8)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     res = sweeps.run_sweep(
         nb, [{"sleep": 600}], sweep_dir=tmp_path / "sw", executor=ex, log=None, aggregate=False, max_seconds=120
     )
-    assert res.cells[0].status == "failed" and "cell time limit of 15 s" in res.cells[0].error
+    assert res.cells[0].status == "failed" and "cell time limit of 8 s" in res.cells[0].error
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
