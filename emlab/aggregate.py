@@ -241,6 +241,12 @@ def summary_markdown(summary: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bookkeeping(metric: str) -> bool:
+    """Sample counts and per-run interval ends: in summary.csv, not in the page."""
+    parts = metric.split("/")
+    return parts[-1] in ("n", "n_missing", "count") or (len(parts) > 1 and parts[-2] == "ci")
+
+
 def write_sweep_tables(sweep_dir: str | os.PathLike) -> list[Path]:
     """Write ``table.csv`` (the long table), ``summary.csv`` and ``summary.md`` into a sweep folder.
 
@@ -251,6 +257,7 @@ def write_sweep_tables(sweep_dir: str | os.PathLike) -> list[Path]:
     if table.empty:
         return []
     summary = summarize(table)
+    shown = summary[~summary["metric"].map(_bookkeeping)]
     by = [c for c in summary.columns if c not in ("metric", "n", "mean", "sd", "ci_low", "ci_high")]
     manifest = _read_json(root / SWEEP_FILE) or {}
     n_ok = sum(c.get("status") == "ok" for c in manifest.get("cells", []))
@@ -260,9 +267,10 @@ def write_sweep_tables(sweep_dir: str | os.PathLike) -> list[Path]:
         "",
         f"{n_ok} of {n_all} cells ok; grouped by {', '.join(by) or 'nothing'} "
         f"(mean ± sample sd over the runs of a group, n runs, percentile bootstrap 95% interval of the mean, "
-        f"2000 resamples, seed 0). Every value: table.csv.",
+        f"2000 resamples, seed 0). Sample counts (n, n_missing, count) and per-run intervals (ci/0, ci/1) "
+        f"are left out here: summary.csv has every metric, table.csv every value.",
         "",
-        summary_markdown(summary),
+        summary_markdown(shown),
     ]
     failed = [c for c in manifest.get("cells", []) if c.get("status") == "failed"]
     if failed:

@@ -386,3 +386,27 @@ def test_local_executor_threads_default_to_cores_over_workers(tmp_path):
     assert ex.threads == max(1, len(os.sched_getaffinity(0)) // 2)
     with pytest.raises(ValueError):
         sweeps.LocalExecutor(workers=0)
+
+
+def test_write_sweep_tables_keeps_counts_out_of_the_page_but_in_the_csv(tmp_path):
+    sw = tmp_path / "sw"
+    cells = []
+    for seed, rate in ((0, 10.0), (1, 30.0)):
+        fake_run(
+            sw / "cells" / f"s{seed}",
+            {"seed": seed},
+            {"general": {"n": 20, "em": {"percent": rate, "n": 20, "ci": [0, 50]}}},
+        )
+        cells.append({"name": f"s{seed}", "parameters": {"seed": seed}, "run_dir": f"cells/s{seed}", "status": "ok"})
+    cells.append(
+        {"name": "s2", "parameters": {"seed": 2}, "run_dir": "cells/s2", "status": "failed", "error": "boom\nmore"}
+    )
+    (sw / "sweep.json").write_text(json.dumps({"notebook": "/x/nb.ipynb", "cells": cells}))
+    written = agg.write_sweep_tables(sw)
+    assert [p.name for p in written] == ["table.csv", "summary.csv", "summary.md"]
+    page = (sw / "summary.md").read_text()
+    assert "2 of 3 cells ok; grouped by nothing" in page
+    assert "| general/em/percent | 20 ± 14.1 (2) |" in page
+    assert "| general/em/n |" not in page and "| general/em/ci/0 |" not in page and "- s2: boom" in page
+    assert set(pd.read_csv(sw / "summary.csv").metric) >= {"general/em/n", "general/em/ci/0", "general/em/percent"}
+    assert len(pd.read_csv(sw / "table.csv")) == 2 * 5
