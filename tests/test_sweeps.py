@@ -410,3 +410,31 @@ def test_write_sweep_tables_keeps_counts_out_of_the_page_but_in_the_csv(tmp_path
     assert "| general/em/n |" not in page and "| general/em/ci/0 |" not in page and "- s2: boom" in page
     assert set(pd.read_csv(sw / "summary.csv").metric) >= {"general/em/n", "general/em/ci/0", "general/em/percent"}
     assert len(pd.read_csv(sw / "table.csv")) == 2 * 5
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_stops_its_workers_and_kernels(tmp_path):
+    import psutil
+
+    nb = write_notebook(tmp_path / "tiny.ipynb")
+    cells = [{"seed": 0, "sleep": 600}, {"seed": 1}]
+
+    def interrupt_when_running(line: str) -> None:
+        if " 1 running" in line or " 2 running" in line:
+            raise KeyboardInterrupt
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(KeyboardInterrupt):
+        sweeps.run_sweep(
+            nb,
+            cells,
+            sweep_dir=tmp_path / "sw",
+            executor=sweeps.LocalExecutor(2),
+            log=interrupt_when_running,
+            progress_every=0.2,
+        )
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    manifest = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert manifest["state"] == "interrupted"
+    assert "interrupted before it finished" in manifest["cells"][0]["error"]

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,28 @@ def test_slurm_options_become_sbatch_lines(tmp_path):
     assert "--gpus" not in _make_sbatch_string(
         command="true", folder=tmp_path, **sweeps.SlurmExecutor().sbatch_parameters("j")
     )
+
+
+@pytest.mark.slow
+def test_the_sweep_time_limit_cancels_its_slurm_jobs(slurm, tmp_path):
+    nb = tmp_path / "tiny.ipynb"
+    data = json.loads(json.dumps(NOTEBOOK))
+    data["cells"][1]["source"].insert(0, "import time; time.sleep(600)\n")
+    nb.write_text(json.dumps(data))
+    sw = tmp_path / f"slurm-cancel-{os.getpid()}"
+    try:
+        ex = sweeps.SlurmExecutor(time_min=5, queue_timeout=120)
+        res = sweeps.run_sweep(nb, [{"seed": 0}, {"seed": 1}], sweep_dir=sw, executor=ex, log=None, max_seconds=20)
+        assert [c.status for c in res.cells] == ["failed", "failed"]
+        assert "time limit of 20 s" in res.cells[0].error
+        ids = ex.job_ids
+        assert ids
+        # scancel is asynchronous: the jobs leave the queue within a few seconds
+        for _ in range(30):
+            left = _run(["squeue", "-h", "-j", ",".join(ids)]).stdout.strip()
+            if not left:
+                break
+            time.sleep(1)
+        assert not left, left
+    finally:
+        _cancel_jobs(sw)
