@@ -574,7 +574,9 @@ class SlurmExecutor:
     """Cells as one Slurm array job through submitit: ``partition``, ``time_min`` per cell, ``mem_gb``,
     ``gpus_per_cell``, ``cpus_per_cell`` (also the kernel's torch threads) and ``array_parallelism``
     (cells running at once). ``queue_timeout`` bounds how long the sweep waits for cells that are still
-    pending in the queue; ``extra`` passes further ``sbatch`` options (``{"qos": "high"}``).
+    pending in the queue; ``extra`` passes further ``sbatch`` options (``{"qos": "high"}``). The queue is
+    read with ``squeue`` every ``poll_interval`` seconds; a job that left it without a result (killed,
+    out of time or memory) is failed after ``result_grace`` seconds, with the end of its log.
     """
 
     kind = "slurm"
@@ -589,7 +591,9 @@ class SlurmExecutor:
         cpus_per_cell: int = 1,
         array_parallelism: int = 64,
         queue_timeout: float = 6 * 3600,
-        poll_interval: float = 2.0,
+        poll_interval: float = 5.0,
+        squeue_patience: float = 600.0,
+        result_grace: float = 15.0,
         extra: Mapping[str, Any] | None = None,
     ):
         self.partition = partition
@@ -600,6 +604,11 @@ class SlurmExecutor:
         self.array_parallelism = array_parallelism
         self.queue_timeout = queue_timeout
         self.poll_interval = poll_interval
+        self.squeue_patience = squeue_patience
+        self.result_grace = result_grace
+        self._last_squeue = -math.inf
+        self._seen_queue = False
+        self._squeue_ok = time.monotonic()
         self.extra = dict(extra or {})
         self._jobs: dict[str, Any] = {}
         self.job_ids: list[str] = []
@@ -673,19 +682,27 @@ class SlurmExecutor:
     def poll(self) -> list[Finished]:
         if not self._jobs:
             return []
-        states = _squeue(sorted({j.job_id.split("_")[0] for j in self._jobs.values()}))
-        if states is not None:
-            self._states = states
-        done = []
         now = time.monotonic()
+        states = None
+        if now - self._last_squeue >= self.poll_interval:  # squeue at most every poll_interval seconds
+            self._last_squeue = now
+            states = _squeue(sorted({j.job_id.split("_")[0] for j in self._jobs.values()}))
+            if states is not None:
+                self._states, self._squeue_ok, self._seen_queue = states, now, True
+            elif now - self._squeue_ok > self.squeue_patience:
+                raise SweepError(
+                    f"squeue has not answered for {self.squeue_patience:g} s (is slurmctld up?); "
+                    f"the sweep's jobs {', '.join(self.job_ids)} may still run: check them with squeue"
+                )
+        done = []
         for name, job in list(self._jobs.items()):
             result_file = job.paths.result_pickle
             if result_file.exists():
                 done.append(Finished(name))
-            elif states is not None and job.job_id not in states:
+            elif self._seen_queue and job.job_id not in self._states:
                 # left the queue without a result: give the shared file system a moment
                 first = self._gone.setdefault(name, now)
-                if now - first < 15:
+                if now - first < self.result_grace:
                     continue
                 log = _tail(job.paths.stdout, 20) or _tail(job.paths.stderr, 20)
                 done.append(

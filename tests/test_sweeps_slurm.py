@@ -184,3 +184,39 @@ def test_the_sweep_time_limit_cancels_its_slurm_jobs(slurm, tmp_path):
         assert not left, left
     finally:
         _cancel_jobs(sw)
+
+
+class FakeJob:
+    def __init__(self, folder: Path, job_id: str):
+        from types import SimpleNamespace
+
+        self.job_id = job_id
+        self.paths = SimpleNamespace(
+            result_pickle=folder / f"{job_id}_result.pkl",
+            stdout=folder / f"{job_id}.out",
+            stderr=folder / f"{job_id}.err",
+        )
+
+
+def test_slurm_poll_reports_results_lost_jobs_stuck_jobs_and_a_silent_squeue(tmp_path, monkeypatch):
+    """The executor's bookkeeping without a cluster: squeue and scancel are replaced."""
+    ex = sweeps.SlurmExecutor(poll_interval=0, result_grace=0, queue_timeout=0)
+    ex._jobs = {n: FakeJob(tmp_path, f"7_{i}") for i, n in enumerate(["done", "lost", "stuck", "running"])}
+    ex.job_ids = ["7"]
+    ex._jobs["done"].paths.result_pickle.write_bytes(b"x")
+    ex._jobs["lost"].paths.stdout.write_text("line 1\nslurmstepd: error: *** JOB 7 CANCELLED DUE TO TIME LIMIT ***\n")
+    queue = {"7_2": ("PENDING", "PartitionConfig"), "7_3": ("RUNNING", "None")}
+    monkeypatch.setattr(sweeps, "_squeue", lambda ids: dict(queue))
+    cancelled = []
+    monkeypatch.setattr(ex, "_cancel", lambda ids: cancelled.extend(ids))
+    finished = {f.name: f.message for f in ex.poll()}
+    assert set(finished) == {"done", "lost", "stuck"}
+    assert finished["done"] is None
+    assert "ended without a result" in finished["lost"] and "CANCELLED DUE TO TIME LIMIT" in finished["lost"]
+    assert "still pending" in finished["stuck"] and "PartitionConfig" in finished["stuck"] and cancelled == ["7_2"]
+    assert ex.running() == ["running"] and ex.pending_reasons() == ["PartitionConfig"]
+    # squeue stops answering: after squeue_patience the sweep stops with a clear error
+    monkeypatch.setattr(sweeps, "_squeue", lambda ids: None)
+    ex.squeue_patience = 0
+    with pytest.raises(sweeps.SweepError, match="squeue has not answered"):
+        ex.poll()
