@@ -909,6 +909,15 @@ def run_sweep(
         raise SweepError(f"{root} is a sweep of {old.get('notebook')}, not of {nb}; choose another --out-dir")
 
     with _sweep_lock(root):
+        earlier = (old.get("executor") or {}).get("job_ids") if isinstance(old, dict) else None
+        if earlier and shutil.which("squeue"):  # a sweep driver that died leaves its Slurm jobs running
+            alive = _squeue([str(j) for j in earlier])
+            if alive:
+                raise SweepError(
+                    f"Slurm jobs of an earlier run of this sweep are still queued or running "
+                    f"({', '.join(sorted(alive)[:5])}{' ...' if len(alive) > 5 else ''}): wait for them "
+                    f"or cancel them (scancel {' '.join(map(str, earlier))}), then rerun"
+                )
         code = code_version(nb)
         sweep = SweepResult(root, [Cell(n, c, root / "cells" / n) for n, c in zip(names, cells)])
         created = old.get("created") if isinstance(old, dict) else None

@@ -220,3 +220,18 @@ def test_slurm_poll_reports_results_lost_jobs_stuck_jobs_and_a_silent_squeue(tmp
     ex.squeue_patience = 0
     with pytest.raises(sweeps.SweepError, match="squeue has not answered"):
         ex.poll()
+
+
+def test_a_rerun_waits_for_the_slurm_jobs_of_a_driver_that_died(tmp_path, monkeypatch):
+    nb = tmp_path / "tiny.ipynb"
+    nb.write_text(json.dumps(NOTEBOOK))
+    sw = tmp_path / "sw"
+    sw.mkdir()
+    (sw / "sweep.json").write_text(
+        json.dumps({"notebook_stem": "tiny", "executor": {"kind": "slurm", "job_ids": ["41"]}})
+    )
+    monkeypatch.setattr(sweeps.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(sweeps, "_squeue", lambda ids: {"41_0": ("RUNNING", "None")} if ids == ["41"] else {})
+    with pytest.raises(sweeps.SweepError, match=r"still queued or running \(41_0\).*scancel 41"):
+        sweeps.run_sweep(nb, [{"seed": 0}], sweep_dir=sw, executor=sweeps.SlurmExecutor(), log=None)
+    assert not (sw / "cells").exists()
