@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import getpass
 import hashlib
 import itertools
 import json
@@ -550,7 +551,7 @@ def _squeue(job_ids: Sequence[str]) -> dict[str, tuple[str, str]] | None:
         return {}
     try:
         res = subprocess.run(
-            ["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(job_ids)],
+            ["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%r", "-j", ",".join(job_ids)],
             capture_output=True,
             text=True,
             timeout=60,
@@ -1044,13 +1045,19 @@ def run_sweep(
                 else:
                     progress()
                     time.sleep(poll_interval)
-        except BaseException:
-            state = "interrupted"
+        except BaseException as e:
+            interrupted = isinstance(e, KeyboardInterrupt)
+            state = "interrupted" if interrupted else "stopped by an error"
             executor.cancel()
+            why = (
+                "interrupted before it finished"
+                if interrupted
+                else f"not finished: the sweep stopped ({type(e).__name__}: {e})"
+            )
             for c in todo:
                 if c.status in ("waiting", "running"):
-                    c.status, c.error = "failed", "interrupted before it finished"
-            say(f"[sweep] interrupted: stopped the unfinished cells; rerun the same command to continue ({root})")
+                    c.status, c.error = "failed", why
+            say(f"[sweep] {state}: stopped the unfinished cells; rerun the same command to continue ({root})")
             raise
         finally:
             write_manifest(state)

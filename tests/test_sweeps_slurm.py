@@ -235,3 +235,15 @@ def test_a_rerun_waits_for_the_slurm_jobs_of_a_driver_that_died(tmp_path, monkey
     with pytest.raises(sweeps.SweepError, match=r"still queued or running \(41_0\).*scancel 41"):
         sweeps.run_sweep(nb, [{"seed": 0}], sweep_dir=sw, executor=sweeps.SlurmExecutor(), log=None)
     assert not (sw / "cells").exists()
+
+
+def test_without_sbatch_the_sweep_stops_with_a_clear_error(tmp_path, monkeypatch):
+    nb = tmp_path / "tiny.ipynb"
+    nb.write_text(json.dumps(NOTEBOOK))
+    real_which = shutil.which
+    monkeypatch.setattr(sweeps.shutil, "which", lambda name: None if name in ("sbatch", "squeue") else real_which(name))
+    rc, _, err = run_cli("sweep", nb, "-p", "seed", "0,1", "--executor", "slurm", "--out-dir", tmp_path / "sw")
+    assert rc == 2 and "needs sbatch on PATH" in err
+    manifest = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert manifest["state"] == "stopped by an error"
+    assert all("sweep stopped (SweepError" in c["error"] for c in manifest["cells"])
