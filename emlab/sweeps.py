@@ -178,11 +178,19 @@ def _canonical(params: Mapping[str, Any]) -> str:
 def cell_name(params: Mapping[str, Any]) -> str:
     """A folder name for a cell: readable ``name=value`` pairs and a hash of the exact parameters.
 
-    >>> cell_name({"seed": 0, "domain": "medical"})
-    'seed=0_domain=medical-a5a9eed6'
+    >>> cell_name({"seed": 0, "domain": "medical"}), cell_name({"domains": ["legal", "finance"]})
+    ('seed=0_domain=medical-a5a9eed6', 'domains=legal+finance-e50dc330')
     """
-    readable = "_".join(f"{k}={json.dumps(to_jsonable(v)) if not isinstance(v, str) else v}" for k, v in params.items())
-    readable = re.sub(r"[^A-Za-z0-9=._+-]+", "-", readable).strip("-")[:80] or "cell"
+
+    def text(v: Any) -> str:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, list | tuple):
+            return "+".join(text(x) for x in v)
+        return json.dumps(to_jsonable(v))
+
+    readable = "_".join(f"{k}={text(v)}" for k, v in params.items())
+    readable = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9=._+-]+", "-", readable)).strip("-")[:80] or "cell"
     digest = hashlib.sha256(_canonical(params).encode()).hexdigest()[:8]
     return f"{readable}-{digest}"
 

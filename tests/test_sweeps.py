@@ -132,6 +132,8 @@ def test_cell_name_is_stable_readable_and_exact():
     assert a.startswith("seed=1_domain=medical-")
     assert sweeps.cell_name({"seed": 1}) != sweeps.cell_name({"seed": "1"})  # same text, other value
     assert "/" not in sweeps.cell_name({"model": "Qwen/Qwen2.5-7B", "lr": 1e-4})
+    assert sweeps.cell_name({"domains": ["legal", "finance"]}).startswith("domains=legal+finance-")
+    assert sweeps.cell_name({"d": ["a b"]}) != sweeps.cell_name({"d": ["a", "b"]})  # the hash tells them apart
 
 
 def test_code_version_follows_the_notebook_code_not_its_outputs(tmp_path):
