@@ -8,6 +8,7 @@
 # Idempotent: when `sinfo` already shows the node idle it changes nothing. Every wait has a limit
 # (EMLAB_SLURM_WAIT seconds, default 60). No cgroups, no accounting database: ProctrackType=linuxproc,
 # TaskPlugin=task/none, select/cons_tres on one node "localhost" with this machine's CPUs and memory.
+# An existing slurm.conf that this script did not write (a real cluster's) is left alone: it stops.
 # Exits 0 when the node is idle (or mixed/allocated: usable), 1 with the reason otherwise.
 set -uo pipefail
 
@@ -125,6 +126,10 @@ MaxArraySize=10001
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
+if [ -f "$conf" ] && ! grep -q "emlab's .ci/start_slurm.sh" "$conf" && [ "${EMLAB_SLURM_FORCE:-0}" != 1 ]; then
+  rm -f "$new"
+  fail "$conf exists and was not written by this script (a real cluster's?): not touching it (EMLAB_SLURM_FORCE=1 overrides, keeping a copy)"
+fi
 if ! cmp -s "$new" "$conf"; then
   [ -f "$conf" ] && ! grep -q "emlab's .ci/start_slurm.sh" "$conf" && cp "$conf" "$conf.before-emlab"
   mv "$new" "$conf"; chmod 0644 "$conf"
