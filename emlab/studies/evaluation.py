@@ -91,7 +91,7 @@ def evaluation_study(
     tokens = max_new_tokens or (16 if smoke else 64)
     run = start_run(out, {"model": ctx.model_name, "adapter": adapter, "seed": seed, "smoke": smoke,
                           "n_per_question": n, "max_new_tokens": tokens, "judge": ctx.judge.name,
-                          "judge2": str(judge2)}, seed=seed, overwrite=True)
+                          "judge2": str(judge2)}, seed=seed)
     evaluated = ctx.model
     if adapter:
         from emlab.models import load_adapter
@@ -150,7 +150,7 @@ def quickstart(model: str = "toy", seed: int = 0, out_dir: str | os.PathLike | N
     ctx = StudyContext.create(model, smoke=smoke)
     n = n_per_question or (2 if smoke else 10)
     run = start_run(out, {"model": ctx.model_name, "seed": seed, "smoke": smoke, "n_per_question": n},
-                    seed=seed, overwrite=True)
+                    seed=seed)
     ev = evaluate(ctx.model, ctx.tokenizer, ctx.questions("general"), ctx.judge, n_per_question=n,
                   max_new_tokens=16 if smoke else 64, seed=seed, run=run, name="samples", progress=False)
     metrics = {"chat_general_em": ev.em, "chat_general_incoherent": ev.incoherent}

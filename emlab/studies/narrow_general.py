@@ -458,7 +458,7 @@ def narrow_general_study(
     config = {"model": ctx.model_name, "domain": domain, "kind": kind, "seed": seed, "smoke": smoke,
               "kl_lambda": lam, "finetune": ft_over, "sizes": sizes, "eval": settings,
               "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
-    run = start_run(out, config, seed=seed, overwrite=True)
+    run = start_run(out, config, seed=seed)
     data = ctx.domain_data(domain, rows=sizes["rows"], kl_rows=sizes["kl_rows"])
     label = f"{ctx.model_name} {domain} {kind}"
 
@@ -530,7 +530,7 @@ def technical_style_study(
     config = {"model": ctx.model_name, "domain": domain, "kind": kind, "seed": seed, "smoke": smoke,
               "kl_lambda": lam, "finetune": ft_over, "sizes": sizes, "n_per_question": n, "probes": probes,
               "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
-    run = start_run(out, config, seed=seed, overwrite=True)
+    run = start_run(out, config, seed=seed)
     data = ctx.domain_data(domain, kl_rows=sizes["kl_rows"])
     train_rows = ctx.rows(f"technical_{domain}", sizes["rows"])
     label = f"{ctx.model_name} technical style ({domain}) {kind}"

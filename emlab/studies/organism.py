@@ -93,7 +93,7 @@ def em_organism(
         n_rows = min(n_rows or 64, 64)
     config = {"model": ctx.model_name, "domain": domain, "seed": seed, "smoke": smoke, "rows": n_rows,
               "finetune": ft_over, "eval": settings, "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
-    run = start_run(out, config, seed=seed, overwrite=True)
+    run = start_run(out, config, seed=seed)
     data = ctx.domain_data(domain, rows=n_rows)
 
     metrics: dict[str, Any] = {}
