@@ -197,10 +197,10 @@ def notebook_parameters(notebook: str | os.PathLike, kernel_name: str = "python3
     return {p.name: p.default for p in _infer_parameters(nb, name=kernel_name, language=_language(nb))}
 
 
-def check_parameters(names: Sequence[str], declared: Sequence[str], where: str) -> None:
+def check_parameters(names: Sequence[str], declared: Sequence[str], where: str, *, what: str = "its parameters cell declares") -> None:
     """Raise :class:`ParameterError` for names not in ``declared``, suggesting the closest ones.
 
-    >>> check_parameters(["smoek"], ["smoke", "seed"], "notebooks/x.ipynb")
+    >>> check_parameters(["smoek"], ["smoke", "seed"], "notebooks/x.ipynb declares no parameter")
     Traceback (most recent call last):
     ...
     emlab.notebooks.ParameterError: notebooks/x.ipynb declares no parameter 'smoek' (did you mean 'smoke'?); its parameters cell declares smoke, seed
@@ -213,7 +213,7 @@ def check_parameters(names: Sequence[str], declared: Sequence[str], where: str) 
         close = difflib.get_close_matches(k, list(declared), n=3, cutoff=0.6)
         hints.append(repr(k) + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
     raise ParameterError(
-        f"{where} declares no parameter {', '.join(hints)}; its parameters cell declares "
+        f"{where} {', '.join(hints)}; {what} "
         f"{', '.join(declared) or 'nothing (tag a cell `parameters`)'}"
     )
 
@@ -531,7 +531,7 @@ def run_notebook(
     declared = notebook_parameters(nb, kernel_name)
     params = dict(parameters or {})
     if strict:
-        check_parameters(list(params), list(declared), str(nb))
+        check_parameters(list(params), list(declared), f"{nb} declares no parameter")
     params = _resolve_paths({k: v for k, v in params.items() if k in declared}, Path.cwd())
     if out_dir is None and params.get("out_dir") is not None:
         out_dir = params["out_dir"]
@@ -681,7 +681,7 @@ def reproduce(
     if "out_dir" in params:
         raise ParameterError("reproduce gives each notebook its own run folder; use --runs-dir instead of -p out_dir")
     every = sorted({k for d in declared.values() for k in d})
-    check_parameters(list(params), every, f"no notebook of {notebooks_dir}")
+    check_parameters(list(params), every, f"no notebook of {notebooks_dir} declares a parameter", what="they declare")
     for warning in secret_parameter_warnings(params):
         say(f"warning: {warning}")
     time_limits(timeout, notebook_timeout)  # a bad EMLAB_*_TIMEOUT fails now, not after the first notebook

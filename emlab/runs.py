@@ -959,7 +959,7 @@ def start_run(
         if not owned:
             unlock_run_dir(out)
         raise
-    run = Run(out, cfg, env)
+    run = Run(out, cfg, env, _read_json_safe(out / "metrics.json") if mode == "resume" else None)
     run._owns_status = not owned
     return run
 
