@@ -407,10 +407,12 @@ def _register_engine() -> None:
             notebook_timeout: float | None = None,
             **kwargs: Any,
         ) -> Any:
-            deadline = None if notebook_timeout is None else time.monotonic() + notebook_timeout
+            deadline: list[float] = []  # the notebook's clock starts with its first cell (kernel started)
 
             def limit(cell: Any) -> int | None:
-                left = None if deadline is None else max(1.0, deadline - time.monotonic())
+                if notebook_timeout is not None and not deadline:
+                    deadline.append(time.monotonic() + notebook_timeout)
+                left = None if notebook_timeout is None else max(1.0, deadline[0] - time.monotonic())
                 if nb_man.progress is not None:
                     nb_man.progress["limit"] = "notebook" if left is not None and (
                         cell_timeout is None or left < cell_timeout) else "cell"
