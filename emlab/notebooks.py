@@ -37,6 +37,7 @@ from emlab.runs import (
     atomic_write_json,
     atomic_write_text,
     check_run_dir,
+    finish_nested,
     lock_run_dir,
     prepare_run_dir,
     redact,
@@ -605,6 +606,7 @@ def run_notebook(
 def _finalise(result: NotebookResult) -> None:
     assert result.out_dir is not None
     _write_info(result)
+    finish_nested(result.out_dir, result.status, result.error)
     _finish_manifest(result.out_dir)
     _write_status(result.out_dir, result.status, result.error)
 

@@ -330,8 +330,11 @@ def _is_live(d: Path) -> bool:
     """True when another process holds the folder's lock (this process's own locks do not count)."""
     from filelock import FileLock, Timeout
 
-    if _key(d) in _HELD or not (d / LOCK_FILE).exists():
+    if _key(d) in _HELD:
         return False
+    if not (d / LOCK_FILE).exists():  # a run nested in a live `emlab run` folder is as live as it
+        up = next((p for p in list(d.parents)[:3] if (p / LOCK_FILE).exists()), None)
+        return up is not None and (up / STATUS_FILE).exists() and _is_live(up)
     probe = FileLock(str(d / LOCK_FILE), timeout=0)
     try:
         probe.acquire()
@@ -926,8 +929,10 @@ def start_run(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     check_run_dir(out)
-    owned = os.environ.get(OWNER_ENV) == _key(out)  # `emlab run` holds the lock and writes the status
-    if not owned:
+    owner = os.environ.get(OWNER_ENV)
+    owned = owner == _key(out)  # `emlab run` holds the lock and writes the status
+    nested = bool(owner) and not owned and Path(owner) in Path(_key(out)).parents  # finalised by `emlab run`
+    if not owned and not nested:
         lock_run_dir(out)
     try:
         old_cfg = _read_json_safe(out / "config.json")
@@ -962,6 +967,17 @@ def start_run(
     run = Run(out, cfg, env, _read_json_safe(out / "metrics.json") if mode == "resume" else None)
     run._owns_status = not owned
     return run
+
+
+def finish_nested(out: str | os.PathLike, status: str, reason: str | None = None) -> None:
+    """Finalise the runs nested in ``out`` that still say running (started by a notebook under
+    ``emlab run``, which owns ``out``) with the notebook's own status."""
+    d = Path(out)
+    for sf in d.glob(f"*/**/{STATUS_FILE}") if d.is_dir() else []:
+        info = _read_json_safe(sf)
+        if isinstance(info, dict) and info.get("status") == "running":
+            _finish_manifest(sf.parent)
+            _write_status(sf.parent, status, reason)
 
 
 def load_run(dir: str | os.PathLike) -> Run:

@@ -385,3 +385,20 @@ def test_bad_out_dir_is_a_one_line_error(tmp_path, capsys):
             assert "cannot be created" in capsys.readouterr().err
         finally:
             ro.chmod(0o700)
+
+
+def test_runs_nested_in_an_emlab_run_folder_are_finalised_with_it(tmp_path, monkeypatch):
+    top = tmp_path / "top"
+    runs.check_run_dir(top)
+    runs.lock_run_dir(top)
+    try:
+        monkeypatch.setenv(runs.OWNER_ENV, str(top.resolve()))  # what `emlab run` tells its kernel
+        owned = runs.start_run(top, {"a": 1})
+        nested = runs.start_run(top / "technical", {"b": 2})
+        assert not (top / "status.json").exists()  # the runner writes the top folder's status
+        assert not (top / "technical" / runs.LOCK_FILE).exists()  # covered by the top folder's lock
+        assert owned.config == {"a": 1} and nested.status.status != "ok"
+        runs.finish_nested(top, "failed", "cell 3 raised")
+        assert runs.run_status(top / "technical").describe() == "failed: cell 3 raised"
+    finally:
+        runs.unlock_run_dir(top)
