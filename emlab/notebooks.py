@@ -554,7 +554,7 @@ def run_notebook(
             out,
             overwrite=overwrite,
             same=lambda: isinstance(prior, dict) and prior.get("parameters") == shown
-            and prior.get("notebook") == str(nb),
+            and Path(str(prior.get("notebook"))).name == nb.name,
             what="`emlab run --overwrite` (run_notebook(..., overwrite=True))",
         )
         output = out / nb.name
