@@ -457,8 +457,8 @@ def _remove_emlab_files(d: Path) -> list[str]:
         doomed |= _files(d) - pre
     removed = []
     for rel in sorted(doomed, key=lambda r: -len(Path(r).parts)):
-        if rel in pre or rel in _BOOKKEEPING:
-            continue
+        if rel in pre or rel in _BOOKKEEPING or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            continue  # never outside the folder
         p = d / rel
         if p.is_dir() and not p.is_symlink():
             inner_pre = [x for x in pre if x.startswith(rel + "/")]
