@@ -6,8 +6,8 @@ the same folder. The rerun loads the finetunes that had finished, resumes the ki
 newest complete checkpoint, and must end with byte-identical adapters, per-sample records and
 metrics. It prints what the rerun said (loaded / skipped / resumed) and the comparison.
 
-The run folder of the killed run is kept for the rerun (``start_run`` is called without deleting
-it), as issue 15 asks of a rerun into a folder whose run did not finish.
+The rerun continues in the killed run's folder: ``start_run`` resumes a run that did not finish when
+its config is the same (see :mod:`emlab.runs`).
 
 Usage: ``python bench/killed_study.py [--out runs/bench_killed_study] [--smoke] [--rows N]
 [--kill-at 'ft_aligned/checkpoint-*/trainer_state.json']`` (the default: right after the first
@@ -31,16 +31,8 @@ LIMIT_S = 3600  # one study run; the kill watch has the same limit
 
 
 def _child(out: str, smoke: bool, rows: int | None) -> None:
-    import emlab.runs as runs
     from emlab.studies import em_organism
 
-    start_run = runs.start_run
-
-    def keep_folder(out_dir, config, seed=None, name=None, *, overwrite=False):
-        (Path(out_dir) / "config.json").unlink(missing_ok=True)  # the rerun continues in this folder
-        return start_run(out_dir, config, seed, name, overwrite=False)
-
-    runs.start_run = keep_folder
     metrics = em_organism(model="toy", smoke=smoke, out_dir=out, seed=0, rows=rows)
     print("METRICS " + json.dumps(metrics, sort_keys=True), flush=True)
 

@@ -12,25 +12,48 @@ notebook of a folder and writes a summary, :func:`rebuild_figures` redraws the f
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import difflib
 import json
 import math
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from emlab.plots import FIGURE_DATA, _flatten, regenerate
-from emlab.runs import atomic_write_json, atomic_write_text
+from emlab.runs import (
+    OWNER_ENV,
+    RunLockedError,
+    _begin_manifest,
+    _finish_manifest,
+    _read_json_safe,
+    _write_status,
+    atomic_write_json,
+    atomic_write_text,
+    check_run_dir,
+    finish_nested,
+    lock_run_dir,
+    prepare_run_dir,
+    redact,
+    register_written,
+    run_status,
+    scrub,
+    secret_parameter_warnings,
+    secret_values,
+    unlock_run_dir,
+)
 
 __all__ = [
     "FIGURE_BUILDERS",
     "NotebookFailed",
     "NotebookResult",
+    "ParameterError",
     "figure_builder",
     "find_notebooks",
     "notebook_parameters",
@@ -38,6 +61,7 @@ __all__ = [
     "rebuild_figures",
     "reproduce",
     "run_notebook",
+    "time_limits",
 ]
 
 RUN_INFO = "notebook.json"  # written by run_notebook into each run folder
@@ -73,7 +97,8 @@ def figure_builder(stem: str) -> Callable[[Callable[[Path], list[Path]]], Callab
 
 @dataclass
 class NotebookResult:
-    """What happened to one notebook: ``status`` is ``"ok"``, ``"failed"`` or ``"not run"``.
+    """What happened to one notebook: ``status`` is ``"ok"``, ``"failed"``, ``"not run"``, ``"running"``
+    (while it runs) or ``"incomplete"`` (read back from a run that was killed).
 
     ``cell`` is the failing cell's 1-based position in the source notebook (all cells counted).
     """
@@ -113,7 +138,13 @@ class NotebookResult:
             return f"ok      {self.notebook} -> {self.out_dir} ({self.seconds:.1f} s)"
         if self.status != "failed":
             return f"{self.status:<8}{self.notebook}"
+        if self.output is None or not self.output.exists():
+            return f"FAILED  {self.error}"
         return f"FAILED  {self.error}\n        executed copy with the full traceback: {self.output}"
+
+
+class ParameterError(ValueError):
+    """A ``-p`` parameter name that the notebook(s) do not declare (the message suggests close names)."""
 
 
 class NotebookFailed(RuntimeError):
@@ -167,6 +198,70 @@ def notebook_parameters(notebook: str | os.PathLike, kernel_name: str = "python3
     return {p.name: p.default for p in _infer_parameters(nb, name=kernel_name, language=_language(nb))}
 
 
+def check_parameters(names: Sequence[str], declared: Sequence[str], where: str, *, what: str = "its parameters cell declares") -> None:
+    """Raise :class:`ParameterError` for names not in ``declared``, suggesting the closest ones.
+
+    >>> check_parameters(["smoek"], ["smoke", "seed"], "notebooks/x.ipynb declares no parameter")
+    Traceback (most recent call last):
+    ...
+    emlab.notebooks.ParameterError: notebooks/x.ipynb declares no parameter 'smoek' (did you mean 'smoke'?); its parameters cell declares smoke, seed
+    """
+    unknown = [k for k in names if k not in declared]
+    if not unknown:
+        return
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, list(declared), n=3, cutoff=0.6)
+        hints.append(repr(k) + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+    raise ParameterError(
+        f"{where} {', '.join(hints)}; {what} "
+        f"{', '.join(declared) or 'nothing (tag a cell `parameters`)'}"
+    )
+
+
+_PATH_KEYS = ("out_dir", "files", "adapter", "model")
+
+
+def _resolve_paths(params: Mapping[str, Any], cwd: Path) -> dict[str, Any]:
+    """Relative paths in path-like parameters, made absolute against the caller's folder ``cwd``.
+
+    The kernel runs in the notebook's folder, so ``-p out_dir runs/x`` typed in the repository root
+    would otherwise land in ``notebooks/runs/x``. ``out_dir`` is always resolved; ``files``,
+    ``adapter``, ``model`` and names ending in ``_dir``/``_path``/``_file``/``_files`` are resolved
+    when the path exists relative to ``cwd`` (a hub id such as ``Qwen/Qwen2.5-7B`` stays as typed).
+    """
+
+    def fix(key: str, v: Any) -> Any:
+        if isinstance(v, str) and v.strip() and not Path(v).is_absolute() and "://" not in v:
+            if key == "out_dir" or (cwd / v).exists():
+                return str((cwd / v).resolve())
+            return v
+        if isinstance(v, Mapping):
+            return {k: fix(key, x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [fix(key, x) for x in v]
+        return v
+
+    return {
+        k: fix(k, v) if k in _PATH_KEYS or k.endswith(("_dir", "_path", "_file", "_files")) else v
+        for k, v in params.items()
+    }
+
+
+@contextlib.contextmanager
+def _owner_env(out: Path) -> Iterator[None]:
+    """Tell the kernel (through its inherited environment) that this process owns the run folder."""
+    old = os.environ.get(OWNER_ENV)
+    os.environ[OWNER_ENV] = str(out)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(OWNER_ENV, None)
+        else:
+            os.environ[OWNER_ENV] = old
+
+
 def _timestamp() -> str:
     return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -181,19 +276,175 @@ def _new_run_dir(runs_dir: Path, stem: str, stamp: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# The papermill engine: atomic saves with secrets scrubbed, time limits, no Output-widget echo
+
+ENGINE = "emlab"
+#: Default time limits in seconds (``None``: no limit); the environment variables override them and
+#: ``--cell-timeout`` / ``--notebook-timeout`` override both. A cell that runs longer fails and names itself.
+CELL_TIMEOUT_ENV = "EMLAB_CELL_TIMEOUT"
+NOTEBOOK_TIMEOUT_ENV = "EMLAB_NOTEBOOK_TIMEOUT"
+DEFAULT_CELL_TIMEOUT = 6 * 3600.0
+DEFAULT_NOTEBOOK_TIMEOUT = 24 * 3600.0
+
+
+def _limit_from_env(name: str, default: float | None) -> float | None:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a number of seconds (0 or 'none': no limit)") from None
+    return value if value > 0 else None
+
+
+def time_limits(cell: float | None = None, notebook: float | None = None) -> tuple[float | None, float | None]:
+    """The per-cell and per-notebook time limits: the arguments, else the environment variables
+    ``EMLAB_CELL_TIMEOUT`` / ``EMLAB_NOTEBOOK_TIMEOUT``, else 6 h and 24 h. ``0`` or less: no limit.
+
+    >>> time_limits(60, None)  # doctest: +SKIP
+    (60.0, 86400.0)
+    """
+    c = _limit_from_env(CELL_TIMEOUT_ENV, DEFAULT_CELL_TIMEOUT) if cell is None else (float(cell) if cell > 0 else None)
+    n = (
+        _limit_from_env(NOTEBOOK_TIMEOUT_ENV, DEFAULT_NOTEBOOK_TIMEOUT)
+        if notebook is None
+        else (float(notebook) if notebook > 0 else None)
+    )
+    return c, n
+
+
+_ENGINE_READY = False
+
+
+def _register_engine() -> None:
+    """Register emlab's papermill engine (once per process)."""
+    global _ENGINE_READY
+    if _ENGINE_READY:
+        return
+    import nbformat
+    from nbclient.output_widget import OutputWidget
+    from papermill.clientwrap import PapermillNotebookClient
+    from papermill.engines import NBClientEngine, NotebookExecutionManager, catch_nb_assignment, papermill_engines
+    from papermill.log import logger
+
+    class HeadlessOutputWidget(OutputWidget):
+        """nbclient's Output-widget mimic, minus the state echo it sends to the kernel.
+
+        Upstream, every output captured by ``with out: display(...)`` makes nbclient send a
+        ``comm_msg`` on the shell socket from its iopub task while another task awaits the cell's
+        ``execute_reply`` on that same socket; the reply's wake-up can then be lost (13 of 80 cells
+        in the reproduction in docs/failures.md), and with no time limit the run waits forever. The
+        kernel gets nothing useful from the echo (nbclient drops the kernel's answers to it), so it
+        is not sent.
+        """
+
+        def _publish_msg(self, *args: Any, **kwargs: Any) -> None:  # noqa: D401 - see the class
+            return None
+
+    class Client(PapermillNotebookClient):
+        def __init__(self, nb_man: Any, **kw: Any):
+            super().__init__(nb_man, **kw)
+            self.widget_registry = {"@jupyter-widgets/output": {"OutputModel": HeadlessOutputWidget}}
+
+    class Manager(NotebookExecutionManager):
+        """Saves the executed notebook atomically, with the secret parameter values scrubbed."""
+
+        save_to: str | None = None
+        secrets: tuple[str, ...] = ()
+        progress: dict[str, Any] | None = None
+
+        @catch_nb_assignment
+        def save(self, **kwargs: Any) -> None:
+            if self.save_to:
+                atomic_write_text(self.save_to, scrub(nbformat.writes(self.nb), self.secrets))
+            self.last_save_time = self.now()
+
+        @catch_nb_assignment
+        def cell_start(self, cell: Any, cell_index: int | None = None, **kwargs: Any) -> None:
+            if self.progress is not None:
+                self.progress["cell"] = cell_index
+            super().cell_start(cell, cell_index, **kwargs)
+
+    class Engine(NBClientEngine):
+        @classmethod
+        def execute_notebook(
+            cls,
+            nb: Any,
+            kernel_name: str,
+            output_path: str | None = None,
+            progress_bar: bool = True,
+            log_output: bool = False,
+            autosave_cell_every: int = 30,
+            save_to: str | None = None,
+            secrets: Sequence[str] = (),
+            progress: dict[str, Any] | None = None,
+            **kwargs: Any,
+        ) -> Any:
+            nb_man = Manager(
+                nb, output_path=None, progress_bar=progress_bar, log_output=log_output,
+                autosave_cell_every=autosave_cell_every,
+            )  # fmt: skip
+            nb_man.save_to, nb_man.secrets, nb_man.progress = save_to, tuple(secrets), progress
+            nb_man.notebook_start()
+            try:
+                cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kwargs)
+            finally:
+                nb_man.cleanup_pbar()
+                nb_man.notebook_complete()
+            return nb_man.nb
+
+        @classmethod
+        def execute_managed_notebook(
+            cls,
+            nb_man: Any,
+            kernel_name: str,
+            log_output: bool = False,
+            stdout_file: Any = None,
+            stderr_file: Any = None,
+            start_timeout: int = 60,
+            execution_timeout: Any = None,
+            cell_timeout: float | None = None,
+            notebook_timeout: float | None = None,
+            **kwargs: Any,
+        ) -> Any:
+            deadline: list[float] = []  # the notebook's clock starts with its first cell (kernel started)
+
+            def limit(cell: Any) -> int | None:
+                if notebook_timeout is not None and not deadline:
+                    deadline.append(time.monotonic() + notebook_timeout)
+                left = None if notebook_timeout is None else max(1.0, deadline[0] - time.monotonic())
+                if nb_man.progress is not None:
+                    nb_man.progress["limit"] = "notebook" if left is not None and (
+                        cell_timeout is None or left < cell_timeout) else "cell"
+                vals = [v for v in (cell_timeout, left) if v is not None]
+                return math.ceil(min(vals)) if vals else None
+
+            kwargs.pop("input_path", None)
+            kwargs.pop("timeout", None)
+            client = Client(
+                nb_man, kernel_name=kernel_name, timeout_func=limit, startup_timeout=start_timeout, log=logger,
+                log_output=log_output, stdout_file=stdout_file, stderr_file=stderr_file, **kwargs,
+            )  # fmt: skip
+            return client.execute()
+
+    papermill_engines.register(ENGINE, Engine)
+    _ENGINE_READY = True
+
+
+# ---------------------------------------------------------------------------------------------
 # Running
 
 
-def _failed_cell(err: Exception, output: Path) -> tuple[int | None, str]:
-    """1-based position of the failing cell in the source notebook and its first source line."""
-    index = getattr(err, "cell_index", None)
-    source = str(getattr(err, "source", "") or "")
+def _cell_at(index: int | None, output: Path) -> tuple[int | None, str]:
+    """1-based position in the source notebook of the executed copy's cell ``index``, and its first line."""
     if index is None:
-        return None, source
+        return None, ""
+    source = ""
     try:
         import nbformat
 
-        cells = [  # papermill adds error banner cells to the saved copy after the failure
+        cells = [  # papermill may add error banner cells to a saved copy after a failure
             c
             for c in nbformat.read(str(output), as_version=4).cells
             if "papermill-error-cell-tag" not in c.get("metadata", {}).get("tags", [])
@@ -206,6 +457,43 @@ def _failed_cell(err: Exception, output: Path) -> tuple[int | None, str]:
     return index - injected + 1, first
 
 
+def _failed_cell(err: Exception, output: Path) -> tuple[int | None, str]:
+    """1-based position of the failing cell in the source notebook and its first source line."""
+    index = getattr(err, "cell_index", None)
+    cell, first = _cell_at(index, output)
+    if not first:
+        source = str(getattr(err, "source", "") or "")
+        first = next((line.strip() for line in source.splitlines() if line.strip()), "")
+    return cell, first
+
+
+def _describe_failure(e: BaseException, nb: Path, output: Path, progress: dict[str, Any],
+                      limits: tuple[float | None, float | None]) -> tuple[int | None, str]:
+    """The failing cell and a one-line message for an exception raised while executing ``nb``."""
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
+    if isinstance(e, CellTimeoutError | DeadKernelError | KeyboardInterrupt) or getattr(e, "cell_index", None) is None:
+        cell, first = _cell_at(progress.get("cell"), output)
+    else:
+        cell, first = _failed_cell(e, output)  # type: ignore[arg-type]
+    where = f" in cell {cell} (`{first[:80]}`)" if cell is not None else ""
+    if isinstance(e, CellTimeoutError):
+        if progress.get("limit") == "notebook":
+            what = f"the notebook time limit ({limits[1]:.0f} s; --notebook-timeout, EMLAB_NOTEBOOK_TIMEOUT) ran out"
+        else:
+            what = f"the cell ran past its time limit ({limits[0]:.0f} s; --cell-timeout, EMLAB_CELL_TIMEOUT)"
+        return cell, f"{nb} stopped{where}: {what}; the kernel was shut down"
+    if isinstance(e, DeadKernelError):
+        return cell, f"{nb} failed{where}: the kernel died (killed, out of memory, or a crash in native code)"
+    if isinstance(e, KeyboardInterrupt):
+        return cell, f"{nb} interrupted{where}"
+    ename = getattr(e, "ename", None) or type(e).__name__
+    evalue = getattr(e, "evalue", None)
+    if evalue is None:
+        evalue = (str(e).strip().splitlines() or [""])[-1]
+    return cell, f"{nb} failed{where}: {ename}: {evalue}"
+
+
 def run_notebook(
     notebook: str | os.PathLike,
     parameters: Mapping[str, Any] | None = None,
@@ -215,15 +503,24 @@ def run_notebook(
     strict: bool = True,
     kernel_name: str = "python3",
     timeout: float | None = None,
+    notebook_timeout: float | None = None,
     progress_bar: bool = False,
     stamp: str | None = None,
+    overwrite: bool = False,
 ) -> NotebookResult:
     """Execute ``notebook`` headless; its executed copy and outputs go to ``runs/<stem>/<timestamp>/``.
 
     ``parameters`` are injected after the cell tagged ``parameters``; ``out_dir`` is set to the run
-    folder unless given. With ``strict`` a parameter the notebook does not declare is an error,
-    otherwise it is skipped. The kernel runs in the notebook's folder. Raises :class:`NotebookFailed`
-    (naming the notebook, the cell and the exception) when a cell raises.
+    folder unless given (``out_dir=`` and the ``out_dir`` parameter are the same thing). With
+    ``strict`` a parameter the notebook does not declare is a :class:`ParameterError` (naming the
+    closest declared ones), otherwise it is skipped. Relative paths are relative to the current
+    folder, although the kernel runs in the notebook's folder. ``timeout`` (per cell) and
+    ``notebook_timeout`` are time limits in seconds (default: :func:`time_limits`). The run folder
+    follows the rules of :mod:`emlab.runs`: locked while the notebook runs, a finished run is only
+    replaced with ``overwrite=True``, a killed one with the same parameters is resumed.
+    ``status.json`` says running first, then ok or failed; the executed copy is saved atomically
+    after every cell, with secret parameter values scrubbed. Raises :class:`NotebookFailed` (naming
+    the notebook, the cell and the exception, the time limit or the kernel's death).
 
     >>> run_notebook("notebooks/02_defences.ipynb", {"domains": ["medical"]}).out_dir  # doctest: +SKIP
     PosixPath('runs/02_defences/20250101-120000')
@@ -236,49 +533,82 @@ def run_notebook(
         raise FileNotFoundError(f"notebook {nb} does not exist")
     declared = notebook_parameters(nb, kernel_name)
     params = dict(parameters or {})
-    unknown = [k for k in params if k not in declared]
-    if unknown and strict:
-        raise ValueError(
-            f"{nb} declares no parameter {', '.join(map(repr, unknown))}; its parameters cell declares "
-            f"{', '.join(declared) or 'nothing (tag a cell `parameters`)'}"
-        )
-    params = {k: v for k, v in params.items() if k in declared}
-    out = Path(out_dir) if out_dir is not None else _new_run_dir(Path(runs_dir), nb.stem, stamp or _timestamp())
-    out.mkdir(parents=True, exist_ok=True)
-    out = out.resolve()
-    if "out_dir" in declared and "out_dir" not in params:
-        params["out_dir"] = str(out)
-    output = out / nb.name
-    started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-    result = NotebookResult(nb, out, "ok", params, started=started)
-    t0 = time.perf_counter()
+    if strict:
+        check_parameters(list(params), list(declared), f"{nb} declares no parameter")
+    params = _resolve_paths({k: v for k, v in params.items() if k in declared}, Path.cwd())
+    if out_dir is None and params.get("out_dir") is not None:
+        out_dir = params["out_dir"]
+    if out_dir is not None:
+        out = Path(out_dir).resolve()
+    else:
+        out = _new_run_dir(Path(runs_dir), nb.stem, stamp or _timestamp()).resolve()
+    cell_limit, nb_limit = time_limits(timeout, notebook_timeout)
+    check_run_dir(out)
+    lock_run_dir(out)
     try:
-        pm.execute_notebook(
-            str(nb),
-            str(output),
-            parameters=params,
-            kernel_name=kernel_name,
-            language=_language(load_notebook_node(str(nb))),
-            cwd=str(nb.resolve().parent),
-            progress_bar=progress_bar,
-            execution_timeout=timeout,
-            log_output=False,
+        if "out_dir" in declared:
+            params["out_dir"] = str(out)
+        shown = redact(params)
+        prior = _read_json_safe(out / RUN_INFO)
+        mode = prepare_run_dir(
+            out,
+            overwrite=overwrite,
+            same=lambda: isinstance(prior, dict) and prior.get("parameters") == shown
+            and Path(str(prior.get("notebook"))).name == nb.name,
+            what="`emlab run --overwrite` (run_notebook(..., overwrite=True))",
         )
-    except Exception as e:  # noqa: BLE001 - reported with the cell, re-raised as NotebookFailed
-        cell, first = _failed_cell(e, output)
-        ename = getattr(e, "ename", None) or type(e).__name__
-        evalue = getattr(e, "evalue", None)
-        if evalue is None:
-            evalue = (str(e).strip().splitlines() or [""])[-1]
-        where = f" in cell {cell} (`{first[:80]}`)" if cell is not None else ""
-        result.status = "failed"
-        result.cell = cell
-        result.error = f"{nb} failed{where}: {ename}: {evalue}"
-    result.seconds = time.perf_counter() - t0
-    _write_info(result)
+        output = out / nb.name
+        _begin_manifest(out, keep=mode == "resume")
+        register_written(out, nb.name, RUN_INFO)
+        started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        result = NotebookResult(nb, out, "running", shown, started=started)
+        _write_status(out, "running")
+        _write_info(result)
+        secrets = secret_values(params)
+        progress: dict[str, Any] = {}
+        _register_engine()
+        t0 = time.perf_counter()
+        try:
+            with _owner_env(out):
+                pm.execute_notebook(
+                    str(nb),
+                    None,  # papermill itself writes nothing; the engine saves atomically, scrubbed
+                    parameters=params,
+                    engine_name=ENGINE,
+                    kernel_name=kernel_name,
+                    language=_language(load_notebook_node(str(nb))),
+                    cwd=str(nb.resolve().parent),
+                    progress_bar=progress_bar,
+                    log_output=False,
+                    save_to=str(output),
+                    secrets=secrets,
+                    progress=progress,
+                    cell_timeout=cell_limit,
+                    notebook_timeout=nb_limit,
+                )
+            result.status = "ok"
+        except (Exception, KeyboardInterrupt) as e:  # reported with the cell, re-raised as NotebookFailed
+            cell, message = _describe_failure(e, nb, output, progress, (cell_limit, nb_limit))
+            result.status, result.cell, result.error = "failed", cell, scrub(message, secrets)
+            if isinstance(e, KeyboardInterrupt):
+                result.seconds = time.perf_counter() - t0
+                _finalise(result)
+                raise
+        result.seconds = time.perf_counter() - t0
+        _finalise(result)
+    finally:
+        unlock_run_dir(out)
     if not result.ok:
         raise NotebookFailed(result)
     return result
+
+
+def _finalise(result: NotebookResult) -> None:
+    assert result.out_dir is not None
+    _write_info(result)
+    finish_nested(result.out_dir, result.status, result.error)
+    _finish_manifest(result.out_dir)
+    _write_status(result.out_dir, result.status, result.error)
 
 
 def _write_info(result: NotebookResult) -> None:
@@ -327,20 +657,23 @@ def reproduce(
     *,
     runs_dir: str | os.PathLike = "runs",
     figures_dir: str | os.PathLike = "figures",
-    keep_going: bool = False,
+    keep_going: bool = True,
     kernel_name: str = "python3",
     timeout: float | None = None,
+    notebook_timeout: float | None = None,
     progress_bar: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> list[NotebookResult]:
     """Run every notebook of ``notebooks_dir`` (quickstart first, then by name) and summarise.
 
-    Each notebook gets the ``parameters`` its parameters cell declares (others are skipped for it)
-    and runs into ``runs/<stem>/<timestamp>/``; its figures are copied to ``figures/<stem>/``.
-    ``runs/summary.md`` and ``figures/README.md`` list every notebook, its status, run folder and
-    metrics. On a failure the rest is skipped unless ``keep_going``. Returns one result per notebook.
+    Each notebook gets the ``parameters`` its parameters cell declares and runs into
+    ``runs/<stem>/<timestamp>/``; its figures are copied to ``figures/<stem>/``. A parameter that
+    no notebook declares is a :class:`ParameterError` before anything runs. A notebook that fails
+    (an exception, a time limit, a dead kernel) does not stop the others (``keep_going=False``
+    stops at the first failure); every failure is listed at the end. ``runs/summary.md`` and
+    ``figures/README.md`` list every notebook, its status, run folder and metrics.
 
-    >>> results = reproduce("notebooks", {"seed": 1}, keep_going=True)  # doctest: +SKIP
+    >>> results = reproduce("notebooks", {"seed": 1})  # doctest: +SKIP
     >>> [r.status for r in results]  # doctest: +SKIP
     ['ok', 'failed', 'ok']
     """
@@ -349,9 +682,13 @@ def reproduce(
     runs, figs = Path(runs_dir), Path(figures_dir)
     params = dict(parameters or {})
     declared = {nb: notebook_parameters(nb, kernel_name) for nb in nbs}
-    unused = [k for k in params if not any(k in d for d in declared.values())]
-    if unused:
-        say(f"warning: no notebook declares parameter(s) {', '.join(unused)}; they are ignored")
+    if "out_dir" in params:
+        raise ParameterError("reproduce gives each notebook its own run folder; use --runs-dir instead of -p out_dir")
+    every = sorted({k for d in declared.values() for k in d})
+    check_parameters(list(params), every, f"no notebook of {notebooks_dir} declares a parameter", what="they declare")
+    for warning in secret_parameter_warnings(params):
+        say(f"warning: {warning}")
+    time_limits(timeout, notebook_timeout)  # a bad EMLAB_*_TIMEOUT fails now, not after the first notebook
     stamp = _timestamp()
     results: list[NotebookResult] = []
     stop = False
@@ -360,7 +697,7 @@ def reproduce(
             results.append(NotebookResult(nb, None, "not run"))
             continue
         mine = {k: v for k, v in params.items() if k in declared[nb]}
-        say(f"[{i}/{len(nbs)}] {nb}" + (f" with {mine}" if mine else ""))
+        say(f"[{i}/{len(nbs)}] {nb}" + (f" with {redact(mine)}" if mine else ""))
         try:
             result = run_notebook(
                 nb,
@@ -368,11 +705,15 @@ def reproduce(
                 runs_dir=runs,
                 kernel_name=kernel_name,
                 timeout=timeout,
+                notebook_timeout=notebook_timeout,
                 progress_bar=progress_bar,
                 stamp=stamp,
             )
         except NotebookFailed as e:
             result = e.result
+        except (OSError, RunLockedError, ValueError) as e:  # its run folder could not be used
+            result = NotebookResult(nb, None, "failed", redact(mine), error=f"{nb}: {e}")
+        if not result.ok:
             stop = not keep_going
         if result.out_dir is not None:
             collect_figures(result.out_dir, figs / nb.stem)
@@ -381,10 +722,11 @@ def reproduce(
     write_summary(results, runs / "summary.md", figures_dir=figs)
     write_summary(results, figs / "README.md", figures_dir=figs)
     failed = [r for r in results if r.status == "failed"]
-    say(
-        f"{sum(r.ok for r in results)} of {len(results)} notebooks ran; summary: {runs / 'summary.md'}"
-        + (f"; FAILED: {', '.join(str(r.notebook) for r in failed)}" if failed else "")
-    )
+    say(f"{sum(r.ok for r in results)} of {len(results)} notebooks ran; summary: {runs / 'summary.md'}")
+    if failed:
+        say(f"{len(failed)} FAILED:")
+        for r in failed:
+            say("  " + (r.error or str(r.notebook)).replace("\n", " "))
     return results
 
 
@@ -429,6 +771,8 @@ def write_summary(
     ]
     for r in results:
         status = r.status if r.status != "failed" else f"**failed** (cell {r.cell})"
+        if r.status == "incomplete":
+            status = "**incomplete** (killed before it finished)"
         secs = f"{r.seconds:.0f} s" if r.out_dir is not None else ""
         lines.append(f"| {r.notebook.stem} | {status} | {_rel(r.out_dir, here)} | {secs} |")
     for r in results:
@@ -436,9 +780,11 @@ def write_summary(
         if r.error:
             lines += [f"Error: {r.error.replace(chr(10), ' ')}", ""]
         if r.status == "not run":
-            lines += ["Not run: an earlier notebook failed (`emlab reproduce --keep-going` runs the rest).", ""]
+            lines += ["Not run: an earlier notebook failed (`emlab reproduce` without --stop-on-failure runs the rest).", ""]
+        if r.status in ("incomplete", "running"):
+            lines += [f"Status {r.status}: its numbers below are partial.", ""]
         if r.parameters:
-            shown = {k: v for k, v in r.parameters.items() if k != "out_dir"}
+            shown = {k: v for k, v in redact(r.parameters).items() if k != "out_dir"}
             if shown:
                 lines += ["Parameters: " + ", ".join(f"`{k}={_fmt(v)}`" for k, v in shown.items()), ""]
         metrics = r.metrics
@@ -471,12 +817,13 @@ def _load_result(run_dir: Path, stem: str) -> NotebookResult:
             info = json.loads(info_path.read_text(encoding="utf-8"))
         except ValueError:
             info = {}
+    status = run_status(run_dir)
     return NotebookResult(
         Path(info.get("notebook") or f"{stem}.ipynb"),
         run_dir,
-        info.get("status", "ok"),
-        info.get("parameters") or {},
-        info.get("error"),
+        status.status if status.status != "empty" else "incomplete",
+        redact(info.get("parameters") or {}),
+        info.get("error") or (status.reason if not status.ok else None),
         info.get("cell"),
         info.get("seconds") or 0.0,
         info.get("started"),

@@ -1,7 +1,30 @@
 """The run store: one folder per experiment, every file written atomically.
 
 A run folder holds ``config.json`` (secrets redacted), ``env.json`` (versions, git commit, seeds,
-start time), ``metrics.json`` (merged by :meth:`Run.log_metrics`), JSONL records and figures.
+start time), ``metrics.json`` (merged by :meth:`Run.log_metrics`), JSONL records and figures, plus
+three bookkeeping files:
+
+- ``status.json``: ``"running"`` from the moment the run starts, then ``"ok"`` or ``"failed"`` (with
+  the reason) when it ends. :func:`run_status` reads it for every reader (summaries, the figures
+  README, the run comparer): a run whose status still says running but whose writer is gone (killed,
+  crashed machine) reads as ``"incomplete"``, never as ok.
+- ``.emlab.lock``: held (an OS file lock, released by the kernel when the process dies, even on
+  SIGKILL) by the live process writing the run. A second run into the same folder fails at once
+  with :class:`RunLockedError`.
+- ``.emlab-manifest.json``: the files emlab wrote into the folder (and the files that were there
+  before the run started), so that overwriting removes only emlab's files.
+
+The rules for a folder that already holds a run (``start_run`` and ``emlab run`` alike):
+
+1. A live run (lock held by another process): refused at once (:class:`RunLockedError`).
+2. A finished run (ok or failed): refused (:class:`RunExistsError`) unless ``overwrite=True``
+   (``emlab run --overwrite``). Nothing is ever replaced implicitly.
+3. An incomplete run (killed) with the same config: **resumed** -- its files are kept (finetune
+   checkpoints inside it can be picked up) and the status is set back to running.
+4. An incomplete run with another config: refused unless ``overwrite=True``.
+5. Overwriting deletes only emlab's files: those in the manifest and, for a run that never
+   finished, every file that appeared after it started. Files that were in the folder before the
+   run started, or were added after it finished, are kept.
 
 >>> run = start_run("runs/demo", {"lr": 1e-4, "openai_api_key": "sk-..."}, seed=0)  # doctest: +SKIP
 >>> run.log_metrics({"em_rate": 0.12})  # doctest: +SKIP
@@ -25,7 +48,7 @@ import subprocess
 import sys
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
@@ -33,11 +56,17 @@ from typing import IO, Any
 __all__ = [
     "REDACTED",
     "Run",
+    "RunExistsError",
+    "RunLockedError",
+    "RunStatus",
     "atomic_open",
     "atomic_write_json",
     "atomic_write_text",
     "load_run",
     "redact",
+    "register_written",
+    "run_status",
+    "secret_parameter_warnings",
     "start_run",
     "to_jsonable",
 ]
@@ -179,6 +208,358 @@ def redact(obj: Any, *, _secret: bool = False) -> Any:
     return obj
 
 
+def secret_values(obj: Any, *, _secret: bool = False) -> list[str]:
+    """The strings of ``obj`` that :func:`redact` would hide (to scrub them from text emlab writes).
+
+    >>> secret_values({"openai_api_key": "sk-test-123", "seed": 0, "judge": "gpt-4o"})
+    ['sk-test-123']
+    """
+    found: list[str] = []
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            found += secret_values(v, _secret=_secret or _is_secret_key(str(k)))
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            found += secret_values(v, _secret=_secret)
+    elif isinstance(obj, str) and obj.strip() and (_secret or _SECRET_VALUE.search(obj)):
+        found.append(obj)
+    return found
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """Replace every occurrence of each secret in ``text`` (raw or JSON-escaped) by ``<redacted>``.
+
+    >>> scrub('key = "sk-test-123"', ["sk-test-123"])
+    'key = "<redacted>"'
+    """
+    for value in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+        escaped = json.dumps(value)[1:-1]
+        if escaped != value:
+            text = text.replace(escaped, REDACTED)
+    return text
+
+
+def secret_parameter_warnings(parameters: Mapping[str, Any]) -> list[str]:
+    """One warning per parameter that carries a credential, pointing to the environment variable.
+
+    A parameter is a credential when its name says so (``openai_api_key``, ``hf_token``) or its value
+    looks like a key (``sk-...``, ``hf_...``). Values are never repeated in the message.
+
+    >>> secret_parameter_warnings({"openai_api_key": "sk-test-abc"})[0].split(":")[0]
+    'parameter openai_api_key holds a credential'
+    """
+    out = []
+    for name, value in parameters.items():
+        if not secret_values({name: value}):
+            continue
+        if _is_secret_key(name):
+            env = re.sub(r"[^A-Za-z0-9]+", "_", name).upper()
+        else:
+            env = "HF_TOKEN" if "hf_" in json.dumps(to_jsonable(value)) else "OPENAI_API_KEY"
+        out.append(
+            f"parameter {name} holds a credential: set it in the environment instead "
+            f"(export {env}=...; emlab's judge reads OPENAI_API_KEY). It is redacted ({REDACTED}) "
+            "in everything emlab writes and prints."
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Run status, lock and manifest
+
+STATUS_FILE = "status.json"
+MANIFEST_FILE = ".emlab-manifest.json"
+LOCK_FILE = ".emlab.lock"
+#: Set by ``emlab run`` for its kernel: the run folder it has locked and whose status it writes,
+#: so that ``start_run`` inside the notebook neither locks it again nor rewrites its status.
+OWNER_ENV = "EMLAB_RUN_OWNER"
+_BOOKKEEPING = frozenset({STATUS_FILE, MANIFEST_FILE, LOCK_FILE})
+_HELD: dict[str, Any] = {}  # resolved folder -> the FileLock this process holds on it
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is writing a run into this folder."""
+
+
+class RunExistsError(FileExistsError):
+    """The folder holds a run that would be replaced; pass ``overwrite=True`` to replace it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStatus:
+    """What :func:`run_status` found: ``status`` is ``"ok"``, ``"failed"``, ``"running"`` (its writer
+    is alive), ``"incomplete"`` (it started but never finished: killed or crashed), ``"unknown"`` (a
+    ``metrics.json`` alone, not written through emlab's run store) or ``"empty"`` (no run)."""
+
+    status: str
+    reason: str | None = None
+    started: str | None = None
+    finished: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        """True for a run that finished (ok or failed)."""
+        return self.status in ("ok", "failed")
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def describe(self) -> str:
+        """``ok``, ``failed: reason``, ``incomplete: reason``..."""
+        return self.status + (f": {self.reason}" if self.reason else "")
+
+
+def _read_json_safe(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _key(d: Path) -> str:
+    return str(Path(d).resolve())
+
+
+def _is_live(d: Path) -> bool:
+    """True when another process holds the folder's lock (this process's own locks do not count)."""
+    from filelock import FileLock, Timeout
+
+    if _key(d) in _HELD:
+        return False
+    if not (d / LOCK_FILE).exists():  # a run nested in a live `emlab run` folder is as live as it
+        up = next((p for p in list(d.parents)[:3] if (p / LOCK_FILE).exists()), None)
+        return up is not None and (up / STATUS_FILE).exists() and _is_live(up)
+    probe = FileLock(str(d / LOCK_FILE), timeout=0)
+    try:
+        probe.acquire()
+    except Timeout:
+        return True
+    except OSError:  # a read-only folder: nobody can be writing a run into it
+        return False
+    probe.release()
+    return False
+
+
+def run_status(dir: str | os.PathLike) -> RunStatus:
+    """The status of the run in ``dir``; every reader of run folders uses this.
+
+    ``status.json`` says ``running`` while a run is written; when its writer is gone (the folder's lock
+    is free) the run reads as ``incomplete``. Folders written before ``status.json`` existed fall back
+    to ``notebook.json``; a run folder with neither reads as incomplete, never as ok.
+
+    >>> run_status("runs/02_defences/20250101-120000")  # doctest: +SKIP
+    RunStatus(status='ok', reason=None, started='2025-01-01T12:00:00+00:00', finished='...')
+    """
+    d = Path(dir)
+    info = _read_json_safe(d / STATUS_FILE)
+    if isinstance(info, dict) and info.get("status"):
+        status, reason = str(info["status"]), info.get("reason")
+        if status == "running":
+            if _key(d) in _HELD or _is_live(d) or os.environ.get(OWNER_ENV) == _key(d):
+                return RunStatus("running", None, info.get("started"))
+            status = "incomplete"
+            reason = "it started but never finished (the process was killed or crashed)"
+        return RunStatus(status, reason, info.get("started"), info.get("finished"))
+    nb = _read_json_safe(d / "notebook.json")
+    if isinstance(nb, dict) and nb.get("status") in ("ok", "failed"):
+        return RunStatus(nb["status"], nb.get("error"), nb.get("started"))
+    if any((d / f).exists() for f in ("config.json", "env.json", "notebook.json")):
+        return RunStatus("incomplete", "no status.json: the run never recorded that it finished")
+    if (d / "metrics.json").exists():
+        return RunStatus("unknown", "a metrics.json without emlab's run files")
+    return RunStatus("empty")
+
+
+def _write_status(d: Path, status: str, reason: str | None = None, *, started: str | None = None) -> None:
+    old = _read_json_safe(d / STATUS_FILE)
+    old = old if isinstance(old, dict) else {}
+    info = {
+        "status": status,
+        "reason": reason,
+        "started": started or (old.get("started") if status != "running" else None) or _now(),
+        "finished": None if status == "running" else _now(),
+        "pid": os.getpid(),
+        "host": platform.node(),
+    }
+    atomic_write_json(d / STATUS_FILE, info)
+
+
+def _files(d: Path) -> set[str]:
+    """Every file under ``d`` (relative POSIX paths), bookkeeping and temporary files excluded."""
+    out = set()
+    for p in d.rglob("*"):
+        rel = p.relative_to(d).as_posix()
+        if p.is_file() and rel not in _BOOKKEEPING and not (p.name.startswith(".") and p.name.endswith(".tmp")):
+            out.add(rel)
+    return out
+
+
+def _begin_manifest(d: Path, *, keep: bool) -> None:
+    """Start the manifest: the files already in the folder are the user's (unless resuming)."""
+    old = _read_json_safe(d / MANIFEST_FILE)
+    if keep and isinstance(old, dict):
+        return
+    atomic_write_json(d / MANIFEST_FILE, {"preexisting": sorted(_files(d)), "written": [], "started": _now()})
+
+
+def register_written(dir: str | os.PathLike, *names: str | os.PathLike) -> None:
+    """Record that emlab wrote ``names`` (files or folders, relative to the run folder ``dir``).
+
+    Overwriting a run deletes exactly these (see the module docstring). :class:`Run` registers
+    everything written through :meth:`Run.path`; call this for files written another way.
+
+    >>> register_written("runs/demo", "checkpoints/sft")  # doctest: +SKIP
+    """
+    d = Path(dir)
+    m = _read_json_safe(d / MANIFEST_FILE)
+    if not isinstance(m, dict):
+        m = {"preexisting": [], "written": [], "started": _now()}
+    written = set(m.get("written") or [])
+    new = set()
+    for name in names:
+        p = Path(name)
+        rel = (p.resolve().relative_to(d.resolve()) if p.is_absolute() else p).as_posix()
+        new.add(rel)
+    if new <= written:
+        return
+    m["written"] = sorted(written | new)
+    atomic_write_json(d / MANIFEST_FILE, m)
+
+
+def _finish_manifest(d: Path) -> None:
+    """At the end of a run: every file that appeared since it started is emlab's."""
+    m = _read_json_safe(d / MANIFEST_FILE)
+    if not isinstance(m, dict):
+        return
+    pre = set(m.get("preexisting") or [])
+    m["written"] = sorted(set(m.get("written") or []) | (_files(d) - pre))
+    m["finished"] = _now()
+    atomic_write_json(d / MANIFEST_FILE, m)
+
+
+def _remove_emlab_files(d: Path) -> list[str]:
+    """Delete what emlab wrote into ``d`` (see the module docstring); return the removed paths."""
+    m = _read_json_safe(d / MANIFEST_FILE)
+    if not isinstance(m, dict):  # a run from before the manifest: it was all emlab's
+        env = _read_json_safe(d / "env.json")
+        if not (isinstance(env, dict) and env.get("format") == RUN_FORMAT) and not (d / "notebook.json").exists():
+            raise RunExistsError(f"{d} has a config.json but is not an emlab run folder; refusing to delete it")
+        m = {"preexisting": [], "written": sorted(_files(d))}
+    pre = set(m.get("preexisting") or [])
+    doomed = set(m.get("written") or [])
+    if not m.get("finished"):  # killed: everything that appeared after it started
+        doomed |= _files(d) - pre
+    removed = []
+    for rel in sorted(doomed, key=lambda r: -len(Path(r).parts)):
+        if rel in pre or rel in _BOOKKEEPING or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            continue  # never outside the folder
+        p = d / rel
+        if p.is_dir() and not p.is_symlink():
+            inner_pre = [x for x in pre if x.startswith(rel + "/")]
+            if inner_pre:  # a folder holding user files: remove only emlab's files in it
+                for f in sorted(_files(p)):
+                    if f"{rel}/{f}" not in pre:
+                        (p / f).unlink()
+            else:
+                shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(rel)
+    for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        rel = sub.relative_to(d).as_posix()
+        if not any(x == rel or x.startswith(rel + "/") for x in pre):
+            with contextlib.suppress(OSError):
+                sub.rmdir()  # only when empty
+    for f in (STATUS_FILE, MANIFEST_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            (d / f).unlink()
+    return removed
+
+
+def check_run_dir(out: Path) -> Path:
+    """Create ``out`` if needed and check that a run can be written there; a clear error otherwise.
+
+    Raises :class:`NotADirectoryError` (a file is in the way) or :class:`PermissionError`.
+    """
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"run folder {out}: {parent} is a file, not a folder; choose another out_dir")
+        if parent.exists():
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except PermissionError as e:
+        raise PermissionError(f"run folder {out} cannot be created: {e.strerror} ({e.filename})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"run folder {out} is not writable; choose another out_dir")
+    return out
+
+
+def lock_run_dir(out: Path) -> Any:
+    """Take the folder's lock at once (a :class:`RunLockedError` when another live process holds it).
+
+    Returns the held ``filelock.FileLock``; it is released by :func:`unlock_run_dir` or when the
+    process ends (even on SIGKILL).
+    """
+    from filelock import FileLock, Timeout
+
+    key = _key(out)
+    old = _HELD.pop(key, None)
+    if old is not None:  # an earlier run of this same process that never finished (a notebook cell rerun)
+        old.release(force=True)
+    lock = FileLock(str(out / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        info = _read_json_safe(out / STATUS_FILE) or {}
+        who = f" (pid {info.get('pid')} on {info.get('host')}, started {info.get('started')})" if info else ""
+        raise RunLockedError(
+            f"{out} is in use by a live run{who}; wait for it to finish or choose another out_dir"
+        ) from None
+    _HELD[key] = lock
+    return lock
+
+
+def unlock_run_dir(out: Path) -> None:
+    """Release the lock this process holds on ``out`` (no-op when it holds none)."""
+    lock = _HELD.pop(_key(out), None)
+    if lock is not None:
+        lock.release(force=True)
+
+
+def prepare_run_dir(out: Path, *, overwrite: bool, same: Callable[[], bool], what: str) -> str:
+    """Apply the folder rules (module docstring) to a locked ``out``; return ``"new"``, ``"resume"``
+    or ``"overwrite"``. ``same()`` tells whether the folder's run has the same config as the new one.
+    Raises :class:`RunExistsError` when the folder's run must not be replaced."""
+    prior = run_status(out)
+    if prior.status == "running" and _key(out) in _HELD:
+        prior = RunStatus("incomplete", "an earlier run of this process never finished")
+    if prior.status == "empty":
+        return "new"
+    if overwrite:
+        _remove_emlab_files(out)
+        return "overwrite"
+    if prior.complete:
+        raise RunExistsError(
+            f"{out} already holds a finished run (status {prior.status}, started {prior.started}); choose "
+            f"another out_dir, or replace it with {what} (only the files emlab wrote are removed)"
+        )
+    if same():
+        return "resume"
+    raise RunExistsError(
+        f"{out} holds an incomplete run (killed?) with another config; rerun with the same config to "
+        f"resume it, choose another out_dir, or replace it with {what}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Environment
 
@@ -294,6 +675,38 @@ class Run:
         self.config = config
         self.env = env
         self.metrics: dict[str, Any] = metrics if metrics is not None else {}
+        self._registered: set[str] = set()
+        self._owns_status = False  # True when start_run wrote status.json "running" (not under `emlab run`)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            self.finish()
+        else:
+            self.finish("failed", f"{type(exc).__name__}: {exc}")
+
+    @property
+    def status(self) -> RunStatus:
+        """The run's current :class:`RunStatus` (see :func:`run_status`)."""
+        return run_status(self.dir)
+
+    def finish(self, status: str = "ok", reason: str | None = None) -> None:
+        """Mark the run finished (``"ok"`` or ``"failed"`` with a reason) and release its folder lock.
+
+        Under ``emlab run`` the runner owns the status and finalises it itself; this then only
+        records the files written. ``with start_run(...) as run:`` calls it on exit.
+
+        >>> run.finish()  # doctest: +SKIP
+        """
+        if status not in ("ok", "failed"):
+            raise ValueError(f"finish status must be 'ok' or 'failed', got {status!r}")
+        if self._owns_status:
+            _finish_manifest(self.dir)
+            _write_status(self.dir, status, scrub(reason, secret_values(self.config)) if reason else None)
+            self._owns_status = False
+            unlock_run_dir(self.dir)
 
     def __repr__(self) -> str:
         return f"Run({str(self.dir)!r}, metrics={sorted(self.metrics)})"
@@ -317,6 +730,9 @@ class Run:
             raise ValueError(f"run file name must be a relative path inside the run folder, got {name!r}")
         path = self.dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
+        if rel.as_posix() not in self._registered:
+            self._registered.add(rel.as_posix())
+            register_written(self.dir, rel)
         return path
 
     def log_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -490,41 +906,78 @@ def start_run(
     *,
     overwrite: bool = False,
 ) -> Run:
-    """Create the run folder ``out_dir`` and write ``config.json`` and ``env.json``.
+    """Create (or resume) the run folder ``out_dir`` and write ``config.json``, ``env.json`` and
+    ``status.json`` ("running"); the folder is locked until :meth:`Run.finish` or the process ends.
 
     ``config`` is a dict (or a dataclass); it is stored with credentials redacted (see
     :func:`redact`). When ``seed`` is given, Python's ``random`` (and numpy and torch when already
-    imported) are seeded with it. ``name`` defaults to the folder name. A folder that already holds
-    a run is refused unless ``overwrite=True``, which deletes that previous run folder first.
+    imported) are seeded with it. ``name`` defaults to the folder name. A relative ``out_dir`` is
+    relative to the current working directory. A folder that holds a run follows the rules of the
+    module docstring: a live run is refused at once (:class:`RunLockedError`), a finished one unless
+    ``overwrite=True`` (:class:`RunExistsError`; only emlab's files are removed), and an incomplete
+    (killed) run with the same config and seed is resumed with its files kept.
 
     >>> run = start_run("runs/demo", {"model": "toy", "lr": 1e-4}, seed=0)  # doctest: +SKIP
-    >>> sorted(p.name for p in run.dir.iterdir())  # doctest: +SKIP
-    ['config.json', 'env.json']
+    >>> sorted(p.name for p in run.dir.iterdir() if not p.name.startswith("."))  # doctest: +SKIP
+    ['config.json', 'env.json', 'status.json']
     """
     out = Path(out_dir)
-    if (out / "config.json").exists():
-        old_env = _read_json(out / "env.json", {}) if (out / "env.json").exists() else {}
-        is_run = isinstance(old_env, dict) and old_env.get("format") == RUN_FORMAT
-        if not overwrite:
-            raise FileExistsError(
-                f"{out} already holds a run; choose another folder or pass overwrite=True to replace it"
-            )
-        if not is_run:
-            raise FileExistsError(f"{out} has a config.json but is not an emlab run folder; refusing to delete it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = to_jsonable(config)
     if not isinstance(cfg, dict):
         raise TypeError(f"config must be a dict or a dataclass, got {type(config).__name__}")
     cfg = redact(cfg)
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        _seed_everything(seed)
-    env = _environment(name or out.resolve().name, seed, cfg)
-    atomic_write_json(out / "config.json", cfg)
-    atomic_write_json(out / "env.json", env)
-    return Run(out, cfg, env)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    check_run_dir(out)
+    owner = os.environ.get(OWNER_ENV)
+    owned = owner == _key(out)  # `emlab run` holds the lock and writes the status
+    nested = bool(owner) and not owned and Path(owner) in Path(_key(out)).parents  # finalised by `emlab run`
+    if not owned and not nested:
+        lock_run_dir(out)
+    try:
+        old_cfg = _read_json_safe(out / "config.json")
+        old_env = _read_json_safe(out / "env.json")
+        if old_cfg is not None and not owned:
+            is_run = (isinstance(old_env, dict) and old_env.get("format") == RUN_FORMAT) or (out / STATUS_FILE).exists()
+            if not is_run:
+                raise RunExistsError(f"{out} has a config.json but is not an emlab run folder; refusing to touch it")
+            mode = prepare_run_dir(
+                out,
+                overwrite=overwrite,
+                same=lambda: old_cfg == cfg and isinstance(old_env, dict) and old_env.get("seed") == seed,
+                what="overwrite=True",
+            )
+        else:
+            mode = "resume" if owned and old_cfg == cfg else ("new" if old_cfg is None else "owned")
+        if seed is not None:
+            _seed_everything(seed)
+        env = _environment(name or out.resolve().name, seed, cfg)
+        if mode == "resume":
+            env["notes"].append(f"resumed an incomplete run on {env['started']}; its files were kept")
+        if not owned:
+            _begin_manifest(out, keep=mode == "resume")
+            _write_status(out, "running")
+        atomic_write_json(out / "config.json", cfg)
+        atomic_write_json(out / "env.json", env)
+        register_written(out, "config.json", "env.json")
+    except BaseException:
+        if not owned:
+            unlock_run_dir(out)
+        raise
+    run = Run(out, cfg, env, _read_json_safe(out / "metrics.json") if mode == "resume" else None)
+    run._owns_status = not owned
+    return run
+
+
+def finish_nested(out: str | os.PathLike, status: str, reason: str | None = None) -> None:
+    """Finalise the runs nested in ``out`` that still say running (started by a notebook under
+    ``emlab run``, which owns ``out``) with the notebook's own status."""
+    d = Path(out)
+    for sf in d.glob(f"*/**/{STATUS_FILE}") if d.is_dir() else []:
+        info = _read_json_safe(sf)
+        if isinstance(info, dict) and info.get("status") == "running":
+            _finish_manifest(sf.parent)
+            _write_status(sf.parent, status, reason)
 
 
 def load_run(dir: str | os.PathLike) -> Run:

@@ -23,6 +23,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from emlab.plots import _flatten, _is_number
+from emlab.runs import run_status
 
 __all__ = ["run_comparer", "sample_browser", "steering_explorer", "steering_explorer_for_run"]
 
@@ -37,17 +38,29 @@ _ERROR = '<div style="color:#b00020"><b>{}</b>: {}</div>'
 
 
 def _show(out: widgets.Output, obj: Any) -> None:
-    """Display ``obj`` in ``out`` when running in a notebook kernel (no-op elsewhere)."""
+    """Put ``obj`` in ``out`` as its only output when running in a notebook kernel (no-op elsewhere).
+
+    The output is set as widget state (``out.outputs``), not captured with ``with out: display()``:
+    capture makes a headless client (papermill's nbclient) mimic the Output widget and send
+    ``comm_msg`` updates to the kernel on the shell socket while it waits there for the cell's
+    ``execute_reply``; that reply's wake-up is then lost and the client waits until its timeout,
+    which is forever without one (the hang of ``04_evaluation`` at ``run_comparer``, issue 15).
+    """
     try:
         from IPython import get_ipython
-        from IPython.display import display
     except ImportError:
         return
-    if get_ipython() is None:
+    ip = get_ipython()
+    if ip is None:
         return
-    out.clear_output(wait=True)
-    with out:
-        display(obj)
+    bundle = obj._repr_mimebundle_() if hasattr(obj, "_repr_mimebundle_") else None  # plotly: no self-display
+    if isinstance(bundle, tuple):
+        data, metadata = bundle
+    elif bundle:
+        data, metadata = bundle, {}
+    else:
+        data, metadata = ip.display_formatter.format(obj)
+    out.outputs = ({"output_type": "display_data", "data": data, "metadata": metadata or {}},)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +355,9 @@ def run_comparer(run_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> w
     """Compare the metrics of several runs: pick runs and metrics, see a table and a bar chart.
 
     ``run_dirs`` is a list of run folders, or one folder searched for ``metrics.json`` files.
-    Nested metrics are shown with ``/``-joined keys; ``.figure`` holds the current bar chart.
+    Nested metrics are shown with ``/``-joined keys; ``.figure`` holds the current bar chart. A run
+    that did not finish ok is labelled with its status (``(incomplete)`` for a killed run,
+    ``(failed)``, ``(running)``; see :func:`emlab.runs.run_status`).
 
     >>> w = run_comparer("runs/02_defences")  # doctest: +SKIP
     >>> w.metrics.value = ("sft/medical/general_em", "kl/medical/general_em")  # doctest: +SKIP
@@ -355,6 +370,9 @@ def run_comparer(run_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> w
         if not path.exists():
             raise FileNotFoundError(f"{p} has no metrics.json")
         label = p.resolve().relative_to(common).as_posix() if len(folders) > 1 else p.name
+        status = run_status(p)
+        if status.status in ("incomplete", "failed", "running"):
+            label = f"{label or p.name} ({status.status})"  # a killed run's numbers are partial
         metrics = _flatten(json.loads(path.read_text(encoding="utf-8")))
         data[label or p.name] = {k: float(v) for k, v in metrics.items() if _is_number(v)}
     names = sorted({k for m in data.values() for k in m})

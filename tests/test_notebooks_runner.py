@@ -31,7 +31,7 @@ def no_static_export(monkeypatch):
 
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
-    """`emlab reproduce` on the fixtures (quickstart ok, b_fails raises in cell 3, c_after never runs)."""
+    """`emlab reproduce` on the fixtures (quickstart ok, b_fails raises in cell 3, c_after still runs)."""
     root = tmp_path_factory.mktemp("repro")
     shutil.copytree(FIXTURES, root / "notebooks")
     out, err = io.StringIO(), io.StringIO()
@@ -39,7 +39,7 @@ def reproduced(tmp_path_factory):
     os.chdir(root)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = emlab("reproduce", "-p", "n", "3", "-p", "bogus", "1")
+            rc = emlab("reproduce", "-p", "n", "3")
     finally:
         os.chdir(cwd)
     return root, rc, out.getvalue() + err.getvalue()
@@ -61,10 +61,10 @@ def test_find_notebooks_puts_the_quickstart_first(tmp_path):
         nbs.find_notebooks(tmp_path / "missing")
 
 
-def test_reproduce_stops_at_the_failing_cell(reproduced):
+def test_reproduce_reports_the_failing_cell_and_runs_the_rest(reproduced):
     root, rc, log = reproduced
     assert rc == 1
-    assert "no notebook declares parameter(s) bogus" in log
+    assert "1 FAILED:" in log
     assert 'b_fails.ipynb failed in cell 3 (`raise ValueError("boom in cell 3")`): ValueError: boom in cell 3' in log
 
     runs = root / "runs"
@@ -78,13 +78,15 @@ def test_reproduce_stops_at_the_failing_cell(reproduced):
     (bad_run,) = (runs / "b_fails").iterdir()
     assert json.loads((bad_run / "notebook.json").read_text())["cell"] == 3
     assert (bad_run / "b_fails.ipynb").exists()  # the executed copy, with the traceback
-    assert not (runs / "c_after").exists()
+    assert json.loads((bad_run / "status.json").read_text())["status"] == "failed"
+    (after_run,) = (runs / "c_after").iterdir()  # a failure does not stop the other notebooks
+    assert json.loads((after_run / "status.json").read_text())["status"] == "ok"
 
     assert (root / "figures" / "quickstart" / "em.html").exists()
     summary = (runs / "summary.md").read_text()
     assert "| quickstart | ok | quickstart/" in summary and "| b_fails | **failed** (cell 3) |" in summary
     assert (
-        "| c_after | not run |" in summary
+        "| c_after | ok |" in summary
         and "| sft/toy/general_em | 0.3 |" in summary
         and "| label | toy |" in summary
     )
@@ -137,7 +139,10 @@ def test_run_with_yaml_parameters_and_out_dir(tmp_path, capsys):
 def test_run_refuses_undeclared_parameters_and_missing_notebooks(tmp_path, capsys):
     assert emlab("run", FIXTURES / "c_after.ipynb", "-p", "flg", "1", "--runs-dir", tmp_path) == 2
     err = capsys.readouterr().err
-    assert "declares no parameter 'flg'" in err and "out_dir, flag, items, rate" in err
+    assert "declares no parameter 'flg' (did you mean 'flag'?)" in err and "out_dir, flag, items, rate" in err
+    assert emlab("reproduce", "--notebooks-dir", FIXTURES, "-p", "lable", "x", "--runs-dir", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "declares a parameter 'lable' (did you mean 'label'?)" in err
     assert emlab("run", tmp_path / "nope.ipynb") == 2
     assert not any(tmp_path.iterdir())
 

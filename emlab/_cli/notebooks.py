@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from emlab import notebooks as nbs
+from emlab import runs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     _parameter_option(run)
     run.add_argument("--out-dir", metavar="DIR", help="run folder (default: RUNS_DIR/<stem>/<timestamp>)")
     run.add_argument("--runs-dir", default="runs", metavar="DIR", help="where run folders go (default: runs)")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the finished run in --out-dir (only the files emlab wrote are removed); without it "
+        "a folder holding a finished run is refused, and a killed run with the same parameters is resumed",
+    )
     _kernel_options(run)
     run.set_defaults(func=run_command)
 
@@ -39,14 +46,19 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Run every notebook of --notebooks-dir headless, the quickstart first, then the others by name. "
             "Each receives the -p parameters its parameters cell declares. Outputs go to runs/<stem>/<timestamp>/, "
             "figures are copied to figures/<stem>/, and runs/summary.md and figures/README.md list each notebook, "
-            "its status, run folder and metrics. Stops at the first failure unless --keep-going; exits 1 if any failed."
+            "its status, run folder and metrics. A failing notebook (an exception, a time limit, a dead kernel) does "
+            "not stop the others; every failure is listed at the end and the exit status is 1. A -p name that no "
+            "notebook declares is an error (exit 2)."
         ),
     )
     _parameter_option(rep)
     rep.add_argument("--notebooks-dir", default="notebooks", metavar="DIR", help="default: notebooks")
     rep.add_argument("--runs-dir", default="runs", metavar="DIR", help="default: runs")
     rep.add_argument("--figures-dir", default="figures", metavar="DIR", help="default: figures")
-    rep.add_argument("--keep-going", action="store_true", help="run the remaining notebooks after a failure")
+    rep.add_argument(
+        "--keep-going", action="store_true", help="run the remaining notebooks after a failure (the default)"
+    )
+    rep.add_argument("--stop-on-failure", action="store_true", help="do not run the notebooks after a failure")
     _kernel_options(rep)
     rep.set_defaults(func=reproduce_command)
 
@@ -78,29 +90,52 @@ def _parameter_option(p: argparse.ArgumentParser) -> None:
 
 def _kernel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", default="python3", help="Jupyter kernel name (default: python3)")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="time limit per cell (default: none)")
+    p.add_argument(
+        "--cell-timeout",
+        "--timeout",
+        dest="timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"time limit per cell; 0: none (default: ${nbs.CELL_TIMEOUT_ENV} or {nbs.DEFAULT_CELL_TIMEOUT:.0f})",
+    )
+    p.add_argument(
+        "--notebook-timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"time limit per notebook; 0: none (default: ${nbs.NOTEBOOK_TIMEOUT_ENV} or {nbs.DEFAULT_NOTEBOOK_TIMEOUT:.0f})",
+    )
 
 
 def _params(args: argparse.Namespace) -> dict:
     return {name: nbs.parse_value(value) for name, value in args.parameter}
 
 
+def _warn_secrets(params: dict) -> None:
+    for warning in runs.secret_parameter_warnings(params):
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def run_command(args: argparse.Namespace) -> int:
-    """``emlab run``: 0 when the notebook ran, 1 when a cell failed, 2 for a bad notebook or parameter."""
+    """``emlab run``: 0 when the notebook ran, 1 when it failed (a cell raised, a time limit, a dead
+    kernel), 2 for a bad notebook, parameter or run folder."""
+    params = _params(args)
+    _warn_secrets(params)
     try:
         result = nbs.run_notebook(
             args.notebook,
-            _params(args),
+            params,
             out_dir=args.out_dir,
             runs_dir=args.runs_dir,
             kernel_name=args.kernel,
             timeout=args.timeout,
+            notebook_timeout=args.notebook_timeout,
             progress_bar=sys.stderr.isatty(),
+            overwrite=args.overwrite,
         )
     except nbs.NotebookFailed as e:
         print(e.result.describe(), file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError, runs.RunLockedError) as e:  # FileNotFound, RunExists, NotADirectory, Permission
         print(f"emlab run: error: {e}", file=sys.stderr)
         return 2
     print(result.describe())
@@ -108,19 +143,20 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def reproduce_command(args: argparse.Namespace) -> int:
-    """``emlab reproduce``: 0 when every notebook ran, 1 otherwise."""
+    """``emlab reproduce``: 0 when every notebook ran, 1 when one failed, 2 for bad parameters."""
     try:
         results = nbs.reproduce(
             args.notebooks_dir,
             _params(args),
             runs_dir=args.runs_dir,
             figures_dir=args.figures_dir,
-            keep_going=args.keep_going,
+            keep_going=not args.stop_on_failure,
             kernel_name=args.kernel,
             timeout=args.timeout,
+            notebook_timeout=args.notebook_timeout,
             progress_bar=sys.stderr.isatty(),
         )
-    except FileNotFoundError as e:
+    except (OSError, ValueError) as e:
         print(f"emlab reproduce: error: {e}", file=sys.stderr)
         return 2
     if not results:

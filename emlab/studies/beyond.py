@@ -144,7 +144,7 @@ def beyond_study(
               "steering_alpha": steering_alpha, "monitor_every": every, "em_threshold": em_threshold,
               "sae": sae, "sae_steer_scale": sae_steer_scale,
               "eval": settings, "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
-    run = start_run(out, config, seed=seed, overwrite=True)
+    run = start_run(out, config, seed=seed)
     data = ctx.domain_data(domain, rows=n_rows)
     metrics: dict[str, Any] = {}
     over = {"learning_rate": learning_rate} if learning_rate is not None else {}

@@ -586,7 +586,7 @@ def defences_study(
               "inoculation_prompt": prompt, "share_added": share, "k_misaligned": k_misaligned,
               "benign_tasks": list(benign_tasks), "benign_methods": list(benign_methods),
               "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
-    run = start_run(out, config, seed=seed, overwrite=True)
+    run = start_run(out, config, seed=seed)
 
     metrics: dict[str, Any] = {}
     persona: tuple[Path, int] | None = None
@@ -777,7 +777,7 @@ def interleaving_study(
               "domain": domain, "seed": seed, "smoke": smoke, "shares_added": shares,
               "methods": methods, "k_misaligned": k_misaligned, "rows": n_rows, "finetune": ft_over,
               "eval": settings, "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
-    run = start_run(out, config, seed=seed, overwrite=True)
+    run = start_run(out, config, seed=seed)
     data = ctx.domain_data(domain, rows=n_rows)
     if not data.benign:
         raise ValueError("interleaving needs benign rows: pass files={'benign': 'path.jsonl'}")

@@ -253,7 +253,7 @@ def directions_study(
               "ablate_layer": ablate_layer, "balance": balance, "trait": trait,
               "finetune": ft_over, "eval": settings, "sizes": sizes,
               "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
-    run = start_run(out, config, seed=seed, overwrite=True)
+    run = start_run(out, config, seed=seed)
     data = ctx.domain_data(domain, rows=n_rows)
     other = ctx.domain_data(other_domain, rows=n_rows)
     n_gen = settings["n_general"]

@@ -92,7 +92,7 @@ def evaluation_study(
     run = start_run(out, {"model": ctx.model_name, "preset": ctx.protocol.to_dict(), "adapter": adapter, "seed": seed,
                           "smoke": smoke,
                           "n_per_question": n, "max_new_tokens": tokens, "judge": ctx.judge.name,
-                          "judge2": str(judge2)}, seed=seed, overwrite=True)
+                          "judge2": str(judge2)}, seed=seed)
     evaluated = ctx.model
     if adapter:
         from emlab.models import load_adapter
@@ -152,7 +152,7 @@ def quickstart(model: str = "toy", seed: int = 0, out_dir: str | os.PathLike | N
     n = n_per_question or (2 if smoke else 10)
     run = start_run(out, {"model": ctx.model_name, "preset": ctx.protocol.to_dict(), "seed": seed, "smoke": smoke,
                           "n_per_question": n},
-                    seed=seed, overwrite=True)
+                    seed=seed)
     ev = evaluate(ctx.model, ctx.tokenizer, ctx.questions("general"), ctx.judge, n_per_question=n,
                   max_new_tokens=16 if smoke else 64, seed=seed, run=run, name="samples", progress=False)
     metrics = {"chat_general_em": ev.em, "chat_general_incoherent": ev.incoherent}

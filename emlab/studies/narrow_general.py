@@ -459,7 +459,7 @@ def narrow_general_study(
               "domain": domain, "kind": kind, "seed": seed, "smoke": smoke,
               "kl_lambda": lam, "finetune": ft_over, "sizes": sizes, "eval": settings,
               "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
-    run = start_run(out, config, seed=seed, overwrite=True)
+    run = start_run(out, config, seed=seed)
     data = ctx.domain_data(domain, rows=sizes["rows"], kl_rows=sizes["kl_rows"])
     label = f"{ctx.model_name} {domain} {kind}"
 
@@ -532,7 +532,7 @@ def technical_style_study(
               "domain": domain, "kind": kind, "seed": seed, "smoke": smoke,
               "kl_lambda": lam, "finetune": ft_over, "sizes": sizes, "n_per_question": n, "probes": probes,
               "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
-    run = start_run(out, config, seed=seed, overwrite=True)
+    run = start_run(out, config, seed=seed)
     data = ctx.domain_data(domain, kl_rows=sizes["kl_rows"])
     train_rows = ctx.rows(f"technical_{domain}", sizes["rows"])
     label = f"{ctx.model_name} technical style ({domain}) {kind}"

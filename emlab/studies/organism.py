@@ -97,7 +97,7 @@ def em_organism(
     config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
               "domain": domain, "seed": seed, "smoke": smoke, "rows": n_rows,
               "finetune": ft_over, "eval": settings, "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
-    run = start_run(out, config, seed=seed, overwrite=True)
+    run = start_run(out, config, seed=seed)
     data = ctx.domain_data(domain, rows=n_rows)
 
     metrics: dict[str, Any] = {}
