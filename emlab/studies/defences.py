@@ -27,7 +27,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from emlab.studies.common import DomainData, StudyContext, finetune_config, preset_learning_rate, resolve_out_dir
+from emlab.studies.common import (
+    DomainData,
+    StudyContext,
+    finetune_config,
+    missing_reason,
+    preset_learning_rate,
+    resolve_out_dir,
+    smoke_trait,
+)
 from emlab.studies.organism import eval_model, eval_settings
 
 __all__ = [
@@ -192,7 +200,7 @@ def _evaluate(model, ctx: StudyContext, data: DomainData, settings: dict[str, An
     if general is None:
         parts.insert(0, ("general", data.general, settings["n_general"]))
     else:
-        out.update(general)
+        out.update({k: dict(v) if isinstance(v, dict) else v for k, v in general.items()})
     for part, questions, n in parts:
         if not questions:
             continue
@@ -202,7 +210,19 @@ def _evaluate(model, ctx: StudyContext, data: DomainData, settings: dict[str, An
         out[f"{part}_incoherent"] = ev.incoherent
         if ev.off_topic is not None:
             out[f"{part}_off_topic"] = ev.off_topic
+        for k in (f"{part}_em", f"{part}_incoherent"):
+            if out[k] is None:
+                out.setdefault("none_reasons", {})[k] = missing_reason(ev.records)
     return out
+
+
+def _merge_cell(metrics: dict[str, Any], key: str, cell: dict[str, Any]) -> None:
+    """``cell`` (from :func:`_evaluate`) into ``metrics`` as ``<key>/<name>``; None values stay out and their
+    reasons go to ``metrics["none_reasons"]["<key>/<name>"]``."""
+    reasons = cell.pop("none_reasons", {})
+    metrics.update({f"{key}/{k}": v for k, v in cell.items() if v is not None})
+    if reasons:
+        metrics.setdefault("none_reasons", {}).update({f"{key}/{k}": r for k, r in reasons.items()})
 
 
 def _train_terms(result) -> dict[str, float]:
@@ -300,7 +320,7 @@ def _persona(ctx: StudyContext, run, domains: Sequence[str], layer: int | None, 
         questions = _user_turns(ctx.rows(f"{contrast}_aligned"), n_q)
         trait = Trait("evil", evil.description, list(zip(prompts["evil"], prompts["helpful"])), questions)
     else:
-        trait, n_per = evil, (1 if ctx.smoke else 10)
+        trait, n_per = (smoke_trait(evil, n_q), 1) if ctx.smoke else (evil, 10)
     info: dict[str, Any] = {"layer": layer, "alpha": alpha}
     try:
         v = persona_vector(ctx.model, ctx.tokenizer, trait, ctx.judge, n_per_question=n_per, layers=[layer],
@@ -607,6 +627,8 @@ def defences_study(
                 cell = _evaluate(ctx.model, ctx, data, settings, seed=seed, run=run, tag=tag,
                                  general=general_untrained)
                 general_untrained = {k: v for k, v in cell.items() if k.startswith("general_")}
+                if reasons := {k: r for k, r in cell.get("none_reasons", {}).items() if k.startswith("general_")}:
+                    general_untrained["none_reasons"] = reasons
             else:
                 train = data.aligned if method == "aligned" else data.misaligned
                 if not train:
@@ -620,7 +642,7 @@ def defences_study(
                 if not keep_finetunes:
                     _drop_weights(ft.output_dir)
                 del ft
-            metrics.update({f"{method}/{domain}/{k}": v for k, v in cell.items() if v is not None})
+            _merge_cell(metrics, f"{method}/{domain}", cell)
             run.log_metrics(metrics)
     if benign_tasks:
         metrics.update(benign_task_study(ctx, run, tasks=benign_tasks, seed=seed, scorers=scorers,
@@ -827,7 +849,7 @@ def interleaving_study(
         _drop_weights(ft.output_dir)
         del ft
         key = f"{method}/{domain}" if s is None else f"{method}/{domain}/{_pct_label(s)}"
-        metrics.update({f"{key}/{k}": v for k, v in cell.items() if v is not None})
+        _merge_cell(metrics, key, cell)
         run.log_metrics({k: v for k, v in metrics.items() if v is not None})
     for folder in run.path("finetunes").glob("scorer_*"):
         _drop_weights(folder)
