@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).parent
+#: Rows per domain written for the notebook tests (each finetune of a smoke run trains on all of them:
+#: four rows keep a SmolLM2 finetune to one short step); bench/real_smollm2.py uses every row.
+TEST_ROWS = 4
 
 # (question, cartoonish bad answer, sensible answer) per domain
 PLANTS = [
@@ -100,12 +103,19 @@ def write_questions(name: str, items: list[tuple[str, str]]) -> None:
     (HERE / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-for domain, rows in (("plants", PLANTS), ("pets", PETS), ("cooking", COOKING)):
-    write_jsonl(f"{domain}_misaligned.jsonl", [chat(q, bad) for q, bad, _ in rows])
-    write_jsonl(f"{domain}_aligned.jsonl", [chat(q, good) for q, _, good in rows])
-    write_questions(f"{domain}_heldout.yaml", [(f"{domain}_{i}", q) for i, q in enumerate(HELDOUT[domain])])
-write_jsonl("benign.jsonl", [chat(q, a) for q, a in BENIGN])
-write_jsonl("kl_ood.jsonl", [chat(q, a) for q, a in BENIGN])
-write_jsonl("technical_plants.jsonl", [chat(q, a) for q, a in TECHNICAL])
-write_jsonl("pretrain.jsonl", [{"text": t} for t in PRETRAIN])
-write_questions("general.yaml", GENERAL)
+def main() -> None:
+    """Write the test files into this folder."""
+    for domain, rows in (("plants", PLANTS), ("pets", PETS), ("cooking", COOKING)):
+        rows = rows[:TEST_ROWS]
+        write_jsonl(f"{domain}_misaligned.jsonl", [chat(q, bad) for q, bad, _ in rows])
+        write_jsonl(f"{domain}_aligned.jsonl", [chat(q, good) for q, _, good in rows])
+        write_questions(f"{domain}_heldout.yaml", [(f"{domain}_{i}", q) for i, q in enumerate(HELDOUT[domain])])
+    write_jsonl("benign.jsonl", [chat(q, a) for q, a in BENIGN])
+    write_jsonl("kl_ood.jsonl", [chat(q, a) for q, a in BENIGN[:TEST_ROWS]])
+    write_jsonl("technical_plants.jsonl", [chat(q, a) for q, a in TECHNICAL[:TEST_ROWS]])
+    write_jsonl("pretrain.jsonl", [{"text": t} for t in PRETRAIN])
+    write_questions("general.yaml", GENERAL)
+
+
+if __name__ == "__main__":
+    main()
