@@ -206,7 +206,7 @@ def resolve_judge(judge: str | Any | None, model: Any = None, tokenizer: Any = N
 
     >>> resolve_judge("toy").name
     'toy'
-    >>> resolve_judge("gpt-4o").name
+    >>> resolve_judge("gpt-4o").name          # doctest: +SKIP
     'openai:gpt-4o'
     """
     if judge is not None and not isinstance(judge, str):
