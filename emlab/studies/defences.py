@@ -438,9 +438,13 @@ def _defended(ctx: StudyContext, run, rows: list[dict], name: str, method: str, 
             raise ValueError(f"{method} needs benign rows: pass files={{'benign': 'path.jsonl'}}")
         if over.pop("interleave_misaligned", None) is not None:
             n = _n_interleaved(len(rows), kw.get("share", PAPER_SETTINGS["share"]))
-            benign = scorers.choose(method, target, k, benign, n)
             over["interleave_selection"] = "random"  # a random draw of all n chosen rows = those rows, shuffled in
-            extra["benign_refusals"] = float(sum(_is_refusal(r) for r in benign))
+            if n == 0:  # too few finetuning rows for one benign row at this share: nothing to score or add
+                run.note(f"{name}: {len(rows)} rows at share {kw.get('share', PAPER_SETTINGS['share']):g} add no "
+                         "benign row; trained without interleaving")
+            else:
+                benign = scorers.choose(method, target, k, benign, n)
+            extra["benign_refusals"] = float(sum(_is_refusal(r) for r in benign)) if n else 0.0
         if over.get("interleave_on_policy"):
             over["on_policy_max_new_tokens"] = max_new_tokens
     ft = _run_finetune(ctx, run, rows, name, seed=seed, ft_over=ft_over, benign=benign, **over)
