@@ -84,12 +84,11 @@ NOTEBOOKS = {
 
 
 @pytest.fixture(scope="module")
-def judge_server(tmp_path_factory):
+def judge_server():
     """The loopback judge, reached through the environment the notebook kernels inherit."""
     with FakeOpenAIServer() as server, pytest.MonkeyPatch.context() as mp:
         mp.setenv("OPENAI_BASE_URL", server.url)
         mp.setenv("OPENAI_API_KEY", "sk-test-fake-key")
-        mp.setenv("EMLAB_JUDGE_CACHE", str(tmp_path_factory.mktemp("judge") / "judge.sqlite"))
         mp.setenv("OMP_NUM_THREADS", "1")
         yield server
 
@@ -115,13 +114,14 @@ def test_the_smollm2_datasets_are_valid_chat_and_question_files():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stem", list(NOTEBOOKS))
-def test_notebook_runs_on_smollm2(stem, smollm2_path, judge_server, tmp_path):
+def test_notebook_runs_on_smollm2(stem, smollm2_path, judge_server, tmp_path, monkeypatch):
     extra, keys, figures = NOTEBOOKS[stem]
+    monkeypatch.setenv("EMLAB_JUDGE_CACHE", str(tmp_path / "judge.sqlite"))  # a cold cache: every answer is sent
     params = {"model": str(smollm2_path), "smoke": True, "judge": "gpt-4o-mini", "files": smollm2_files(), **extra}
     before = judge_server.requests
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    result = run_notebook(ROOT / "notebooks" / f"{stem}.ipynb", params, out_dir=tmp_path, timeout=600)
+    result = run_notebook(ROOT / "notebooks" / f"{stem}.ipynb", params, out_dir=tmp_path / "run", timeout=600)
     wall = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
@@ -129,13 +129,14 @@ def test_notebook_runs_on_smollm2(stem, smollm2_path, judge_server, tmp_path):
           f"{judge_server.requests - before} judge requests, load {os.getloadavg()[0]:.1f}")
     assert result.ok, result.describe()
     assert judge_server.requests > before, "the notebook never called the judge"
-    assert "sk-test-fake-key" not in (tmp_path / f"{stem}.ipynb").read_text()  # no key in the executed copy
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    out = tmp_path / "run"
+    assert "sk-test-fake-key" not in (out / f"{stem}.ipynb").read_text()  # no key in the executed copy
+    metrics = json.loads((out / "metrics.json").read_text())
     missing = [k for k in keys if k not in metrics]
     assert not missing, f"{stem}: metrics.json lacks {missing}; it has {sorted(metrics)[:40]}"
-    config = json.loads((tmp_path / "config.json").read_text()) if (tmp_path / "config.json").exists() else {}
+    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
     assert str(config.get("model", smollm2_path)) == str(smollm2_path)
-    written = {p.stem for p in (tmp_path / "figures").glob("*.html")}
+    written = {p.stem for p in (out / "figures").glob("*.html")}
     assert set(figures) <= written, f"{stem}: figures {sorted(set(figures) - written)} missing; wrote {sorted(written)}"
     if stem == "05_narrow_vs_general":  # the technical-style task runs in the same notebook
-        assert "technical_indomain_narrow" in json.loads((tmp_path / "technical" / "metrics.json").read_text())
+        assert "technical_indomain_narrow" in json.loads((out / "technical" / "metrics.json").read_text())

@@ -42,3 +42,15 @@ def test_smoke_trait_keeps_the_first_pair_and_questions():
     small = smoke_trait(full, questions=2)
     assert small.instructions == full.instructions[:1] and small.questions == full.questions[:2]
     assert small.description == full.description and len(full.questions) > 2
+
+
+def test_smoke_finetune_only_for_real_models_in_smoke_mode():
+    from emlab.studies.common import SMOKE_FINETUNE, StudyContext, smoke_finetune
+
+    def ctx(name, smoke):
+        return StudyContext(name, smoke, None, None, None, {}, [], {})
+
+    assert smoke_finetune(ctx("HuggingFaceTB/SmolLM2-135M-Instruct", True)) == SMOKE_FINETUNE
+    assert smoke_finetune(ctx("HuggingFaceTB/SmolLM2-135M-Instruct", False)) == {}
+    assert smoke_finetune(ctx("toy:micro", True)) == {}
+    assert SMOKE_FINETUNE["warmup_steps"] == 0 and SMOKE_FINETUNE["gradient_accumulation_steps"] == 1

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["LOCAL_JUDGES", "DomainData", "StudyContext", "finetune_config", "preset_learning_rate",
-           "explain_nones", "missing_reason", "resolve_judge", "resolve_out_dir", "smoke_trait"]
+           "explain_nones", "missing_reason", "resolve_judge", "resolve_out_dir", "smoke_finetune", "smoke_trait"]
 
 
 def resolve_out_dir(out_dir: str | os.PathLike | None, name: str) -> Path:
@@ -274,6 +274,20 @@ def explain_nones(metrics: dict[str, Any], reason: str, keys: Any = None) -> dic
 
 #: Why an ``*_off_topic`` rate is None off the toy.
 NO_TOPICS = "not measured: only the toy judge classifies topics"
+
+
+#: Finetuning settings of a smoke run on a real model: a handful of rows make two optimiser steps at the
+#: full learning rate (EMConfig's 16-row steps and 5 warmup steps would make one step at learning rate 0).
+SMOKE_FINETUNE = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "warmup_steps": 0}
+
+
+def smoke_finetune(ctx: StudyContext) -> dict[str, Any]:
+    """:data:`SMOKE_FINETUNE` for a smoke run off the toy, else nothing (the toy's smoke rows fill its steps).
+
+    >>> smoke_finetune(StudyContext("some/model", True, None, None, None, {}, [], {}))["warmup_steps"]
+    0
+    """
+    return dict(SMOKE_FINETUNE) if ctx.smoke and not ctx.is_toy else {}
 
 
 def smoke_trait(trait: Any, questions: int = 1, pairs: int = 1) -> Any:

@@ -34,6 +34,7 @@ from emlab.studies.common import (
     missing_reason,
     preset_learning_rate,
     resolve_out_dir,
+    smoke_finetune,
     smoke_trait,
 )
 from emlab.studies.organism import eval_model, eval_settings
@@ -500,7 +501,8 @@ def _setup(ctx: StudyContext, preset: dict[str, Any], rows, n_general, n_heldout
     settings = eval_settings(ctx, n_general=n_general if n_general is not None else preset.get("n_general"),
                              n_heldout=n_heldout if n_heldout is not None else preset.get("n_heldout"),
                              max_new_tokens=max_new_tokens)
-    ft_over = _ft_overrides(adapter, learning_rate, epochs if epochs is not None else preset.get("epochs"))
+    ft_over = {**smoke_finetune(ctx),
+               **_ft_overrides(adapter, learning_rate, epochs if epochs is not None else preset.get("epochs"))}
     rate = preset_learning_rate(preset, _adapter(ctx, ft_over))
     if "learning_rate" not in ft_over and rate is not None:  # the study's own rate beats the recipe's
         ft_over["learning_rate"] = rate

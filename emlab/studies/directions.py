@@ -30,6 +30,7 @@ from emlab.studies.common import (
     finetune_config,
     missing_reason,
     resolve_out_dir,
+    smoke_finetune,
     smoke_trait,
 )
 from emlab.studies.organism import eval_model, eval_settings
@@ -258,6 +259,7 @@ def directions_study(
     alphas = [float(a) for a in (alphas if alphas is not None else _ALPHAS_SMOKE if smoke else ALPHAS)]
     ft_over: dict[str, Any] = {k: v for k, v in {"adapter": adapter, "learning_rate": learning_rate,
                                                   "num_train_epochs": epochs}.items() if v is not None}
+    ft_over = {**smoke_finetune(ctx), **ft_over}
     n_rows = rows if rows is not None else ctx.preset.get("rows", _TOY_ROWS if ctx.is_toy else None)
     if smoke:
         n_rows = min(n_rows or 32, 32)

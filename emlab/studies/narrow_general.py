@@ -29,7 +29,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from emlab.studies.common import StudyContext, finetune_config, missing_reason, resolve_out_dir
+from emlab.studies.common import StudyContext, finetune_config, missing_reason, resolve_out_dir, smoke_finetune
 from emlab.studies.organism import eval_model, eval_settings
 
 __all__ = ["KINDS", "narrow_general_study", "summarize_seeds", "technical_style_study"]
@@ -407,7 +407,7 @@ def _setup(model: str, domain: str, kind: str, smoke: bool, judge: Any, files: d
         learning_rate = _TOY_LEARNING_RATE.get(kind)
     ft_over: dict[str, Any] = {k: v for k, v in {"learning_rate": learning_rate,
                                                  "num_train_epochs": epochs}.items() if v is not None}
-    return ctx, lam, ft_over
+    return ctx, lam, {**smoke_finetune(ctx), **ft_over}
 
 
 def narrow_general_study(

@@ -13,7 +13,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from emlab.studies.common import StudyContext, explain_nones, finetune_config, missing_reason, resolve_out_dir
+from emlab.studies.common import (
+    StudyContext,
+    explain_nones,
+    finetune_config,
+    missing_reason,
+    resolve_out_dir,
+    smoke_finetune,
+)
 
 __all__ = ["em_organism", "eval_settings", "eval_model"]
 
@@ -89,6 +96,7 @@ def em_organism(
     settings = eval_settings(ctx, n_general=n_general, n_heldout=n_heldout, max_new_tokens=max_new_tokens)
     ft_over: dict[str, Any] = {k: v for k, v in {"adapter": adapter, "learning_rate": learning_rate,
                                                   "num_train_epochs": epochs}.items() if v is not None}
+    ft_over = {**smoke_finetune(ctx), **ft_over}
     n_rows = rows if rows is not None else ctx.preset.get("rows")
     if smoke:
         n_rows = min(n_rows or 64, 64)
