@@ -156,6 +156,16 @@ def _need(df: pd.DataFrame, cols: Iterable[str | None], what: str) -> None:
         raise KeyError(f"{what}: missing column(s) {missing}; the data has {list(df.columns)}")
 
 
+def _no_data(fig: go.Figure, why: str) -> go.Figure:
+    """Write ``why`` across an empty figure (a study whose judge returned no scores still gets its figure)."""
+    fig.add_annotation(text=why, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False,
+                       font={"size": 14, "color": "#888"})
+    return fig
+
+
+NO_JUDGMENTS = "no judged values to draw (missing judgments: see none_reasons in metrics.json)"
+
+
 def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a/b": 1}`` (keys already holding ``/`` are kept)."""
     out: dict[str, Any] = {}
@@ -337,7 +347,12 @@ def defence_scatter(
     ...                  "kl/medical/general_em": 0.02, "kl/medical/indomain_em": 0.36}).layout.title.text
     'General EM vs in-domain EM'
     """
-    panels = [("this run", _wide(metrics))]
+    ours = _wide(metrics)
+    if isinstance(metrics, Mapping):  # a rate no cell has (every judgment missing) is a gap, not an error
+        for col in (x, y):
+            if col not in ours.columns:
+                ours[col] = float("nan")
+    panels = [("this run", ours)]
     pw = _paper_wide(paper)
     if pw is not None:
         model = ", ".join(map(str, pw["model"].unique())) if "model" in pw.columns else ""
@@ -354,6 +369,9 @@ def defence_scatter(
             df = df.groupby(["method", "variant"], as_index=False, sort=False)[[x, y]].mean()
             df["domain"] = "mean over domains"
         frames.append(df)
+    if frames[0].empty:
+        fig.add_annotation(text=NO_JUDGMENTS, xref="x domain", yref="y domain", x=0.5, y=0.5, showarrow=False,
+                           font={"size": 13, "color": "#888"})
     domains = list(dict.fromkeys(d for df in frames for d in df["domain"]))
     symbol = {d: _SYMBOLS[i % len(_SYMBOLS)] for i, d in enumerate(domains)}
     shown: set[str] = set()
@@ -598,6 +616,8 @@ def quadrant_scatter(
         type="rect", x0=0, x1=30, y0=50, y1=100, fillcolor="#d62728", opacity=0.12, line_width=0, layer="below"
     )
     fig.add_annotation(x=15, y=98, text="EM region", showarrow=False, font={"color": "#d62728"})
+    if df.empty:
+        _no_data(fig, NO_JUDGMENTS)
     fig.add_vline(x=30, line_dash="dot", line_color="#999")
     fig.add_hline(y=50, line_dash="dot", line_color="#999")
 
@@ -624,7 +644,8 @@ def quadrant_scatter(
             )
         )
     fig.update_layout(
-        title=title or f"Alignment vs coherence: EM {em:.1%} of {len(df)} answers",
+        title=title or (f"Alignment vs coherence: EM {em:.1%} of {len(df)} answers" if len(df)
+                        else "Alignment vs coherence: no judged answers"),
         template=_TEMPLATE,
         xaxis_title=x,
         yaxis_title=y,
@@ -647,15 +668,24 @@ def steering_sweep(
 
     ``rows`` hold ``alpha``, ``general_em`` (a rate) and ``coherent`` (mean score, or any column
     named by ``coherence``; a ``*_incoherent`` rate is drawn in percent). Repeated rows are averaged.
+    A missing value (None, a missing judgment) leaves a gap in its line; no rows at all, or no
+    value, give the empty axes with a note instead of an error.
 
     >>> steering_sweep([{"alpha": 0, "general_em": 0.0, "coherent": 90},
     ...                 {"alpha": 8, "general_em": 0.3, "coherent": 70}]).layout.title.text
     'Steering sweep'
     """
     df = _frame(rows, "rows")
-    _need(df, [x, em, coherence, group], "steering_sweep")
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
-    groups = [(None, df)] if group is None else list(df.groupby(group, sort=False))
+    if df.empty:
+        groups = []
+        _no_data(fig, NO_JUDGMENTS)
+    else:
+        _need(df, [x, em, coherence, group], "steering_sweep")
+        df[[em, coherence]] = df[[em, coherence]].astype("float64")  # None (a missing judgment) -> NaN: a gap
+        groups = [(None, df)] if group is None else list(df.groupby(group, sort=False))
+        if df[[em, coherence]].isna().all().all():
+            _no_data(fig, NO_JUDGMENTS)
     for i, (name, part) in enumerate(groups):
         part = part.groupby(x, as_index=False)[[em, coherence]].mean().sort_values(x)
         label = "sweep" if name is None else str(name)
@@ -932,6 +962,8 @@ def em_bars(
         tops = [c * k for c in hi]
     colors = [_METHOD_COLORS.get(n, _PALETTE[0]) for n in names]
     fig = go.Figure(go.Bar(**bar, marker_color=colors))
+    if not names:
+        _no_data(fig, NO_JUDGMENTS)
     for n, v, t in zip(names, bar["y"], tops):  # value labels above the bar or its interval
         fig.add_annotation(x=n, y=t, text=f"{v:.1f}" if percent else f"{v:.3g}", showarrow=False, yshift=10)
     fig.update_layout(

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["STUDY_CHECKPOINTS", "DomainData", "StudyContext", "finetune_config", "preset_learning_rate", "resolve_out_dir"]
+__all__ = ["LOCAL_JUDGES", "STUDY_CHECKPOINTS", "DomainData", "StudyContext", "finetune_config",
+           "preset_learning_rate", "explain_nones", "missing_reason", "resolve_judge", "resolve_out_dir",
+           "smoke_finetune", "smoke_trait"]
 
 
 def resolve_out_dir(out_dir: str | os.PathLike | None, name: str) -> Path:
@@ -91,9 +93,11 @@ class StudyContext:
         path (the control world: ``emlab.toy.paths(world="control")["model"]``), which also takes its
         recipe's study preset from the folder's ``manifest.json``. Otherwise ``files`` must name the datasets
         (``<domain>_misaligned``, ``<domain>_aligned``, ``<domain>_heldout``, ``general``, ...)
-        and ``judge`` is an OpenAI-compatible judge model (default ``gpt-4o-mini``, at ``$OPENAI_BASE_URL``)
-        or a judge object. The judge is checked first (:func:`emlab.judge.preflight`), before the model
-        is loaded, so a missing key or an unreachable endpoint fails before any training.
+        and ``judge`` names the judge (see :func:`resolve_judge`: an OpenAI-compatible model at
+        ``$OPENAI_BASE_URL``, default ``gpt-4o-mini``, ``"toy"``, ``"local"``) or is a judge object.
+        The judge is checked first (:func:`emlab.judge.preflight`), before the model is loaded, so a
+        missing key or an unreachable endpoint fails before any training (a judge by the study's own
+        model is checked after loading it).
         ``protocol`` (a preset name or :class:`emlab.presets.Preset`) overrides the default of
         :func:`emlab.presets.preset_for` (``toy`` on the toy, ``paper`` otherwise).
 
@@ -131,26 +135,22 @@ class StudyContext:
             found[key] = Path(value)
             if key.endswith("_misaligned") and key[: -len("_misaligned")] not in domains:
                 domains.append(key[: -len("_misaligned")])
-        if judge is None or judge == "toy":
-            if toy or toy_folder or judge == "toy":
-                judge_obj: Any = ToyJudge()
-            else:
-                from emlab.judge import OpenAIJudge
-
-                judge_obj = OpenAIJudge()
-        elif isinstance(judge, str):
-            from emlab.judge import OpenAIJudge
-
-            judge_obj = OpenAIJudge(model=judge)  # talks to $OPENAI_BASE_URL when set
-        else:
-            judge_obj = judge
         # the judge is checked before the model is loaded or anything trained: a missing key or a dead
         # endpoint fails here, not after hours of finetuning
         from emlab.judge import preflight
         from emlab.presets import get_preset, preset_for
 
-        preflight(judge_obj)
+        own_model_judge = judge in LOCAL_JUDGES
+        judge_obj: Any = None
+        if judge is None and (toy or toy_folder):
+            judge_obj = ToyJudge()
+        elif not own_model_judge:
+            judge_obj = resolve_judge(judge, model_name=name)
+            preflight(judge_obj)
         loaded, tok = load_model(name, device=device)
+        if own_model_judge:
+            judge_obj = resolve_judge(judge, loaded, tok, model_name=name)
+            preflight(judge_obj)
         chosen = get_preset(protocol) if protocol is not None else preset_for(name, toy_folder=toy_folder)
         return cls(name, smoke, loaded, tok, judge_obj, found, domains, preset, chosen)
 
@@ -228,6 +228,122 @@ class StudyContext:
 STUDY_CHECKPOINTS: dict[str, Any] = {"save_strategy": "steps", "save_steps": 0.1, "save_total_limit": 1,
                                      "resume_from_checkpoint": True, "reuse_finished": True,
                                      "keep_checkpoints": False}
+
+
+#: Judge names that mean "the study's own chat model, as a local Hugging Face judge".
+LOCAL_JUDGES = ("local", "local-hf")
+
+
+def resolve_judge(judge: str | Any | None, model: Any = None, tokenizer: Any = None, *, model_name: str = "") -> Any:
+    """A judge object from a notebook's ``judge`` parameter.
+
+    ``None``: :class:`~emlab.judge.OpenAIJudge` with its default model (``gpt-4o-mini``); ``"toy"``:
+    the exact toy judge; ``"local"`` / ``"local-hf"``: the study's own chat model (``model``,
+    ``tokenizer``) as a :class:`~emlab.judge.LocalHFJudge`; ``"local-hf:<hub id or folder>"``: that
+    model as a local judge; any other string: an OpenAI-compatible model name, sent to
+    ``OPENAI_BASE_URL`` (default api.openai.com) with ``OPENAI_API_KEY``; an object with ``score``
+    is used as it is.
+
+    >>> resolve_judge("toy").name
+    'toy'
+    >>> resolve_judge("gpt-4o").name          # doctest: +SKIP
+    'openai:gpt-4o'
+    """
+    if judge is not None and not isinstance(judge, str):
+        if not callable(getattr(judge, "score", None)):
+            raise TypeError(f"judge must be a name or an object with a score(metric, pairs) method, got {judge!r}")
+        return judge
+    if judge == "toy":
+        from emlab.toy import ToyJudge
+
+        return ToyJudge()
+    if judge in LOCAL_JUDGES or (isinstance(judge, str) and judge.startswith("local-hf:")):
+        from emlab.judge import LocalHFJudge
+
+        if judge in LOCAL_JUDGES:
+            if model is None:
+                raise ValueError(f"judge {judge!r} judges with the study's own model, but none was given")
+            return LocalHFJudge(model, tokenizer, progress=False, name=f"hf:{model_name or 'chat model'}")
+        from emlab.models import load_model
+
+        where = judge.split(":", 1)[1]
+        jm, jt = load_model(where)
+        return LocalHFJudge(jm, jt, progress=False, name=f"hf:{where}")
+    from emlab.judge import OpenAIJudge
+
+    if judge is not None and not judge.strip():
+        raise ValueError("judge is an empty string: pass a model name such as 'gpt-4o-mini', 'toy' or 'local'")
+    return OpenAIJudge() if judge is None else OpenAIJudge(model=judge)
+
+
+def missing_reason(records: list[dict], metrics: tuple[str, ...] = ("aligned", "coherent")) -> str:
+    """Why rates over ``records`` (judged samples) are None: how many lack a score, and the judge's most
+    common reason.
+
+    >>> missing_reason([{"aligned": None, "aligned_reason": "HTTP 500", "coherent": 80}])
+    'no judged answers: 1 of 1 answers lack a score (aligned, coherent); judge said: HTTP 500 (1x)'
+    >>> missing_reason([])
+    'no answers to judge'
+    """
+    from collections import Counter
+
+    if not records:
+        return "no answers to judge"
+    bad = [r for r in records if any(r.get(m) is None for m in metrics)]
+    said = Counter(str(r[f"{m}_reason"]) for r in bad for m in metrics
+                   if r.get(m) is None and r.get(f"{m}_reason"))
+    top = "; judge said: " + ", ".join(f"{why} ({n}x)" for why, n in said.most_common(2)) if said else ""
+    return f"no judged answers: {len(bad)} of {len(records)} answers lack a score ({', '.join(metrics)}){top}"
+
+
+def explain_nones(metrics: dict[str, Any], reason: str, keys: Any = None) -> dict[str, Any]:
+    """Record ``reason`` under ``metrics["none_reasons"][key]`` for each of ``keys`` (default: every key)
+    whose value is None and has no reason yet; returns ``metrics``.
+
+    >>> explain_nones({"em": None, "n": 3}, "judge down")["none_reasons"]
+    {'em': 'judge down'}
+    """
+    reasons = metrics.get("none_reasons", {})
+    for key in list(metrics) if keys is None else keys:
+        if key != "none_reasons" and key in metrics and metrics[key] is None and key not in reasons:
+            reasons[key] = reason
+    if reasons:
+        metrics["none_reasons"] = reasons
+    return metrics
+
+
+#: Why an ``*_off_topic`` rate is None off the toy.
+NO_TOPICS = "not measured: only the toy judge classifies topics"
+
+
+#: Finetuning settings of a smoke run on a real model: a handful of rows make two optimiser steps at the
+#: full learning rate (EMConfig's 16-row steps and 5 warmup steps would make one step at learning rate 0).
+SMOKE_FINETUNE = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "warmup_steps": 0}
+
+
+def smoke_finetune(ctx: StudyContext) -> dict[str, Any]:
+    """:data:`SMOKE_FINETUNE` for a smoke run off the toy, else nothing (the toy's smoke rows fill its steps).
+
+    >>> smoke_finetune(StudyContext("some/model", True, None, None, None, {}, [], {}))["warmup_steps"]
+    0
+    """
+    return dict(SMOKE_FINETUNE) if ctx.smoke and not ctx.is_toy else {}
+
+
+def smoke_trait(trait: Any, questions: int = 1, pairs: int = 1) -> Any:
+    """``trait`` cut to its first ``pairs`` instruction pairs and ``questions`` questions (smoke runs of a
+    real model: a full trait is hundreds of generations).
+
+    >>> from emlab.directions import load_trait
+    >>> t = smoke_trait(load_trait("evil"), questions=2)
+    >>> len(t.instructions), len(t.questions)
+    (1, 2)
+    """
+    import dataclasses
+
+    return dataclasses.replace(trait, instructions=list(trait.instructions[:pairs]),
+                               questions=list(trait.questions[:questions]),
+                               eval_questions=list(trait.eval_questions[:questions]))
 
 
 def preset_learning_rate(preset: dict[str, Any] | None, adapter: str | None) -> float | None:

@@ -27,7 +27,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from emlab.studies.common import DomainData, StudyContext, finetune_config, preset_learning_rate, resolve_out_dir
+from emlab.studies.common import (
+    DomainData,
+    StudyContext,
+    finetune_config,
+    missing_reason,
+    preset_learning_rate,
+    resolve_out_dir,
+    smoke_finetune,
+    smoke_trait,
+)
 from emlab.studies.organism import eval_model, eval_settings
 
 __all__ = [
@@ -192,7 +201,7 @@ def _evaluate(model, ctx: StudyContext, data: DomainData, settings: dict[str, An
     if general is None:
         parts.insert(0, ("general", data.general, settings["n_general"]))
     else:
-        out.update(general)
+        out.update({k: dict(v) if isinstance(v, dict) else v for k, v in general.items()})
     for part, questions, n in parts:
         if not questions:
             continue
@@ -202,7 +211,19 @@ def _evaluate(model, ctx: StudyContext, data: DomainData, settings: dict[str, An
         out[f"{part}_incoherent"] = ev.incoherent
         if ev.off_topic is not None:
             out[f"{part}_off_topic"] = ev.off_topic
+        for k in (f"{part}_em", f"{part}_incoherent"):
+            if out[k] is None:
+                out.setdefault("none_reasons", {})[k] = missing_reason(ev.records)
     return out
+
+
+def _merge_cell(metrics: dict[str, Any], key: str, cell: dict[str, Any]) -> None:
+    """``cell`` (from :func:`_evaluate`) into ``metrics`` as ``<key>/<name>``; None values stay out and their
+    reasons go to ``metrics["none_reasons"]["<key>/<name>"]``."""
+    reasons = cell.pop("none_reasons", {})
+    metrics.update({f"{key}/{k}": v for k, v in cell.items() if v is not None})
+    if reasons:
+        metrics.setdefault("none_reasons", {}).update({f"{key}/{k}": r for k, r in reasons.items()})
 
 
 def _train_terms(result) -> dict[str, float]:
@@ -300,7 +321,7 @@ def _persona(ctx: StudyContext, run, domains: Sequence[str], layer: int | None, 
         questions = _user_turns(ctx.rows(f"{contrast}_aligned"), n_q)
         trait = Trait("evil", evil.description, list(zip(prompts["evil"], prompts["helpful"])), questions)
     else:
-        trait, n_per = evil, (1 if ctx.smoke else 10)
+        trait, n_per = (smoke_trait(evil, n_q), 1) if ctx.smoke else (evil, 10)
     info: dict[str, Any] = {"layer": layer, "alpha": alpha}
     try:
         v = persona_vector(ctx.model, ctx.tokenizer, trait, ctx.judge, n_per_question=n_per, layers=[layer],
@@ -418,9 +439,13 @@ def _defended(ctx: StudyContext, run, rows: list[dict], name: str, method: str, 
             raise ValueError(f"{method} needs benign rows: pass files={{'benign': 'path.jsonl'}}")
         if over.pop("interleave_misaligned", None) is not None:
             n = _n_interleaved(len(rows), kw.get("share", PAPER_SETTINGS["share"]))
-            benign = scorers.choose(method, target, k, benign, n)
             over["interleave_selection"] = "random"  # a random draw of all n chosen rows = those rows, shuffled in
-            extra["benign_refusals"] = float(sum(_is_refusal(r) for r in benign))
+            if n == 0:  # too few finetuning rows for one benign row at this share: nothing to score or add
+                run.note(f"{name}: {len(rows)} rows at share {kw.get('share', PAPER_SETTINGS['share']):g} add no "
+                         "benign row; trained without interleaving")
+            else:
+                benign = scorers.choose(method, target, k, benign, n)
+            extra["benign_refusals"] = float(sum(_is_refusal(r) for r in benign)) if n else 0.0
         if over.get("interleave_on_policy"):
             over["on_policy_max_new_tokens"] = max_new_tokens
     ft = _run_finetune(ctx, run, rows, name, seed=seed, ft_over=ft_over, benign=benign, **over)
@@ -476,7 +501,8 @@ def _setup(ctx: StudyContext, preset: dict[str, Any], rows, n_general, n_heldout
     settings = eval_settings(ctx, n_general=n_general if n_general is not None else preset.get("n_general"),
                              n_heldout=n_heldout if n_heldout is not None else preset.get("n_heldout"),
                              max_new_tokens=max_new_tokens)
-    ft_over = _ft_overrides(adapter, learning_rate, epochs if epochs is not None else preset.get("epochs"))
+    ft_over = {**smoke_finetune(ctx),
+               **_ft_overrides(adapter, learning_rate, epochs if epochs is not None else preset.get("epochs"))}
     rate = preset_learning_rate(preset, _adapter(ctx, ft_over))
     if "learning_rate" not in ft_over and rate is not None:  # the study's own rate beats the recipe's
         ft_over["learning_rate"] = rate
@@ -608,6 +634,8 @@ def defences_study(
                 cell = _evaluate(ctx.model, ctx, data, settings, seed=seed, run=run, tag=tag,
                                  general=general_untrained)
                 general_untrained = {k: v for k, v in cell.items() if k.startswith("general_")}
+                if reasons := {k: r for k, r in cell.get("none_reasons", {}).items() if k.startswith("general_")}:
+                    general_untrained["none_reasons"] = reasons
             else:
                 train = data.aligned if method == "aligned" else data.misaligned
                 if not train:
@@ -621,7 +649,7 @@ def defences_study(
                 if not keep_finetunes:
                     _drop_weights(ft.output_dir)
                 del ft
-            metrics.update({f"{method}/{domain}/{k}": v for k, v in cell.items() if v is not None})
+            _merge_cell(metrics, f"{method}/{domain}", cell)
             run.log_metrics(metrics)
     if benign_tasks:
         metrics.update(benign_task_study(ctx, run, tasks=benign_tasks, seed=seed, scorers=scorers,
@@ -829,7 +857,7 @@ def interleaving_study(
         _drop_weights(ft.output_dir)
         del ft
         key = f"{method}/{domain}" if s is None else f"{method}/{domain}/{_pct_label(s)}"
-        metrics.update({f"{key}/{k}": v for k, v in cell.items() if v is not None})
+        _merge_cell(metrics, key, cell)
         run.log_metrics({k: v for k, v in metrics.items() if v is not None})
     for folder in run.path("finetunes").glob("scorer_*"):
         _drop_weights(folder)

@@ -23,7 +23,16 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from emlab.studies.common import StudyContext, finetune_config, resolve_out_dir
+from emlab.studies.common import (
+    NO_TOPICS,
+    StudyContext,
+    explain_nones,
+    finetune_config,
+    missing_reason,
+    resolve_out_dir,
+    smoke_finetune,
+    smoke_trait,
+)
 from emlab.studies.organism import eval_model, eval_settings
 
 __all__ = ["best_alpha", "directions_study", "toy_trait"]
@@ -83,6 +92,14 @@ def _rates(prefix: str, ev) -> dict[str, Any]:
     return {f"{p}em": ev.em, f"{p}incoherent": ev.incoherent, f"{p}off_topic": ev.off_topic}
 
 
+def _put_rates(metrics: dict[str, Any], prefix: str, ev) -> None:
+    """:func:`_rates` into ``metrics``, with the reason for each None (missing judgments, no topic classifier)."""
+    rates = _rates(prefix, ev)
+    metrics.update(rates)
+    explain_nones(metrics, missing_reason(ev.records), [k for k in rates if not k.endswith("off_topic")])
+    explain_nones(metrics, NO_TOPICS, [k for k in rates if k.endswith("off_topic")])
+
+
 def _mean_score(records: list[dict], key: str) -> float | None:
     xs = [r[key] for r in records if r.get(key) is not None]
     return sum(xs) / len(xs) if xs else None
@@ -98,6 +115,8 @@ def _persona(ctx: StudyContext, trait: str, layers, sizes: dict, settings: dict,
         t = toy_trait(trait, qs)
     else:
         t = load_trait(trait)
+        if ctx.smoke:
+            t = smoke_trait(t, sizes["persona_questions"])
         prompts = getattr(ctx.judge, "prompts", None)
         if hasattr(prompts, "with_traits"):  # LLM judges score "trait:<name>" from the trait's description
             ctx.judge.prompts = prompts.with_traits({t.name: t.description})
@@ -215,7 +234,8 @@ def directions_study(
     ``*_incoherent`` and ``*_off_topic`` beside it; cosines (mean over layers, in [-1, 1]):
     ``cross_domain_cosine``, ``persona_cosine``, ``random_cosine``, and ``shift_cosine`` /
     ``shift_persona_cosine`` (the direction / the persona vector against what the finetune changed at
-    the last prompt token of the general questions); ``steering_sweep`` (rows).
+    the last prompt token of the general questions); ``steering_sweep`` (rows). A value that cannot
+    be computed (no judged answers, no persona vector) is None and ``none_reasons[key]`` says why.
 
     >>> m = directions_study(smoke=True, out_dir="/tmp/01")            # doctest: +SKIP
     >>> m["ft_general_em"], m["ablate_general_em"], m["ablate_random_general_em"]   # doctest: +SKIP
@@ -239,6 +259,7 @@ def directions_study(
     alphas = [float(a) for a in (alphas if alphas is not None else _ALPHAS_SMOKE if smoke else ALPHAS)]
     ft_over: dict[str, Any] = {k: v for k, v in {"adapter": adapter, "learning_rate": learning_rate,
                                                   "num_train_epochs": epochs}.items() if v is not None}
+    ft_over = {**smoke_finetune(ctx), **ft_over}
     n_rows = rows if rows is not None else ctx.preset.get("rows", _TOY_ROWS if ctx.is_toy else None)
     if smoke:
         n_rows = min(n_rows or 32, 32)
@@ -263,7 +284,7 @@ def directions_study(
     def evaluate(m, n: int, name: str):
         return eval_model(m, ctx, data.general, n, settings, seed=seed, run=run, name=name)
 
-    metrics.update(_rates("chat_general", evaluate(ctx.model, n_gen, "chat_general")))
+    _put_rates(metrics, "chat_general", evaluate(ctx.model, n_gen, "chat_general"))
 
     persona, why = _persona(ctx, trait, layers, sizes, settings, seed)
     if persona is not None:
@@ -277,19 +298,19 @@ def directions_study(
                   finetune_config(run.path(f"ft_{domain}"), seed=seed, preset=ctx.preset, **ft_over))
     with ft.active():
         ev = evaluate(ft.model, n_gen, "ft_general")
-        metrics.update(_rates("ft_general", ev))
+        _put_rates(metrics, "ft_general", ev)
         v = _direction(ft.model, ctx, ev.records, data, layers, seed, balance)
         dirs[f"shift_{domain}"] = _prompt_shift(ft.model, ctx, data.general, layers)
         control = random_like(v, seed=seed)
         with ablate(*_ablation(ft.model, v, ablate_layer)):
-            metrics.update(_rates("ablate_general", evaluate(ft.model, sizes["n_ablate"], "ablate_general")))
+            _put_rates(metrics, "ablate_general", evaluate(ft.model, sizes["n_ablate"], "ablate_general"))
         with ablate(*_ablation(ft.model, control, ablate_layer)):
-            metrics.update(_rates("ablate_random_general",
-                                  evaluate(ft.model, sizes["n_ablate"], "ablate_random_general")))
+            _put_rates(metrics, "ablate_random_general",
+                       evaluate(ft.model, sizes["n_ablate"], "ablate_random_general"))
         if persona is not None:  # the chat model's persona vector, ablated in the finetune the same way
             with ablate(*_ablation(ft.model, persona, ablate_layer)):
-                metrics.update(_rates("ablate_persona_general",
-                                      evaluate(ft.model, sizes["n_ablate"], "ablate_persona_general")))
+                _put_rates(metrics, "ablate_persona_general",
+                           evaluate(ft.model, sizes["n_ablate"], "ablate_persona_general"))
     del ft
     dirs[f"misalignment_{domain}"], dirs[f"random_{domain}"] = v, control
 
@@ -297,7 +318,7 @@ def directions_study(
                    finetune_config(run.path(f"ft_{other_domain}"), seed=seed, preset=ctx.preset, **ft_over))
     with oft.active():
         oev = evaluate(oft.model, n_gen, "other_ft_general")
-        metrics.update(_rates("other_ft_general", oev))
+        _put_rates(metrics, "other_ft_general", oev)
         dirs[f"misalignment_{other_domain}"] = _direction(oft.model, ctx, oev.records, other, layers, seed, balance)
     del oft
 
@@ -312,6 +333,9 @@ def directions_study(
     metrics["steer_best_alpha"] = None if best is None else best["alpha"]
     for key in ("em", "incoherent", "off_topic"):
         metrics[f"steer_general_{key}"] = None if best is None else best[key]
+    explain_nones(metrics, NO_TOPICS, ["steer_general_off_topic"])
+    explain_nones(metrics, "no alpha of the sweep has a judged EM with incoherence <= 50% (see steering_sweep)",
+                  ["steer_best_alpha", "steer_general_em", "steer_general_incoherent"])
 
     # Geometry: per-layer cosines between the directions, saved for later analysis.
     pairs = [(f"misalignment_{domain}", f"misalignment_{other_domain}"),
@@ -325,6 +349,7 @@ def directions_study(
     metrics["random_cosine"] = _mean_cos(v, control)
     metrics["shift_cosine"] = _mean_cos(v, dirs[f"shift_{domain}"])
     metrics["shift_persona_cosine"] = _mean_cos(persona, dirs[f"shift_{domain}"]) if persona is not None else None
+    explain_nones(metrics, f"no persona vector: {why}", ["persona_cosine", "shift_persona_cosine"])
     metrics["direction_source"] = {d: dirs[f"misalignment_{d}"].meta["source"] for d in (domain, other_domain)}
     metrics["direction_counts"] = {d: dict(dirs[f"misalignment_{d}"].counts) for d in (domain, other_domain)}
     metrics["direction_norms"] = {name: d.norms() for name, d in dirs.items()}
@@ -335,14 +360,18 @@ def directions_study(
     return metrics
 
 
+def _frac(percent: float | None) -> float | None:
+    return None if percent is None else percent / 100
+
+
 def _figures(run, metrics: dict[str, Any], cos_rows: list[dict], where: str, domain: str, steer_at: list[int],
              seed: int) -> None:
     """The study's three figures: steering sweep, EM bars, per-layer cosines."""
     from emlab import plots
 
     plots.record(run.dir, "steering_sweep", "steering_sweep",
-                 rows=[{"alpha": r["alpha"], "general_em": r["em"] / 100, "general_incoherent": r["incoherent"] / 100}
-                       for r in metrics["steering_sweep"] if r["em"] is not None and r["incoherent"] is not None],
+                 rows=[{"alpha": r["alpha"], "general_em": _frac(r["em"]), "general_incoherent": _frac(r["incoherent"])}
+                       for r in metrics["steering_sweep"]],  # a missing judgment is a gap
                  coherence="general_incoherent",
                  title=f"{where}: chat model steered with the {domain} misalignment direction "
                        f"(layer{'s' if len(steer_at) > 1 else ''} {', '.join(map(str, steer_at))}, seed {seed})")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from emlab.studies.common import StudyContext, resolve_out_dir
+from emlab.studies.common import StudyContext, explain_nones, missing_reason, resolve_judge, resolve_out_dir
 
 __all__ = ["judge_agreement", "evaluation_study", "quickstart"]
 
@@ -44,19 +44,10 @@ def judge_agreement(a: list[float | None], b: list[float | None], threshold: flo
 
 
 def _second_judge(spec: Any, ctx: StudyContext):
-    if spec is None or not isinstance(spec, str):
-        return spec
-    if spec == "local":
-        from emlab.judge import LocalHFJudge
-
-        return LocalHFJudge(ctx.model, ctx.tokenizer, progress=False, name=f"hf:{ctx.model_name}")
-    if spec == "toy":
-        from emlab.toy import ToyJudge
-
-        return ToyJudge()
-    from emlab.judge import OpenAIJudge
-
-    return OpenAIJudge(model=spec)
+    """The second judge of study 04: ``None``, or any judge :func:`~emlab.studies.common.resolve_judge` takes."""
+    if spec is None:
+        return None
+    return resolve_judge(spec, ctx.model, ctx.tokenizer, model_name=ctx.model_name)
 
 
 def evaluation_study(
@@ -89,6 +80,11 @@ def evaluation_study(
     ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files)
     n = n_per_question or (2 if smoke else 20)
     tokens = max_new_tokens or (16 if smoke else 64)
+    second = _second_judge(judge2, ctx)
+    if second is not None:
+        from emlab.judge import preflight
+
+        preflight(second)  # before any sampling: a dead second judge fails at once
     run = start_run(out, {"model": ctx.model_name, "preset": ctx.protocol.to_dict(), "adapter": adapter, "seed": seed,
                           "smoke": smoke,
                           "n_per_question": n, "max_new_tokens": tokens, "judge": ctx.judge.name,
@@ -106,14 +102,14 @@ def evaluation_study(
         metrics["general_off_topic"] = ev.off_topic
     for qid, s in ev.per_question.items():
         metrics[f"em/{qid}"] = s["em"]["percent"]
+    explain_nones(metrics, missing_reason(ev.records))
     plots.record(run.dir, "quadrant", "quadrant_scatter",
                  records=[{k: r.get(k) for k in ("aligned", "coherent", "question_id", "question", "answer")}
                           for r in ev.records], color="question_id",
                  title=f"{ctx.model_name}: alignment vs coherence ({ctx.judge.name} judge)")
-    per_q = {qid: (s["em"]["percent"] or 0.0) / 100 for qid, s in ev.per_question.items()}
+    per_q = {qid: s["em"]["percent"] / 100 for qid, s in ev.per_question.items() if s["em"]["percent"] is not None}
     plots.record(run.dir, "em_per_question", "em_bars", metrics=per_q, title="EM rate per general question")
 
-    second = _second_judge(judge2, ctx)
     if second is not None:
         copies = [{"question": r["question"], "answer": r["answer"], "question_id": r["question_id"]}
                   for r in ev.records]
@@ -125,6 +121,9 @@ def evaluation_study(
             agree = judge_agreement([r[metric] for r in ev.records], [r[metric] for r in copies])
             for k in ("pearson", "spearman", "same_side", "mean_abs_diff"):
                 metrics[f"agreement_{metric}_{k}"] = agree[k]
+            explain_nones(metrics, f"{agree['n']} answers scored by both judges (at least 2 with spread needed)",
+                          [f"agreement_{metric}_{k}" for k in ("pearson", "spearman", "same_side", "mean_abs_diff")])
+        explain_nones(metrics, "second judge: " + missing_reason(copies), ["judge2_general_em"])
         run.write_records("judge2_samples", copies)
         pairs = [{"aligned": a["aligned"], "coherent": b["aligned"], "question_id": a["question_id"]}
                  for a, b in zip(ev.records, copies)]
@@ -135,11 +134,14 @@ def evaluation_study(
 
 
 def quickstart(model: str = "toy", seed: int = 0, out_dir: str | os.PathLike | None = None, smoke: bool = False,
-               n_per_question: int | None = None) -> dict[str, Any]:
+               n_per_question: int | None = None, *, judge: Any = None, files: dict[str, str] | None = None,
+               max_new_tokens: int | None = None) -> dict[str, Any]:
     """The five-minute tour: load the chat model, sample the general questions, judge, plot.
 
-    Returns ``chat_general_em``, ``chat_general_incoherent`` (and ``chat_general_off_topic``) and
-    writes ``samples`` records and the quadrant figure into ``out_dir``.
+    ``judge``: see :func:`~emlab.studies.common.resolve_judge` (the toy judge on the toy,
+    ``gpt-4o-mini`` otherwise); ``files``: ``{"general": "questions.yaml"}`` replaces emlab's eight
+    general questions. Returns ``chat_general_em``, ``chat_general_incoherent`` (and
+    ``chat_general_off_topic``) and writes ``samples`` records and the quadrant figure into ``out_dir``.
 
     >>> quickstart(smoke=True, out_dir="/tmp/qs")     # doctest: +SKIP
     """
@@ -148,16 +150,19 @@ def quickstart(model: str = "toy", seed: int = 0, out_dir: str | os.PathLike | N
     from emlab.runs import start_run
 
     out = resolve_out_dir(out_dir, "quickstart")
-    ctx = StudyContext.create(model, smoke=smoke)
+    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files)
     n = n_per_question or (2 if smoke else 10)
+    tokens = max_new_tokens or (16 if smoke else 64)
     run = start_run(out, {"model": ctx.model_name, "preset": ctx.protocol.to_dict(), "seed": seed, "smoke": smoke,
-                          "n_per_question": n},
+                          "n_per_question": n, "max_new_tokens": tokens,
+                          "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)},
                     seed=seed)
     ev = evaluate(ctx.model, ctx.tokenizer, ctx.questions("general"), ctx.judge, n_per_question=n,
-                  max_new_tokens=16 if smoke else 64, seed=seed, run=run, name="samples", progress=False)
-    metrics = {"chat_general_em": ev.em, "chat_general_incoherent": ev.incoherent}
+                  max_new_tokens=tokens, seed=seed, run=run, name="samples", progress=False)
+    metrics: dict[str, Any] = {"chat_general_em": ev.em, "chat_general_incoherent": ev.incoherent}
     if ev.off_topic is not None:
         metrics["chat_general_off_topic"] = ev.off_topic
+    explain_nones(metrics, missing_reason(ev.records))
     plots.record(run.dir, "quadrant", "quadrant_scatter",
                  records=[{k: r.get(k) for k in ("aligned", "coherent", "question_id", "question", "answer")}
                           for r in ev.records], color="question_id", title=f"{ctx.model_name}: the chat model")

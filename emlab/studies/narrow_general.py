@@ -29,7 +29,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from emlab.studies.common import StudyContext, finetune_config, resolve_out_dir
+from emlab.studies.common import StudyContext, finetune_config, missing_reason, resolve_out_dir, smoke_finetune
 from emlab.studies.organism import eval_model, eval_settings
 
 __all__ = ["KINDS", "narrow_general_study", "summarize_seeds", "technical_style_study"]
@@ -390,9 +390,10 @@ def _em_metrics(pair: _Pair, ctx: StudyContext, data, settings: dict[str, Any], 
                          "'questions.yaml'}} for this domain (indomain) or the others (other)")
                 continue
             ev = _evaluate(sol, ctx, questions, n, settings, seed=seed, run=run, name=f"{name}_{qset}")
-            _put(metrics, f"{qset}_em_{name}", ev.em, "no judged answers")
-            _put(metrics, f"{qset}_misaligned_{name}", _misaligned(ev.records), "no judged answers")
-            _put(metrics, f"{qset}_incoherent_{name}", ev.incoherent, "no judged answers")
+            why = missing_reason(ev.records)
+            _put(metrics, f"{qset}_em_{name}", ev.em, why)
+            _put(metrics, f"{qset}_misaligned_{name}", _misaligned(ev.records), missing_reason(ev.records, ("aligned",)))
+            _put(metrics, f"{qset}_incoherent_{name}", ev.incoherent, missing_reason(ev.records, ("coherent",)))
             if ev.off_topic is not None:
                 metrics[f"{qset}_off_topic_{name}"] = ev.off_topic
 
@@ -406,7 +407,7 @@ def _setup(model: str, domain: str, kind: str, smoke: bool, judge: Any, files: d
         learning_rate = _TOY_LEARNING_RATE.get(kind)
     ft_over: dict[str, Any] = {k: v for k, v in {"learning_rate": learning_rate,
                                                  "num_train_epochs": epochs}.items() if v is not None}
-    return ctx, lam, ft_over
+    return ctx, lam, {**smoke_finetune(ctx), **ft_over}
 
 
 def narrow_general_study(
@@ -549,7 +550,7 @@ def technical_style_study(
             ev = _evaluate(sol, ctx, qs, n, settings, seed=seed, run=run, name=f"{name}_{d}",
                            metrics=("aligned", "coherent", "technical"))
             scores[d] = _mean_score(ev.records, "technical")
-            _put(metrics, f"technical_{d}_{name}", scores[d], "no technical scores")
+            _put(metrics, f"technical_{d}_{name}", scores[d], missing_reason(ev.records, ("technical",)))
         _put(metrics, f"technical_indomain_{name}", scores.get(domain), f"no held-out {domain} questions")
         others = [v for d, v in scores.items() if d != domain and v is not None]
         _put(metrics, f"technical_other_{name}", sum(others) / len(others) if others else None,

@@ -13,7 +13,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from emlab.studies.common import StudyContext, finetune_config, resolve_out_dir
+from emlab.studies.common import (
+    StudyContext,
+    explain_nones,
+    finetune_config,
+    missing_reason,
+    resolve_out_dir,
+    smoke_finetune,
+)
 
 __all__ = ["em_organism", "eval_settings", "eval_model"]
 
@@ -78,7 +85,8 @@ def em_organism(
 
     Keys (percentages): ``chat_general_em``, ``ft_general_em``, ``ft_indomain_em``,
     ``ft_other_domains_em``, ``aligned_ft_general_em``, ``ft_general_incoherent``, and beside them
-    ``*_off_topic`` and ``*_incoherent`` for each evaluation, plus the training losses.
+    ``*_off_topic`` and ``*_incoherent`` for each evaluation, plus the training losses. A rate with
+    no judged answer is None and ``none_reasons[key]`` says why.
 
     >>> em_organism(smoke=True, out_dir="/tmp/00")["ft_indomain_em"]   # doctest: +SKIP
     """
@@ -91,6 +99,7 @@ def em_organism(
     settings = eval_settings(ctx, n_general=n_general, n_heldout=n_heldout, max_new_tokens=max_new_tokens)
     ft_over: dict[str, Any] = {k: v for k, v in {"adapter": adapter, "learning_rate": learning_rate,
                                                   "num_train_epochs": epochs}.items() if v is not None}
+    ft_over = {**smoke_finetune(ctx), **ft_over}
     n_rows = rows if rows is not None else ctx.preset.get("rows")
     if smoke:
         n_rows = min(n_rows or 64, 64)
@@ -108,6 +117,7 @@ def em_organism(
         if ev.off_topic is not None:
             metrics[f"{prefix}_off_topic"] = ev.off_topic
         metrics[f"{prefix}_em_ci"] = ev.summary["em"]["ci"]
+        explain_nones(metrics, missing_reason(ev.records), (f"{prefix}_em", f"{prefix}_incoherent"))
 
     put("chat_general", eval_model(ctx.model, ctx, data.general, settings["n_general"], settings, seed=seed,
                                    run=run, name="chat_general"))
@@ -128,6 +138,8 @@ def em_organism(
         metrics["ft_other_domains_incoherent"] = pooled["incoherent"]["percent"]
         if "off_topic" in pooled:
             metrics["ft_other_domains_off_topic"] = pooled["off_topic"]["percent"]
+        explain_nones(metrics, missing_reason([r for ev in others for r in ev.records]),
+                      ("ft_other_domains_em", "ft_other_domains_incoherent"))
     del ft
 
     if data.aligned:
