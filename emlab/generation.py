@@ -34,15 +34,19 @@ def _messages(prompt: Prompt, system: str | None) -> list[dict[str, str]]:
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids that end an answer: the chat end token ``<|im_end|>`` (if known) and the tokenizer's eos.
+    """Token ids that end an answer: the chat end-of-turn tokens the vocabulary has (``<|im_end|>``,
+    ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``) and the tokenizer's eos.
 
     >>> stop_token_ids(tiny_tokenizer())     # doctest: +SKIP
     [2]
     """
+    from emlab.chat_templates import END_OF_TURN
+
     ids = []
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.append(im_end)
+    vocab = tokenizer.get_vocab()
+    for marker in END_OF_TURN:  # <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>, ...
+        if marker in vocab and vocab[marker] != tokenizer.unk_token_id:
+            ids.append(vocab[marker])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     if not ids:
