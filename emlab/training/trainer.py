@@ -29,7 +29,14 @@ from trl import SFTTrainer
 from emlab.models import get_layers, unwrap
 from emlab.training.adapters import load_vectors, prepare_model, steering_vector
 from emlab.training.config import EMConfig
-from emlab.training.losses import IGNORE_INDEX, head_terms, ldifs_loss, next_token_mask
+from emlab.training.losses import (
+    IGNORE_INDEX,
+    head_terms,
+    ldifs_flat_loss,
+    ldifs_loss,
+    ldifs_sink_mask,
+    next_token_mask,
+)
 
 __all__ = ["EMTrainer", "draw_indices"]
 
@@ -106,7 +113,12 @@ class EMTrainer(SFTTrainer):
             bad = [layer for layer in self._preventive if not 0 <= layer < n_layers]
             if bad:
                 raise ValueError(f"preventive_vector has layers {bad} outside the model's {n_layers} blocks")
-        self._ldifs_layers = list(args.ldifs_layers or range(args.ldifs_stride - 1, n_layers, args.ldifs_stride))
+        if args.ldifs_layers:
+            self._ldifs_layers = list(args.ldifs_layers)
+        elif args.ldifs_variant == "authors":
+            self._ldifs_layers = sorted({int(x) for x in torch.linspace(0, n_layers - 1, 5).long().tolist()})
+        else:
+            self._ldifs_layers = list(range(args.ldifs_stride - 1, n_layers, args.ldifs_stride))
         if not self._ldifs_layers:
             self._ldifs_layers = [n_layers - 1]
         if max(self._ldifs_layers) >= n_layers:
@@ -133,6 +145,13 @@ class EMTrainer(SFTTrainer):
                                                                  "resid_pdrop", "embd_pdrop", "attn_pdrop")
         ) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for n, m in bare.named_modules() if "lora_" not in n)
         self._ref_accepts_logits_to_keep = "logits_to_keep" in inspect.signature(type(unwrap(self.model)).forward).parameters
+
+    def train(self, *args, **kwargs):
+        """trl's ``train`` with the torch CPU thread count chosen by :func:`emlab.threads.choose_threads`."""
+        from emlab.threads import cpu_threads
+
+        with cpu_threads(self.model):
+            return super().train(*args, **kwargs)
 
     # ---- steering and reference contexts ----
 
@@ -245,7 +264,15 @@ class EMTrainer(SFTTrainer):
         if use_ldifs:
             feats = [hs[layer + 1][:b, :t] for layer in self._ldifs_layers]  # ref_rows covers every row here
             ref_feats = [ref_hs[layer + 1][:b, :t] for layer in self._ldifs_layers]
-            terms["ldifs"] = ldifs_loss(feats, ref_feats, am[:b, :t].bool(), normalize=args.ldifs_normalize)
+            if args.ldifs_no_grad:  # the public copy's bug: both sides without gradient
+                feats = [f.detach() for f in feats]
+            keep = am[:b, :t].bool()
+            if args.ldifs_sinks == "exclude":
+                keep = ldifs_sink_mask(ref_feats, keep, ratio=args.ldifs_sink_ratio)
+            if args.ldifs_variant == "authors":
+                terms["ldifs"] = ldifs_flat_loss(feats, ref_feats, keep)
+            else:
+                terms["ldifs"] = ldifs_loss(feats, ref_feats, keep, normalize=args.ldifs_normalize)
         return nll_sum
 
     @staticmethod
