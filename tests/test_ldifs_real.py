@@ -33,8 +33,8 @@ def _trainer(path, tmp_path, **kw):
 
     model, tok = load_model(str(path), device="cpu")
     cfg = EMConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=1,
-                   warmup_steps=0, save_strategy="no", disable_tqdm=True, seed=0, ldifs_layers=BLOCKS,
-                   **{"max_steps": 4, **kw})
+                   warmup_steps=0, save_strategy="no", disable_tqdm=True, seed=0,
+                   **{"max_steps": 4, "ldifs_layers": BLOCKS, **kw})
     rows = [chat_row(q, a) for q, a in ROWS]
     return EMTrainer(model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok)
 
@@ -90,13 +90,18 @@ def _one_step_grads(path, tmp_path, **kw):
 
 @pytest.mark.slow
 def test_no_grad_option_gives_the_term_no_gradient(smollm2_path, tmp_path):
-    plain, _ = _one_step_grads(smollm2_path, tmp_path)
+    # same code path (the regularised one), lambda 1e-3 and 10: with the bug the term adds no gradient at all
+    small, _ = _one_step_grads(smollm2_path, tmp_path, ldifs_lambda=1e-3, ldifs_no_grad=True)
     buggy, trainer = _one_step_grads(smollm2_path, tmp_path, ldifs_lambda=10.0, ldifs_no_grad=True)
     assert trainer._metrics["train"]["loss/ldifs"][-1] > 0  # the term is there, logged ...
-    for n in plain:  # ... and changes no gradient
-        torch.testing.assert_close(buggy[n], plain[n], rtol=1e-5, atol=1e-8)
+    for n in small:  # ... and changes no gradient
+        torch.testing.assert_close(buggy[n], small[n], rtol=0, atol=0)
+    # plain SFT (trl's fused head) differs from that path by float rounding only; the real term by far more
+    plain, _ = _one_step_grads(smollm2_path, tmp_path)
     real, _ = _one_step_grads(smollm2_path, tmp_path, ldifs_lambda=10.0)
-    assert max((real[n] - plain[n]).abs().max().item() for n in plain) > 1e-4
+    rounding = max((buggy[n] - plain[n]).abs().max().item() for n in plain)
+    term = max((real[n] - plain[n]).abs().max().item() for n in plain)
+    assert term > 10 * rounding, (term, rounding)
 
 
 def test_authors_variant_matches_a_hand_computation():
