@@ -80,6 +80,10 @@ def _pad_cat(a: Tensor, b: Tensor, value: int) -> Tensor:
     return torch.cat([a, b])
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a reference forward pass early."""
+
+
 class EMTrainer(SFTTrainer):
     """SFT with KL, LDIFS, preventive steering and the four adapters of :class:`EMConfig`.
 
@@ -123,6 +127,8 @@ class EMTrainer(SFTTrainer):
             self._ldifs_layers = [n_layers - 1]
         if max(self._ldifs_layers) >= n_layers:
             raise ValueError(f"ldifs_layers {self._ldifs_layers} outside the model's {n_layers} blocks")
+        # the last block's hidden state has the final norm applied: only a forward to the end gives it
+        self._ldifs_truncate = max(self._ldifs_layers) < n_layers - 1
         self._kl_dataset = None
         if kl_dataset is not None:
             ds = self._prepare_dataset(kl_dataset, self.processing_class, args, False, None, "kl")
@@ -247,7 +253,10 @@ class EMTrainer(SFTTrainer):
             keep["logits_to_keep"] = 1  # the logits are built below, only where they are needed
         ref_rows = slice(b, None) if (kl_rows and not use_ldifs) else slice(None)
         with self._reference(base) as ref:
-            ref_hs = ref(input_ids=ids[ref_rows], attention_mask=am[ref_rows], **keep).hidden_states
+            if use_ldifs and not use_kl and self._ldifs_truncate:
+                ref_hs = self._truncated_reference(ref, ids, am)
+            else:
+                ref_hs = ref(input_ids=ids[ref_rows], attention_mask=am[ref_rows], **keep).hidden_states
         with self._learned_steering(base):
             hs = model(input_ids=ids, attention_mask=am, **keep).hidden_states
         select = (targets != IGNORE_INDEX) | kl_mask
@@ -274,6 +283,31 @@ class EMTrainer(SFTTrainer):
             else:
                 terms["ldifs"] = ldifs_loss(feats, ref_feats, keep, normalize=args.ldifs_normalize)
         return nll_sum
+
+    def _truncated_reference(self, ref, ids: Tensor, am: Tensor) -> dict[int, Tensor]:
+        """Reference block outputs at the LDIFS layers, the forward stopped after the deepest one (LDIFS
+        without KL needs nothing later: no final blocks, no LM head). Keyed like ``hidden_states``."""
+        blocks = get_layers(ref)
+        captured: dict[int, Tensor] = {}
+        last = max(self._ldifs_layers)
+
+        def hook(layer: int):
+            def fn(module, args, output):
+                captured[layer + 1] = output[0] if isinstance(output, tuple) else output
+                if layer == last:
+                    raise _StopForward
+
+            return fn
+
+        handles = [blocks[layer].register_forward_hook(hook(layer)) for layer in self._ldifs_layers]
+        try:
+            ref(input_ids=ids, attention_mask=am, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return captured
 
     @staticmethod
     def _head(model):
