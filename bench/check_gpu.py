@@ -11,8 +11,8 @@ scaled down and a Qwen2 with the 7B's head grouping (7 query heads per kv head) 
 
 For each model and method (``sft``, ``kl`` lambda 0.1, ``ldifs`` lambda 0.1, ``preventive`` alpha 5)
 one ``EMTrainer`` (rs-LoRA r=32) takes ``--steps`` optimiser steps on the same batch in bf16; the
-script prints the median step time, training tokens/s, peak memory (CUDA's allocator; on CPU the
-peak of live tensors, as bench/bench_training.py measures it) next to the estimate of docs/gpu.md,
+script prints the median step time, training tokens/s, peak memory (CUDA's allocator; "n/a" on
+CPU, where bench/bench_training.py measures tensor memory) next to the estimate of docs/gpu.md,
 and the relative difference between the first-step loss in bf16 and in fp32 (same weights, same
 batch; target < 2%). Then batched generation (batch 32, 64 new tokens) in tokens/s.
 """
