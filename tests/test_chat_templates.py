@@ -169,3 +169,21 @@ def test_patches_apply_only_once_and_with_either_newline_spelling():
     real = escaped.replace("\\n", "\n")
     assert smol.apply(escaped) is not None and smol.apply(real) is not None
     assert smol.apply(escaped + smol.old) is None  # twice: ambiguous, not patched
+
+
+def test_trainer_gives_a_marker_less_tokenizer_its_own_template_with_markers(smollm2_path, tmp_path):
+    from datasets import Dataset
+
+    from emlab.data import chat_row
+    from emlab.testing import tiny_model
+    from emlab.training import EMConfig, EMTrainer
+
+    tok = _tokenizer(smollm2_path, "smollm2")  # as AutoTokenizer gives it: no markers
+    cfg = EMConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=1, save_strategy="no",
+                   disable_tqdm=True, lora_r=2)
+    rows = Dataset.from_list([chat_row("Hi there", "Hello, friend")])
+    EMTrainer(tiny_model("llama", vocab_size=len(tok)), args=cfg, train_dataset=rows, processing_class=tok)
+    assert training_template(tok)[1] == "own" and "named SmolLM" in tok.chat_template
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ModelLoadError, match="cannot add"):
+        EMTrainer(tiny_model("llama", vocab_size=len(tok)), args=cfg, train_dataset=rows, processing_class=tok)

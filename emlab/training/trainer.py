@@ -104,6 +104,12 @@ class EMTrainer(SFTTrainer):
         if kl_dataset is not None and (args.kl_on != "kl_rows" or args.kl_lambda == 0):
             raise ValueError("a kl_dataset was given but the config does not use it: set kl_on='kl_rows' and "
                              "kl_lambda > 0, or drop the rows.")
+        if args.assistant_only_loss and processing_class is not None and hasattr(processing_class, "chat_template"):
+            from emlab.chat_templates import has_markers
+            from emlab.models import ensure_chat_template
+
+            if not has_markers(processing_class.chat_template):  # the model's own template, markers added
+                ensure_chat_template(processing_class)  # (or a clear error naming the fix)
         model, peft_config = prepare_model(model, args)
         self.ref_model = _frozen_copy(model) if (args.adapter == "full" and args.uses_reference) else None
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
