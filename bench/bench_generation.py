@@ -14,6 +14,7 @@ process (a Python loop spinning on one core), which is the situation of issue 16
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -88,10 +89,11 @@ def threads_check(model, tok, prompts: list[str], max_new_tokens: int) -> dict:
             time.sleep(1.0)
         try:
             for label, n in settings.items():
-                if busy and "emlab" in label:  # re-read the load: the spinner is running now
+                if busy and "emlab" in label:  # the spinner is running now: one core is busy
+                    os.environ.pop("EMLAB_THREADS", None)
                     n = choose_threads(n_params, load=1.0)
                     label = f"emlab choice, busy core declared ({n})"
-                torch.set_num_threads(n)
+                os.environ["EMLAB_THREADS"] = str(n)  # generate() sets its threads by emlab.threads
                 r, _, _ = rate(model, tok, prompts, 1, max_new_tokens)
                 key = f"{label}{' + 1 busy process' if busy else ''}"
                 out[key] = r
@@ -100,7 +102,7 @@ def threads_check(model, tok, prompts: list[str], max_new_tokens: int) -> dict:
             if spinner is not None:
                 spinner.terminate()
                 spinner.join(timeout=10)
-    torch.set_num_threads(default)
+    os.environ.pop("EMLAB_THREADS", None)
     return out
 
 
@@ -120,17 +122,20 @@ def main() -> int:
     p.add_argument("--batched-prompts", type=int, default=64, help="prompts generated in batches")
     p.add_argument("--sequential-prompts", type=int, default=8, help="prompts generated one at a time")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: emlab.threads' choice)")
     p.add_argument("--build", action="store_true", help="build the toy organism if it is not cached")
     p.add_argument("--model", default="toy", choices=["toy", "smollm2"])
     p.add_argument("--threads-check", action="store_true", help="compare thread counts (see the docstring)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads:  # generate() takes its thread count from emlab.threads, which reads this first
+        os.environ["EMLAB_THREADS"] = str(args.threads)
     model, tok, label = smollm2() if args.model == "smollm2" else toy_or_stand_in(args.build)
     target = 8 if args.model == "smollm2" else 5
     print(f"model: {label}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, max_new_tokens {args.max_new_tokens}")
+    from emlab.threads import choose_threads
+
+    n = choose_threads(sum(p.numel() for p in model.parameters()))
+    print(f"torch {torch.__version__}, {n} thread(s) (emlab.threads), max_new_tokens {args.max_new_tokens}")
     prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(max(args.batched_prompts, args.sequential_prompts))]
     rate(model, tok, prompts[:2], 2, 4)  # warm-up
     if args.threads_check:
