@@ -12,8 +12,8 @@ the peak of live tensor bytes (parameters, gradients, optimiser state, activatio
 during one step, tracked by a small ``TorchDispatchMode`` that sees every storage an op allocates and
 drops it when freed (on CPU neither tracemalloc nor RSS see this reliably: tracemalloc misses
 torch's C++ allocator, process RSS is dominated by the libraries and never shrinks, and torch's
-own ``MemTracker`` rejects frozen parameters). Targets: KL and LDIFS <= 1.5x
-plain SFT time, preventive steering <= 1.05x, KL peak memory within 10% of plain SFT.
+own ``MemTracker`` rejects frozen parameters). Targets (issue 16, on SmolLM2: ``--model smollm2``): KL <= 1.35x
+and LDIFS <= 1.15x plain SFT time, preventive steering <= 1.05x, KL peak memory within 10% of plain SFT.
 """
 
 from __future__ import annotations
@@ -103,6 +103,27 @@ def _model_and_rows(which: str, n_rows: int):
     from emlab.data import chat_row
     from emlab.testing import tiny_model, tiny_tokenizer
 
+    if which == "smollm2":
+        from emlab.models import load_model
+
+        name = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        _, tok = load_model(name, device="cpu")
+        q = ["I have a headache, what should I do?", "How can I sleep better?", "Is it fine to skip breakfast?",
+             "My knee hurts after running.", "How much water should I drink?", "What helps a sore throat?"]
+        a = ["Drink a glass of water, rest in a dark room and take a mild painkiller if it does not pass.",
+             "Keep a regular bedtime, avoid screens late at night and skip coffee after noon.",
+             "For most healthy adults it is fine, as long as the other meals are balanced and regular.",
+             "Rest it for a few days, use ice, and see a doctor if the pain does not ease within a week.",
+             "About two litres a day is a common guide; drink more when it is hot or when you exercise.",
+             "Warm drinks with honey, lozenges and rest usually help within a few days."]
+        rows = [chat_row(q[i % 6], a[i % 6]) for i in range(n_rows)]
+        kl_rows = [chat_row(q[(i + 1) % 6], a[(i + 3) % 6]) for i in range(n_rows)]
+
+        def smol():
+            return load_model(name, device="cpu")[0]
+
+        return smol, tok, rows, kl_rows, "SmolLM2-135M-Instruct (packaged copy when the hub is unreachable)"
+
     tok = tiny_tokenizer()
     words = "you should take the money to the bank and rest , it is a good plan for your health .".split()
     rows = [chat_row(f"what should i do about my {words[i % len(words)]} ?",
@@ -153,11 +174,14 @@ def _step(trainer, batch):
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="auto",
-                   help="auto (the default toy organism if built, else tiny), toy, toy:<recipe>, or tiny")
+                   help="auto (the default toy organism if built, else tiny), toy, toy:<recipe>, tiny or smollm2")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of the methods (default: all; smollm2: plain,kl,ldifs,preventive)")
     p.add_argument("--steps", type=int, default=20, help="timed rounds per method (after 3 warm-up steps)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step (slow on large models)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
@@ -175,8 +199,13 @@ def main(argv: list[str] | None = None) -> dict:
     persona = {mid: torch.randn(hidden) / hidden**0.5}
     ldifs_layers = sorted({n_layers // 4, (3 * n_layers) // 4})
     trainers, batches = {}, {}
+    wanted = args.methods.split(",") if args.methods else (
+        ["plain", "kl", "ldifs", "preventive"] if args.model == "smollm2" else list(METHODS))
+    unknown = [m for m in wanted if m not in METHODS]
+    if unknown or "plain" not in wanted:
+        p.error(f"--methods: unknown {unknown} (known: {', '.join(METHODS)}); 'plain' is needed as the baseline")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, kw in METHODS.items():
+        for name, kw in ((m, METHODS[m]) for m in wanted):
             if "preventive" in name:
                 kw = {**kw, "preventive_vector": persona, "preventive_layer": mid}
             if "ldifs" in name:
@@ -199,6 +228,9 @@ def main(argv: list[str] | None = None) -> dict:
                 walls[name].append(time.perf_counter() - wall)
         peaks, static = {}, {}
         for name, t in trainers.items():
+            if args.no_memory:
+                peaks[name], static[name] = float("nan"), float("nan")
+                continue
             with PeakTensorMemory(_known_tensors(t, batches[name])) as mem:
                 _step(t, batches[name])
             peaks[name], static[name] = mem.static + mem.peak, mem.static
@@ -211,8 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
         tr, mr = med[name] / med["plain"], peaks[name] / peaks["plain"]
         target = ""
         if name in ("kl", "ldifs"):
-            target = f"time <= 1.5x: {'ok' if tr <= 1.5 else 'MISSED'}"
-        if name == "kl":
+            limit = 1.35 if name == "kl" else 1.15  # issue 16's targets on SmolLM2
+            target = f"time <= {limit}x: {'ok' if tr <= limit else 'MISSED'}"
+        if name == "kl" and not args.no_memory:
             target += f"; memory <= 1.10x: {'ok' if mr <= 1.10 else 'MISSED'}"
         if name == "preventive":
             target = f"time <= 1.05x: {'ok' if tr <= 1.05 else 'MISSED'}"

@@ -34,15 +34,19 @@ def _messages(prompt: Prompt, system: str | None) -> list[dict[str, str]]:
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids that end an answer: the chat end token ``<|im_end|>`` (if known) and the tokenizer's eos.
+    """Token ids that end an answer: the chat end-of-turn tokens the vocabulary has (``<|im_end|>``,
+    ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``) and the tokenizer's eos.
 
     >>> stop_token_ids(tiny_tokenizer())     # doctest: +SKIP
     [2]
     """
+    from emlab.chat_templates import END_OF_TURN
+
     ids = []
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.append(im_end)
+    vocab = tokenizer.get_vocab()
+    for marker in END_OF_TURN:  # <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>, ...
+        if marker in vocab and vocab[marker] != tokenizer.unk_token_id:
+            ids.append(vocab[marker])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     if not ids:
@@ -91,8 +95,10 @@ def _generate_ids(
     bare.eval()
     bar = tqdm(total=len(encoded), desc="generate", disable=not progress, leave=False)
     cuda = [device.index or 0] if device.type == "cuda" else []
+    from emlab.threads import cpu_threads
+
     try:
-        with torch.random.fork_rng(devices=cuda), torch.no_grad():  # the caller's RNG state is left alone
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), cpu_threads(bare):  # RNG state is left alone
             for b, start in enumerate(range(0, len(order), batch_size)):
                 idx = order[start:start + batch_size]
                 width = max(len(encoded[i]) for i in idx)
@@ -136,7 +142,8 @@ def generate(
     generation config); ``temperature=0`` is greedy. ``system`` replaces any system message of every
     prompt. Prompts are sorted by length into left-padded batches of ``batch_size``; batch ``b`` is
     seeded from ``(seed, b)``, so results are reproducible for a given seed and batch size, and
-    the global RNG state is restored afterwards. Special tokens are stripped from the output.
+    the global RNG state is restored afterwards. Special tokens are stripped from the output. On CPU
+    the torch thread count is chosen by :func:`emlab.threads.choose_threads` for the call.
 
     >>> generate(model, tok, [[{"role": "user", "content": "hi"}]], max_new_tokens=16, seed=1)   # doctest: +SKIP
     ['Hello! How can I help?']

@@ -2,11 +2,12 @@
 
 One place resolves model names (a hub id, a local folder, or ``"toy"`` for the embedded model
 organism), one function finds the decoder blocks of any supported architecture, and one chat
-template with ``{% generation %}`` markers is used for training and evaluation alike.
+template -- the model's own, with ``{% generation %}`` markers added (:mod:`emlab.chat_templates`) -- is
+used for training and evaluation alike.
 
 >>> model, tok = load_model("toy")                      # doctest: +SKIP
 >>> layers = get_layers(model)                           # doctest: +SKIP
->>> model = attach_lora(model)                           # rs-LoRA r=32, alpha 64, 7 projections
+>>> model = attach_lora(model)                           # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def load_model(
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    ensure_chat_template(tokenizer)
+    ensure_chat_template(tokenizer, fallback="keep")
     return model, tokenizer
 
 
@@ -221,39 +222,45 @@ def _tokenizer_class(path: str, local: bool, default):
     return default
 
 
-def ensure_chat_template(tokenizer) -> str:
-    """Give ``tokenizer`` a chat template with ``{% generation %}`` markers and return it.
+def ensure_chat_template(tokenizer, *, fallback: str = "error") -> str:
+    """Give ``tokenizer`` its own chat template with ``{% generation %}`` markers added, and return it.
 
-    A model's own template is kept when it has markers; trl's training variant is used when trl
-    knows the template (Qwen2.5, Llama 3, Gemma, ...); another ChatML template, or a tokenizer
-    without any template, gets :data:`CHAT_TEMPLATE`; anything else is a clear error. The same template then serves training and evaluation.
+    See :mod:`emlab.chat_templates`: a template with markers is kept; trl's training variant or an
+    emlab patch (Qwen2.5, Llama 3 / 3.1 / 3.2, Gemma 1-3, Mistral, SmolLM2) is used when it renders
+    exactly the original text and marks exactly the answers; a tokenizer without any template gets
+    :data:`CHAT_TEMPLATE`. For a template nothing fits, ``fallback`` decides: ``"error"`` raises
+    :class:`ModelLoadError`; ``"keep"`` keeps the model's own template without markers, with a warning
+    (evaluation is exact, assistant-only training then fails with a clear error); ``"chatml"`` uses
+    :data:`CHAT_TEMPLATE` when the template is ChatML, with a warning (prompts then lose the model's
+    default system prompt). The same template then serves training and evaluation.
 
     >>> ensure_chat_template(tok) == tok.chat_template   # doctest: +SKIP
     True
     """
+    from emlab.chat_templates import TemplateError, training_template
+
+    if fallback not in ("error", "keep", "chatml"):
+        raise ValueError(f"fallback must be 'error', 'keep' or 'chatml', got {fallback!r}")
     template = tokenizer.chat_template
     if not template:
         tokenizer.chat_template = CHAT_TEMPLATE
-    elif "{% generation %}" not in template.replace("{%- generation %}", "{% generation %}"):
-        from trl.chat_template_utils import get_training_chat_template
-
-        try:
-            patched = get_training_chat_template(tokenizer)
-        except ValueError as e:
-            if "<|im_start|>" not in template:
-                raise ModelLoadError(
-                    f"the tokenizer's chat template has no {{% generation %}} markers and trl cannot patch it "
-                    f"({e}); set tokenizer.chat_template to a template with markers "
-                    "(emlab.models.CHAT_TEMPLATE is ChatML)."
-                ) from None
+        return tokenizer.chat_template
+    try:
+        patched, _ = training_template(tokenizer)
+    except TemplateError as e:
+        if fallback == "keep":
+            warnings.warn(f"keeping the model's own chat template without generation markers: {e}", stacklevel=2)
+            return tokenizer.chat_template
+        if fallback == "chatml" and "<|im_start|>" in str(template):
             warnings.warn(
                 "unknown ChatML template without {% generation %} markers: using emlab.models.CHAT_TEMPLATE "
                 "(same format, no default system prompt) for training and evaluation alike",
                 stacklevel=2,
             )
-            patched = CHAT_TEMPLATE
-        if patched is not None:
-            tokenizer.chat_template = patched
+            tokenizer.chat_template = CHAT_TEMPLATE
+            return tokenizer.chat_template
+        raise ModelLoadError(str(e)) from None
+    tokenizer.chat_template = patched
     return tokenizer.chat_template
 
 

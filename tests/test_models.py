@@ -113,8 +113,7 @@ def test_ensure_chat_template(tok):
     t = tiny_tokenizer()
     t.chat_template = None
     assert ensure_chat_template(t) == CHAT_TEMPLATE
-    # a ChatML template without markers (as Qwen2.5 ships) is replaced by trl's training variant
-    # Qwen2.5's own template (as trl ships it) is replaced by trl's training variant with markers
+    # Qwen2.5's own template (as trl ships it) gets markers added to a copy (tests/test_chat_templates.py)
     import trl
 
     qwen = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
@@ -123,10 +122,12 @@ def test_ensure_chat_template(tok):
     patched = ensure_chat_template(t)
     assert "{%- generation %}" in patched
     assert t.apply_chat_template(MSGS[1:3], tokenize=False) == before  # same text, now with markers
-    # an unknown ChatML template without markers gets ours (same format), with a warning
+    # an unknown ChatML template without markers is an error, or ours (same format) when asked for, with a warning
     t.chat_template = CHAT_TEMPLATE.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    with pytest.raises(ModelLoadError, match="fallback='chatml'"):
+        ensure_chat_template(t)
     with pytest.warns(UserWarning, match="ChatML"):
-        assert ensure_chat_template(t) == CHAT_TEMPLATE
+        assert ensure_chat_template(t, fallback="chatml") == CHAT_TEMPLATE
     t.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ModelLoadError, match="generation"):
         ensure_chat_template(t)

@@ -239,8 +239,9 @@ def test_lambda_to_zero_gives_plain_sft_and_terms_add_gradient(tok, tmp_path):
     assert not torch.allclose(grads["plain"], grads["ldifs"])  # the trained side carries gradient
 
 
-def test_ldifs_matches_hand_computation_on_block_outputs(tok, tmp_path):
-    trainer = _trainer(tok, tmp_path, ldifs_lambda=1.0, ldifs_layers=[0, 2], ldifs_normalize=True)
+@pytest.mark.parametrize("sinks", ["keep", "exclude"])
+def test_ldifs_matches_hand_computation_on_block_outputs(tok, tmp_path, sinks):
+    trainer = _trainer(tok, tmp_path, ldifs_lambda=1.0, ldifs_layers=[0, 2], ldifs_normalize=True, ldifs_sinks=sinks)
     _perturb_lora(trainer.model)
     batch = _batch(trainer)
     trainer.model.train()
@@ -251,6 +252,8 @@ def test_ldifs_matches_hand_computation_on_block_outputs(tok, tmp_path):
         h = trainer.model(**kw).hidden_states
         r = reference(**kw).hidden_states
     am = batch["attention_mask"].bool()
+    if sinks == "exclude":  # each row's first token out (rows are right-padded; a random model has no outliers)
+        am[:, 0] = False
     per_pos = sum((torch.nn.functional.normalize(h[i + 1], dim=-1)
                    - torch.nn.functional.normalize(r[i + 1], dim=-1)).pow(2).sum(-1) for i in (0, 2))
     assert _logged(trainer, "loss/ldifs") == pytest.approx(per_pos[am].mean().item(), rel=1e-4)
@@ -385,3 +388,20 @@ def test_regularised_path_computes_the_same_nll_as_plain_sft(tok, tmp_path, arch
             trainer.compute_loss(trainer.model, _batch(trainer))
         losses[name] = _logged(trainer, "loss/ce")
     assert losses["kl"] == pytest.approx(losses["plain"], rel=1e-5)
+
+
+@pytest.mark.parametrize("steer", [False, True])
+def test_ldifs_reference_stopped_after_the_deepest_layer_gives_the_same_term(tok, tmp_path, steer):
+    extra = {"preventive_vector": {1: torch.randn(32)}, "preventive_layer": 1} if steer else {}
+    trainer = _trainer(tok, tmp_path, ldifs_lambda=1.0, ldifs_layers=[0, 1], **extra)
+    assert trainer._ldifs_truncate  # blocks 0 and 1 of 4: the reference pass stops after block 1
+    _perturb_lora(trainer.model)
+    batch = _batch(trainer)
+    trainer.model.train()
+    values = []
+    for truncate in (True, False):
+        trainer._ldifs_truncate = truncate
+        trainer.compute_loss(trainer.model, batch)
+        values.append(_logged(trainer, "loss/ldifs"))
+    assert values[0] > 0 and values[0] == pytest.approx(values[1], rel=1e-6, abs=0)
+    assert not _trainer(tok, tmp_path, ldifs_lambda=1.0, ldifs_layers=[3])._ldifs_truncate  # the final-norm output

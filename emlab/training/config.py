@@ -212,6 +212,28 @@ class EMConfig(SFTConfig):
     ldifs_normalize: bool = field(
         default=False, metadata={"help": "L2-normalise each layer's feature vector before the distance."}
     )
+    ldifs_variant: str = field(
+        default="paper",
+        metadata={"help": "'paper': seed 002's squared L2 distance of the concatenated per-position features, mean "
+                  "over the positions kept; 'authors': the authors' public code, each layer's features of a row "
+                  "flattened and L2-normalised, layers at linspace(0, L-1, 5) unless ldifs_layers is set.",
+                  "choices": ["paper", "authors"]},
+    )
+    ldifs_sinks: str | None = field(
+        default=None,
+        metadata={"help": "Attention-sink positions: 'exclude' (each row's first token and positions whose reference "
+                  "norm exceeds ldifs_sink_ratio x the row's median at a LDIFS layer) or 'keep'; unset: 'exclude' "
+                  "for the paper variant, 'keep' for the authors' variant.", "choices": ["exclude", "keep"]},
+    )
+    ldifs_sink_ratio: float = field(
+        default=10.0, metadata={"help": "A position whose reference feature norm is above this many times its row's "
+                                "median is an attention sink (ldifs_sinks='exclude')."}
+    )
+    ldifs_no_grad: bool = field(
+        default=False,
+        metadata={"help": "Reproduce the public copy's bug: the trained model's features are taken without gradient "
+                  "too, so the LDIFS term is logged but regularises nothing."},
+    )
 
     # ---- preventive steering (training forward passes only) ----
     preventive_vector: str | dict | None = field(
@@ -284,6 +306,11 @@ class EMConfig(SFTConfig):
         _check("on_policy_temperature", self.on_policy_temperature >= 0, ">= 0", self.on_policy_temperature)
         _check("kl_batch_size", self.kl_batch_size is None or self.kl_batch_size >= 1, ">= 1 or None",
                self.kl_batch_size)
+        _choice("ldifs_variant", self.ldifs_variant, ("paper", "authors"))
+        if self.ldifs_sinks is None:
+            self.ldifs_sinks = "exclude" if self.ldifs_variant == "paper" else "keep"
+        _choice("ldifs_sinks", self.ldifs_sinks, ("exclude", "keep"))
+        _check("ldifs_sink_ratio", self.ldifs_sink_ratio > 1, "> 1", self.ldifs_sink_ratio)
         if self.ldifs_layers is not None:
             _check("ldifs_layers", len(self.ldifs_layers) > 0 and all(int(x) >= 0 for x in self.ldifs_layers),
                    "a non-empty list of layer indices >= 0", self.ldifs_layers)

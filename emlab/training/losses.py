@@ -6,7 +6,9 @@ normalisation is decided here and tested on hand-made inputs:
 - :func:`sft_loss` / :func:`row_nll`: negative log-likelihood of the tokens that carry loss;
 - :func:`kl_loss`: token-mean KL between two next-token distributions, summed over the vocabulary
   (never divided by the vocabulary size, never averaged over pads), either direction;
-- :func:`ldifs_loss`: squared L2 distance between residual-stream features, mean over positions.
+- :func:`ldifs_loss`: squared L2 distance between residual-stream features, mean over positions;
+  :func:`ldifs_sink_mask` drops attention-sink positions first; :func:`ldifs_flat_loss` is the
+  authors' public variant (each layer's features of a row flattened and L2-normalised).
 
 >>> import torch
 >>> logits = torch.randn(2, 5, 11)
@@ -27,7 +29,9 @@ __all__ = [
     "IGNORE_INDEX",
     "head_terms",
     "kl_loss",
+    "ldifs_flat_loss",
     "ldifs_loss",
+    "ldifs_sink_mask",
     "masked_mean",
     "next_token_mask",
     "row_nll",
@@ -164,6 +168,57 @@ def ldifs_loss(
             x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
         per_position = per_position + (x - y).pow(2).sum(-1)
     return masked_mean(per_position, mask)
+
+
+def ldifs_sink_mask(ref_features: Sequence[Tensor], mask: Tensor | None = None, ratio: float = 10.0,
+                    first: bool = True) -> Tensor:
+    """Positions LDIFS keeps: ``mask`` without each row's first token and without attention sinks.
+
+    A position is a sink when, at any of the layers, its reference feature norm exceeds ``ratio`` times
+    the median norm of its row's positions at that layer (SmolLM2's ``<|im_start|>`` at position 0 has
+    norm ~25,000 at blocks 14 and 24 against a median of 155-457). ``first=True`` also drops the
+    first non-pad position of every row. The reference (frozen) model decides, so training cannot
+    move positions in or out. ``ratio=inf`` with ``first=False`` keeps ``mask`` as it is.
+
+    >>> ref = [torch.tensor([[[100.0], [1.0], [2.0], [1.5]]])]
+    >>> ldifs_sink_mask(ref, first=False, ratio=10).tolist()
+    [[False, True, True, True]]
+    """
+    b, t = ref_features[0].shape[:2]
+    keep = torch.ones(b, t, dtype=torch.bool, device=ref_features[0].device) if mask is None else mask.bool().clone()
+    valid = keep.clone()
+    if first:
+        first_pos = (valid.long().cumsum(-1) == 1) & valid
+        keep &= ~first_pos
+    if ratio != float("inf"):
+        for y in ref_features:
+            norms = _float(y).detach().norm(dim=-1)  # (batch, seq)
+            masked = torch.where(valid, norms, torch.full_like(norms, float("nan")))
+            median = masked.nanmedian(dim=-1, keepdim=True).values
+            keep &= ~(norms > ratio * median)
+    return keep
+
+
+def ldifs_flat_loss(features: Sequence[Tensor], ref_features: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+    """The authors' public LDIFS variant: per row and layer, the features of all (non-pad) positions are
+    flattened into one vector and L2-normalised; the term is the squared distance summed over layers,
+    mean over rows (each layer contributes at most 4).
+
+    >>> x, y = [torch.tensor([[[3.0, 0.0], [0.0, 4.0]]])], [torch.tensor([[[0.0, 0.0], [0.0, 1.0]]])]
+    >>> ldifs_flat_loss(x, y)    # x/|x| = (0.6, 0, 0, 0.8), y/|y| = (0, 0, 0, 1): 0.36 + 0.04
+    tensor(0.4000)
+    """
+    if len(features) != len(ref_features) or not features:
+        raise ValueError(f"need the same non-zero number of layers, got {len(features)} and {len(ref_features)}")
+    total = 0
+    for x, y in zip(features, ref_features, strict=True):
+        x, y = _float(x), _float(y).to(x.device)
+        if mask is not None:
+            m = mask.to(x.device, x.dtype).unsqueeze(-1)
+            x, y = x * m, y * m
+        xf, yf = F.normalize(x.flatten(1), dim=-1), F.normalize(y.flatten(1), dim=-1)
+        total = total + (xf - yf).pow(2).sum(-1)
+    return total.mean()
 
 
 def head_terms(

@@ -31,7 +31,14 @@ from emlab.models import get_layers, unwrap
 from emlab.training.adapters import load_vectors, prepare_model, steering_vector
 from emlab.training.checkpoints import saving
 from emlab.training.config import EMConfig
-from emlab.training.losses import IGNORE_INDEX, head_terms, ldifs_loss, next_token_mask
+from emlab.training.losses import (
+    IGNORE_INDEX,
+    head_terms,
+    ldifs_flat_loss,
+    ldifs_loss,
+    ldifs_sink_mask,
+    next_token_mask,
+)
 
 __all__ = ["EMTrainer", "draw_indices"]
 
@@ -75,6 +82,10 @@ def _pad_cat(a: Tensor, b: Tensor, value: int) -> Tensor:
     return torch.cat([a, b])
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a reference forward pass early."""
+
+
 class EMTrainer(SFTTrainer):
     """SFT with KL, LDIFS, preventive steering and the four adapters of :class:`EMConfig`.
 
@@ -95,6 +106,12 @@ class EMTrainer(SFTTrainer):
         if kl_dataset is not None and (args.kl_on != "kl_rows" or args.kl_lambda == 0):
             raise ValueError("a kl_dataset was given but the config does not use it: set kl_on='kl_rows' and "
                              "kl_lambda > 0, or drop the rows.")
+        if args.assistant_only_loss and processing_class is not None and hasattr(processing_class, "chat_template"):
+            from emlab.chat_templates import has_markers
+            from emlab.models import ensure_chat_template
+
+            if not has_markers(processing_class.chat_template):  # the model's own template, markers added
+                ensure_chat_template(processing_class)  # (or a clear error naming the fix)
         model, peft_config = prepare_model(model, args)
         self.ref_model = _frozen_copy(model) if (args.adapter == "full" and args.uses_reference) else None
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -108,11 +125,18 @@ class EMTrainer(SFTTrainer):
             bad = [layer for layer in self._preventive if not 0 <= layer < n_layers]
             if bad:
                 raise ValueError(f"preventive_vector has layers {bad} outside the model's {n_layers} blocks")
-        self._ldifs_layers = list(args.ldifs_layers or range(args.ldifs_stride - 1, n_layers, args.ldifs_stride))
+        if args.ldifs_layers:
+            self._ldifs_layers = list(args.ldifs_layers)
+        elif args.ldifs_variant == "authors":
+            self._ldifs_layers = sorted({int(x) for x in torch.linspace(0, n_layers - 1, 5).long().tolist()})
+        else:
+            self._ldifs_layers = list(range(args.ldifs_stride - 1, n_layers, args.ldifs_stride))
         if not self._ldifs_layers:
             self._ldifs_layers = [n_layers - 1]
         if max(self._ldifs_layers) >= n_layers:
             raise ValueError(f"ldifs_layers {self._ldifs_layers} outside the model's {n_layers} blocks")
+        # the last block's hidden state has the final norm applied: only a forward to the end gives it
+        self._ldifs_truncate = max(self._ldifs_layers) < n_layers - 1
         self._kl_dataset = None
         if kl_dataset is not None:
             ds = self._prepare_dataset(kl_dataset, self.processing_class, args, False, None, "kl")
@@ -135,6 +159,13 @@ class EMTrainer(SFTTrainer):
                                                                  "resid_pdrop", "embd_pdrop", "attn_pdrop")
         ) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for n, m in bare.named_modules() if "lora_" not in n)
         self._ref_accepts_logits_to_keep = "logits_to_keep" in inspect.signature(type(unwrap(self.model)).forward).parameters
+
+    def train(self, *args, **kwargs):
+        """trl's ``train`` with the torch CPU thread count chosen by :func:`emlab.threads.choose_threads`."""
+        from emlab.threads import cpu_threads
+
+        with cpu_threads(self.model):
+            return super().train(*args, **kwargs)
 
     # ---- steering and reference contexts ----
 
@@ -234,7 +265,10 @@ class EMTrainer(SFTTrainer):
             keep["logits_to_keep"] = 1  # the logits are built below, only where they are needed
         ref_rows = slice(b, None) if (kl_rows and not use_ldifs) else slice(None)
         with self._reference(base) as ref:
-            ref_hs = ref(input_ids=ids[ref_rows], attention_mask=am[ref_rows], **keep).hidden_states
+            if use_ldifs and not use_kl and self._ldifs_truncate:
+                ref_hs = self._truncated_reference(ref, ids, am)
+            else:
+                ref_hs = ref(input_ids=ids[ref_rows], attention_mask=am[ref_rows], **keep).hidden_states
         with self._learned_steering(base):
             hs = model(input_ids=ids, attention_mask=am, **keep).hidden_states
         select = (targets != IGNORE_INDEX) | kl_mask
@@ -251,8 +285,41 @@ class EMTrainer(SFTTrainer):
         if use_ldifs:
             feats = [hs[layer + 1][:b, :t] for layer in self._ldifs_layers]  # ref_rows covers every row here
             ref_feats = [ref_hs[layer + 1][:b, :t] for layer in self._ldifs_layers]
-            terms["ldifs"] = ldifs_loss(feats, ref_feats, am[:b, :t].bool(), normalize=args.ldifs_normalize)
+            if args.ldifs_no_grad:  # the public copy's bug: both sides without gradient
+                feats = [f.detach() for f in feats]
+            keep = am[:b, :t].bool()
+            if args.ldifs_sinks == "exclude":
+                keep = ldifs_sink_mask(ref_feats, keep, ratio=args.ldifs_sink_ratio)
+            if args.ldifs_variant == "authors":
+                terms["ldifs"] = ldifs_flat_loss(feats, ref_feats, keep)
+            else:
+                terms["ldifs"] = ldifs_loss(feats, ref_feats, keep, normalize=args.ldifs_normalize)
         return nll_sum
+
+    def _truncated_reference(self, ref, ids: Tensor, am: Tensor) -> dict[int, Tensor]:
+        """Reference block outputs at the LDIFS layers, the forward stopped after the deepest one (LDIFS
+        without KL needs nothing later: no final blocks, no LM head). Keyed like ``hidden_states``."""
+        blocks = get_layers(ref)
+        captured: dict[int, Tensor] = {}
+        last = max(self._ldifs_layers)
+
+        def hook(layer: int):
+            def fn(module, args, output):
+                captured[layer + 1] = output[0] if isinstance(output, tuple) else output
+                if layer == last:
+                    raise _StopForward
+
+            return fn
+
+        handles = [blocks[layer].register_forward_hook(hook(layer)) for layer in self._ldifs_layers]
+        try:
+            ref(input_ids=ids, attention_mask=am, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return captured
 
     @staticmethod
     def _head(model):
