@@ -64,6 +64,7 @@ SWEEP_FILE = "sweep.json"  # the manifest, in the sweep folder
 CELL_FILE = "sweep_cell.json"  # a cell's parameters, code version and outcome, in its run folder
 RUN_INFO = "notebook.json"  # written by emlab.notebooks.run_notebook
 THREAD_VARS = (
+    "EMLAB_THREADS",  # emlab.threads: generate() and training use exactly this many
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",

@@ -45,7 +45,8 @@ NOTEBOOK = {
                 "    raise RuntimeError('marker file present: failing on purpose')\n",
                 "time.sleep(sleep)\n",
                 "m = {'em': {'n': 20, 'rate': 0.1 * seed + (0.05 if domain == 'legal' else 0.0)},\n",
-                "     'omp_threads': int(os.environ.get('OMP_NUM_THREADS', '0'))}\n",
+                "     'omp_threads': int(os.environ.get('OMP_NUM_THREADS', '0')),\n",
+                "     'emlab_threads': int(os.environ.get('EMLAB_THREADS', '0'))}\n",
                 "if check_torch:\n",
                 "    import torch\n",
                 "    m['torch_threads'] = torch.get_num_threads()\n",
@@ -335,6 +336,7 @@ def test_local_sweep_runs_lists_failures_and_continues_on_rerun(tmp_path):
     assert first.parent == tmp_path / "sw" / "cells"
     metrics = json.loads((first / "metrics.json").read_text())
     assert metrics["omp_threads"] == 1 and metrics["torch_threads"] == 1
+    assert metrics["emlab_threads"] == 1  # emlab.threads' generate/train thread count follows the sweep
     rec = json.loads((first / sweeps.CELL_FILE).read_text())
     assert rec["status"] == "ok" and rec["notebook_seconds"] <= rec["seconds"]
     table = pd.read_csv(tmp_path / "sw" / "table.csv")
