@@ -359,6 +359,15 @@ def _question(row: dict) -> str:
     return next((m.get("content") or "" for m in row["messages"] if m.get("role") == "user"), "")
 
 
+
+def _k_misaligned(ctx: StudyContext, k: int | None) -> int:
+    """Interleaving+'s number of misaligned scorer finetunes: the protocol's (3 in the paper preset, 2 on the
+    toy) unless given; a smoke run takes at most the other domains it has."""
+    if k is not None:
+        return int(k)
+    k = ctx.protocol.k_misaligned
+    return min(k, max(1, len(ctx.domains) - 1)) if ctx.smoke else k
+
 class _Scorers:
     """Interleaving+ / ++ for one run: misaligned finetunes of single domains (trained once, reused) and the
     candidate scores they give (computed once per set of scorers: K + 1 forward passes over the pool).
@@ -552,7 +561,7 @@ def defences_study(
     steering_layer: int | None = None,
     inoculation_prompt: str | None = None,
     share: float = PAPER_SETTINGS["share"],
-    k_misaligned: int = int(PAPER_SETTINGS["k_misaligned"]),
+    k_misaligned: int | None = None,
     benign_tasks: Sequence[str] | None = None,
     benign_methods: Sequence[str] = ("sft", "kl", "interleaving"),
     adapter: str | None = None,
@@ -589,6 +598,7 @@ def defences_study(
 
     out = resolve_out_dir(out_dir, "02_defences")
     ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files)
+    k_misaligned = _k_misaligned(ctx, k_misaligned)
     methods = list(DEFENCES if methods is None else ([methods] if isinstance(methods, str) else methods))
     unknown = [m for m in methods if m not in DEFENCES]
     if unknown:
@@ -759,7 +769,7 @@ def interleaving_study(
     shares: Sequence[float] = (0.01, 0.05, 0.2, 0.5),
     *,
     methods: Sequence[str] = ("interleaving", "interleaving+", "interleaving++"),
-    k_misaligned: int = int(PAPER_SETTINGS["k_misaligned"]),
+    k_misaligned: int | None = None,
     adapter: str | None = None,
     learning_rate: float | None = None,
     rows: int | None = None,
@@ -791,6 +801,7 @@ def interleaving_study(
 
     out = resolve_out_dir(out_dir, "03_interleaving")
     ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files)
+    k_misaligned = _k_misaligned(ctx, k_misaligned)
     domain = _domains(ctx, [domain])[0]
     methods = [methods] if isinstance(methods, str) else list(methods)
     bad = [m for m in methods if m not in _SELECTION]
@@ -1052,7 +1063,7 @@ def benign_task_study(
     n_test: int | None = None,
     n_samples: int | None = None,
     scorers: _Scorers | None = None,
-    k_misaligned: int = int(PAPER_SETTINGS["k_misaligned"]),
+    k_misaligned: int | None = None,
     ft_over: Mapping[str, Any] | None = None,
     **method_kw: Any,
 ) -> dict[str, float]:
@@ -1068,6 +1079,7 @@ def benign_task_study(
     >>> benign_task_study(ctx, start_run("/tmp/b", {}), tasks=["domainswap_tier1"])        # doctest: +SKIP
     {'untrained/domainswap_tier1/exact_match': 0.0, 'sft/domainswap_tier1/exact_match': 63.0, ...}
     """
+    k_misaligned = _k_misaligned(ctx, k_misaligned)
     preset = _study_preset(ctx).get("benign", {})
     n_train = rows if rows is not None else (32 if ctx.smoke else preset.get("rows", 1000))
     n_test = n_test or (8 if ctx.smoke else preset.get("n_test", 100))
