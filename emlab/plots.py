@@ -994,22 +994,82 @@ PLOTS: dict[str, Callable[..., go.Figure]] = {
 # Saving and the figure record
 
 
+#: Seconds one static export may take (``$EMLAB_FIGURE_TIMEOUT``): kaleido 1.x can wait forever for a
+#: browser tab (its render timeout does not cover that wait), which once hung a test run for 12 minutes.
+FIGURE_TIMEOUT_S = 120.0
+
+
+def _kill_chromium() -> None:
+    """Stop kaleido's persistent server without waiting for its (possibly stuck) thread, and its Chromium."""
+    global _server_started
+    _server_started = False
+    with contextlib.suppress(Exception):
+        from kaleido import _global_server
+
+        # its atexit hook joins the server thread: with a stuck thread that would hang the interpreter's exit
+        _global_server._initialized = False  # noqa: SLF001 - kaleido offers no non-blocking close
+    with contextlib.suppress(Exception):
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            if "chrom" in child.name().lower():
+                child.kill()
+
+
+def _to_image(fig: go.Figure, fmt: str, timeout: float) -> bytes:
+    """``plotly.io.to_image`` in a daemon thread, abandoned (TimeoutError) after ``timeout`` seconds."""
+    import queue
+    import threading
+
+    import plotly.io as pio
+
+    box: queue.Queue = queue.Queue(maxsize=1)
+
+    def work() -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "kopts ignored" once the persistent server runs
+                box.put(pio.to_image(fig, format=fmt, scale=2 if fmt == "png" else 1))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box.put(e)
+
+    threading.Thread(target=work, name="emlab-static-export", daemon=True).start()
+    try:
+        out = box.get(timeout=timeout)
+    except queue.Empty:
+        raise TimeoutError(f"static export did not finish in {timeout:g} s") from None
+    if isinstance(out, BaseException):
+        raise out
+    return out
+
+
 def _static(fig: go.Figure, fmt: str) -> bytes | None:
-    """Static image bytes through kaleido, or None (after one printed message) without Chromium."""
+    """Static image bytes through kaleido, or None (after one printed message) without Chromium.
+
+    Every export has a time limit (:data:`FIGURE_TIMEOUT_S`); a stuck export restarts Chromium and is
+    tried once more, and a second one gives HTML only for the rest of the process, with a message.
+    """
     global _static_failed, _server_started
     if _static_failed is not None:
         return None
-    try:
-        import plotly.io as pio
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "kopts ignored" once the persistent server runs
-            data = pio.to_image(fig, format=fmt, scale=2 if fmt == "png" else 1)
-    except Exception as e:  # noqa: BLE001 - any kaleido / Chromium failure
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        _static_failed = f"{_STATIC_HINT} [{type(e).__name__}: {reason}]"
-        print(_static_failed, file=sys.stderr)
-        return None
+    timeout = float(os.environ.get("EMLAB_FIGURE_TIMEOUT", FIGURE_TIMEOUT_S))
+    for attempt in (1, 2):
+        try:
+            data = _to_image(fig, fmt, timeout)
+            break
+        except TimeoutError as e:
+            _kill_chromium()
+            if attempt == 1:
+                print(f"emlab: {e}; restarting Chromium and trying once more", file=sys.stderr)
+                continue
+            _static_failed = f"{e} twice: wrote HTML only from now on (EMLAB_FIGURE_TIMEOUT sets the limit)"
+            print(_static_failed, file=sys.stderr)
+            return None
+        except Exception as e:  # noqa: BLE001 - any kaleido / Chromium failure
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            _static_failed = f"{_STATIC_HINT} [{type(e).__name__}: {reason}]"
+            print(_static_failed, file=sys.stderr)
+            return None
     if not _server_started:  # keep one Chromium for later exports (about 0.2 s each instead of 3 s)
         _server_started = True
         with contextlib.suppress(Exception):
