@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from emlab.aggregate import SWEEP_FILE, load_table, summarize
+from emlab.plots import METHOD_LABELS
 from emlab.runs import atomic_write_text
 
 __all__ = ["Claim", "build_claims", "default_claims", "claims_markdown", "effect_table", "paper_number", "scorecard", "verdict",
@@ -168,9 +169,10 @@ def _table2_claims(paper: pd.DataFrame) -> list[Claim]:
                 direction = 0  # the text: "LDIFS has almost no effect on emergent misalignment"
             what = {1: "raises", -1: "lowers", 0: "does not change (within ±5 pp)"}[direction]
             hyp = (_LDIFS,) if m == "ldifs" else (_TOY,)
+            name = METHOD_LABELS.get(m, m)
             out.append(Claim(
                 id=f"table2/{m}/{part}_em", source="002",
-                text=f"{m} {what} {label} EM against the undefended finetune (Table 2, mean over 4 domains)",
+                text=f"{name} {what} {label} EM against the undefended finetune (Table 2, mean over 4 domains)",
                 notebook="02_defences", a=f"{m}/{{domain}}/{metric}", b=f"sft/{{domain}}/{metric}",
                 direction=direction, paper=num, paper_source="Table 2 (Qwen2.5-7B), method minus Misaligned",
                 hypotheses=hyp))
