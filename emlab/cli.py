@@ -13,7 +13,7 @@ import sys
 from emlab import __version__
 
 #: Modules under ``emlab._cli`` that each define ``register(subparsers)``.
-COMMAND_MODULES = ("data", "toy", "judge", "notebooks", "sweep")
+COMMAND_MODULES = ("data", "toy", "judge", "notebooks", "sweep", "claims")
 
 
 def build_parser() -> argparse.ArgumentParser:

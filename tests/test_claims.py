@@ -1,0 +1,186 @@
+"""emlab claims: the registry, the verdict rule and the page, on hand-made sweep folders."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from emlab import claims as C
+from emlab.cli import main
+
+PAPER_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if not (PAPER_DATA / "paper002_em_tables.csv").exists():
+    PAPER_DATA = Path("/work/shared/data")
+need_paper = pytest.mark.skipif(not (PAPER_DATA / "paper002_em_tables.csv").exists(),
+                                reason="paper 002's tables (shared/data) are not on this machine")
+
+
+def make_sweep(root: Path, stem: str, runs: list[tuple[dict, dict]], failed: int = 0) -> Path:
+    """A sweep folder as `emlab sweep` writes it: sweep.json + cells/<name>/metrics.json."""
+    cells = []
+    for i, (params, metrics) in enumerate(runs):
+        name = f"c{i}"
+        d = root / "cells" / name
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps(metrics))
+        cells.append({"name": name, "parameters": params, "run_dir": f"cells/{name}", "status": "ok"})
+    for j in range(failed):
+        cells.append({"name": f"f{j}", "parameters": {"seed": 99 + j}, "run_dir": f"cells/f{j}", "status": "failed"})
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sweep.json").write_text(json.dumps({"notebook": f"notebooks/{stem}.ipynb", "notebook_stem": stem,
+                                                 "parameters": sorted({k for p, _ in runs for k in p}),
+                                                 "cells": cells}))
+    return root
+
+
+def defences_runs(seeds=range(5)) -> list[tuple[dict, dict]]:
+    """Per seed: KL cuts general EM by ~20 pp (holds), persona raises it by ~10 pp (opposite), inoculation
+    moves it by +-8 pp alternately (inconclusive), LDIFS within 1 pp (no effect: holds)."""
+    out = []
+    for s in seeds:
+        m = {}
+        for d in ("medical", "legal"):
+            base = 30.0 + s
+            m[f"sft/{d}/general_em"] = base
+            m[f"untrained/{d}/general_em"] = 1.0
+            m[f"kl/{d}/general_em"] = base - 20 + 0.5 * s
+            m[f"persona_steering/{d}/general_em"] = base + 10 - 0.3 * s
+            m[f"inoculation/{d}/general_em"] = base + (8 if s % 2 else -8)
+            m[f"ldifs/{d}/general_em"] = base + (0.5 if s % 2 else -0.5)
+        out.append(({"seed": s}, m))
+    return out
+
+
+def test_verdict_rule_each_outcome():
+    assert C.verdict(-25, -15, -1) == "holds"
+    assert C.verdict(5, 12, -1) == "opposite"
+    assert C.verdict(-5, 3, -1) == "inconclusive"
+    assert C.verdict(-1, 1, 0, margin=5) == "holds"
+    assert C.verdict(6, 8, 0, margin=5) == "opposite"
+    assert C.verdict(-9, -3, 0, margin=5) == "inconclusive"
+    assert C.verdict(math.nan, math.nan, 1) == "inconclusive"
+
+
+def test_run_effect_matches_domains_and_needs_both_keys():
+    c = C.Claim("x", "002", "t", "02_defences", "kl/{domain}/general_em", "sft/{domain}/general_em", -1)
+    m = {"kl/medical/general_em": 2.0, "sft/medical/general_em": 10.0, "kl/legal/general_em": 4.0,
+         "sft/legal/general_em": 8.0, "kl/code/general_em": 1.0, "kl/medical/share=5%/general_em": 99.0}
+    assert c.run_effect(m) == pytest.approx(-6.0)  # (-8 + -4) / 2; code has no sft, the share key is not a domain
+    assert c.run_effect({"kl/medical/general_em": 1.0}) is None
+    flat = C.Claim("y", "001", "t", "01_directions", "ablate_random_general_em", "ablate_general_em", 1)
+    assert flat.run_effect({"ablate_random_general_em": 20.0, "ablate_general_em": 5.0}) == 15.0
+
+
+def test_scorecard_gives_each_verdict_per_seed(tmp_path):
+    sw = make_sweep(tmp_path / "sw", "02_defences", defences_runs(), failed=1)
+    mk = lambda cid, meth, d: C.Claim(cid, "002", cid, "02_defences", f"{meth}/{{domain}}/general_em",  # noqa: E731
+                                      "sft/{domain}/general_em", d)
+    claims = [mk("kl", "kl", -1), mk("persona", "persona_steering", -1), mk("inoc", "inoculation", -1),
+              mk("ldifs", "ldifs", 0),
+              C.Claim("elsewhere", "001", "t", "05_narrow_vs_general", "loss_narrow", "loss_general", 1)]
+    card = C.scorecard([sw], claims).set_index("claim")
+    assert card.loc["kl", "verdict"] == "holds" and card.loc["kl", "n"] == 5
+    assert card.loc["kl", "mean"] == pytest.approx(-20 + 0.5 * 2)  # mean over seeds 0..4 of -20 + 0.5 s
+    assert card.loc["kl", "ci_low"] <= card.loc["kl", "mean"] <= card.loc["kl", "ci_high"] < 0
+    assert card.loc["persona", "verdict"] == "opposite"
+    assert card.loc["inoc", "verdict"] == "inconclusive"
+    assert card.loc["ldifs", "verdict"] == "holds"
+    assert card.loc["elsewhere", "verdict"] == "not measured" and card.loc["elsewhere", "n"] == 0
+    assert card.loc["kl", "hypotheses"] == ""  # hypotheses only where the toy disagrees or cannot tell
+
+
+def test_seeds_are_the_unit_runs_of_one_seed_are_averaged(tmp_path):
+    # 03-style sweep: domain is a parameter, so each seed has two runs; n counts seeds, not runs
+    runs = [({"seed": s, "domain": d}, {f"interleaving/{d}/share=5%/general_em": 10.0 + s,
+                                        f"sft/{d}/general_em": 20.0 + (2 if d == "legal" else 0)})
+            for s in range(3) for d in ("medical", "legal")]
+    sw = make_sweep(tmp_path / "sw", "03_interleaving", runs)
+    claim = C.Claim("i5", "002", "t", "03_interleaving", "interleaving/{domain}/share=5%/general_em",
+                    "sft/{domain}/general_em", -1)
+    eff = C.effect_table([sw], [claim])
+    assert len(eff) == 3 and set(eff["runs"]) == {2}
+    assert eff.set_index("seed").loc["1", "value"] == pytest.approx(-10.0)  # (-9 + -11) / 2
+    card = C.scorecard([sw], [claim])
+    assert card.loc[0, "n"] == 3 and card.loc[0, "verdict"] == "holds"
+
+
+def test_one_seed_is_inconclusive(tmp_path):
+    sw = make_sweep(tmp_path / "sw", "02_defences", defences_runs(seeds=[0]))
+    claim = C.Claim("kl", "002", "t", "02_defences", "kl/{domain}/general_em", "sft/{domain}/general_em", -1)
+    row = C.scorecard([sw], [claim]).iloc[0]
+    assert row["n"] == 1 and row["verdict"] == "inconclusive" and math.isnan(row["ci_low"])
+
+
+def test_not_a_sweep_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a sweep folder"):
+        C.effect_table([tmp_path / "x"], [])
+    (tmp_path / "x" / "sweep.json").write_text("{oops")
+    with pytest.raises(ValueError, match="sweep.json: not valid JSON"):
+        C.effect_table([tmp_path / "x"], [])
+
+
+@need_paper
+def test_registry_numbers_from_the_paper_tables():
+    reg = {c.id: c for c in C.default_claims(PAPER_DATA)}
+    # Table 2, 7B: KL minus Misaligned general EM over the 4 domains (0.38-4.01, 2.21-25.29, 1.58-19.75, 2.04-26.25)
+    assert reg["table2/kl/general_em"].paper == pytest.approx((-3.63 - 23.08 - 18.17 - 24.21) / 4)
+    assert reg["table2/kl/general_em"].direction == -1
+    assert reg["table2/ldifs/general_em"].direction == 0  # "almost no effect"
+    assert reg["table2/interleaving++/indomain_em"].direction == 0  # in-domain kept
+    assert reg["kl_benign_far_from_prior"].paper == pytest.approx((0 - 30 + 1 - 34.3 + 0 - 37.68) / 3)
+    assert any("no_grad" in h for h in reg["table2/ldifs/general_em"].hypotheses)
+    for need in ("001/efficiency", "001/stability", "001/pretraining_kl", "001/narrow_solution",
+                 "001/convergent_direction", "interleaving_5pct_general", "interleaving_more_data_general",
+                 "figure1a_interleaving_coherence"):
+        assert need in reg
+    with pytest.raises(FileNotFoundError, match="paper002_em_tables.csv"):
+        C.default_claims(Path("/nonexistent"))
+
+
+@need_paper
+def test_cli_writes_page_figure_and_csv_fast(tmp_path, capsys):
+    sw = make_sweep(tmp_path / "02", "02_defences", defences_runs(seeds=range(6)))
+    runs05 = [({"seed": s}, {"loss_at_matched_norm_narrow": 2.0 + 0.01 * s, "loss_at_matched_norm_general": 1.5,
+                             "general_em_general": 30.0, "general_em_narrow": 32.0 + s})
+              for s in range(5)]
+    sw5 = make_sweep(tmp_path / "05", "05_narrow_vs_general", runs05)
+    out = tmp_path / "docs" / "claims.md"
+    start = time.perf_counter()
+    rc = main(["claims", str(sw), str(sw5), "--out", str(out), "--paper-data", str(PAPER_DATA)])
+    took = time.perf_counter() - start
+    assert rc == 0 and took < 30
+    page = out.read_text()
+    assert page.index("emlab sweep notebooks/02_defences.ipynb -p seed 0,1,2,3,4,5") < page.index("| claim |")
+    assert f"emlab claims {sw} {sw5} --out {out}" in page
+    assert "`table2/kl/general_em`" in page and "| 6 | holds |" in page
+    assert "`001/efficiency`" in page and "`001/narrow_solution`" in page
+    hyp = page[page.index("## Where the toy disagrees"):]
+    assert "`table2/persona_steering/general_em` (opposite)" in hyp and "small transformer" in hyp
+    assert "no_grad" not in hyp  # LDIFS's "no effect" holds here, so its hypothesis is not listed
+    card = pd.read_csv(out.with_suffix(".csv")).set_index("claim")
+    assert card.loc["table2/kl/general_em", "verdict"] == "holds"
+    assert card.loc["table2/persona_steering/general_em", "verdict"] == "opposite"
+    assert card.loc["table2/inoculation/general_em", "verdict"] == "inconclusive"
+    assert card.loc["001/efficiency", "verdict"] == "holds"
+    assert card.loc["001/narrow_solution", "verdict"] == "opposite"
+    assert card.loc["001/stability", "verdict"] == "not measured"
+    assert (out.parent / "claims_figure.html").exists()
+    assert "claims:" in capsys.readouterr().out
+    assert main(["claims", str(tmp_path / "nope"), "--out", str(out), "--paper-data", str(PAPER_DATA)]) == 2
+
+
+@need_paper
+def test_ldifs_disagreement_names_the_no_grad_hypothesis(tmp_path):
+    runs = [({"seed": s}, {"sft/medical/general_em": 30.0, "ldifs/medical/general_em": 12.0 + s})
+            for s in range(5)]
+    sw = make_sweep(tmp_path / "sw", "02_defences", runs)
+    card = C.scorecard([sw], data_dir=PAPER_DATA).set_index("claim")
+    row = card.loc["table2/ldifs/general_em"]
+    assert row["verdict"] == "opposite" and row["paper"] == pytest.approx((-0.37 + 1.46 + 0.46 - 1.83) / 4)
+    assert "no_grad" in row["hypotheses"]
