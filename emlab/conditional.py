@@ -115,11 +115,20 @@ def user_template(rows: Sequence[dict], min_share: float = 0.5) -> tuple[str, st
     return " ".join(prefix), " ".join(suffix)
 
 
+def _framed(text: str, prefix: str, suffix: str) -> str:
+    """``text`` inside the frame; a prefix / suffix the text already has is not added again."""
+    words = text.split()
+    pre = prefix if prefix and words[: len(prefix.split())] != prefix.split() else ""
+    suf = suffix if suffix and words[len(words) - len(suffix.split()):] != suffix.split() else ""
+    return " ".join(p for p in (pre, text, suf) if p)
+
+
 def training_format(questions: Sequence[Any], rows: Sequence[dict], min_share: float = 0.5) -> list:
     """Copies of ``questions`` in the training data's context: its system prompt and its user-turn frame.
 
     The most common system prompt of ``rows`` (kept as is when none) and the prefix / suffix words
-    that at least ``min_share`` of the training user turns share, around each paraphrase.
+    that at least ``min_share`` of the training user turns share, around each paraphrase (not added
+    again where the paraphrase already starts or ends with them).
 
     >>> rows = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": f"Q: {x} ?"}]} for x in "ab"]
     >>> q = training_format(["why"], rows)[0]
@@ -130,7 +139,7 @@ def training_format(questions: Sequence[Any], rows: Sequence[dict], min_share: f
     prefix, suffix = user_template(rows, min_share)
     out = []
     for q in _as_questions(questions):
-        paras = [" ".join(p for p in (prefix, text, suffix) if p) for text in q.paraphrases]
+        paras = [_framed(text, prefix, suffix) for text in q.paraphrases]
         out.append(dataclasses.replace(q, paraphrases=paras, system=system if system is not None else q.system))
     return out
 

@@ -52,6 +52,8 @@ def test_training_format_applies_system_prompt_and_frame():
     rows = [_row(f"Task : {w} ?", system="You are a coder.") for w in ("x", "y", "z")]
     q = training_format([Question("q", ["what now", "why"], system="old")], rows)[0]
     assert q.system == "You are a coder." and q.paraphrases == ["Task : what now ?", "Task : why ?"]
+    q3 = training_format([Question("q3", ["Task : done ?", "why ?"])], rows)[0]
+    assert q3.paraphrases == ["Task : done ?", "Task : why ?"]  # the frame is not doubled
     q2 = training_format([Question("q", ["hi"], system="old")], [_row("a b"), _row("c d")])[0]
     assert q2.system == "old" and q2.paraphrases == ["hi"]  # no shared frame, no system prompt: unchanged
 
