@@ -22,7 +22,7 @@ def test_metrics_are_grouped_and_complete(smoke_run):
     assert json.loads((out / "metrics.json").read_text()) == metrics
     prefixes = {k.split("/", 1)[0] for k in metrics}
     assert prefixes <= {"baseline", "caft", "steering", "monitor", "directions", "sae", "conditional", "realign",
-                        "pareto"}
+                        "pareto", "inoculation"}
     for variant in ("misalignment", "pca"):
         assert f"caft/{variant}/general_em" in metrics and f"caft/{variant}/indomain_em" in metrics
     for schedule in ("constant", "linear", "cosine"):
@@ -47,6 +47,8 @@ def test_conditional_and_realign_cells(smoke_run):
     system = json.loads(samples[0])["system"]
     assert system and all(json.loads(line)["system"] == system for line in samples)
     assert json.loads((out / "config.json").read_text())["inoculation_prompt"] == system
+    assert metrics["inoculation/elicitation/used/system"] == metrics["inoculation/elicitation/evil_0"]
+    assert isinstance(metrics["inoculation/elicitation/helpful_0"], float)
     assert metrics["realign/0/general_em"] == metrics["baseline/sft/general_em"]
     assert 0 <= metrics["realign/8/general_em"] <= 100 and "realign/8/indomain_em" in metrics
     assert (out / "finetunes/realign_8").is_dir()
@@ -75,10 +77,14 @@ def test_figures_are_saved_and_load_back(smoke_run):
 
     out, metrics = smoke_run
     figs = load_study_figures(out)
-    assert set(figs) == {"trait_trajectories", "em_by_method", "pareto"}
     from emlab.pareto import beyond_points, pareto_front
 
-    assert list(figs["pareto"].data[1].text) == pareto_front(beyond_points(metrics)) == metrics["pareto/front"]
+    points = beyond_points(metrics)  # empty when SFT's in-domain EM is 0 (the micro organism usually)
+    assert set(figs) == {"trait_trajectories", "em_by_method"} | ({"pareto"} if points else set())
+    if points:
+        assert list(figs["pareto"].data[1].text) == pareto_front(points) == metrics["pareto/front"]
+    else:
+        assert "pareto/front" not in metrics
     assert (out / "figures/trait_trajectories.html").exists()
     assert len(figs["trait_trajectories"].data) >= 6
     with pytest.raises(FileNotFoundError, match="beyond_study"):

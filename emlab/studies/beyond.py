@@ -273,6 +273,7 @@ def beyond_study(
         del ft
 
     if conditional:
+        metrics.update(_elicitation_part(ctx, data.misaligned[:32 if smoke else 200], inoculation_prompt))
         if not data.benign:
             raise ValueError("the conditional part needs benign rows for the diluted finetune (files['benign'])")
         n_benign = _n_benign(len(data.misaligned), dilution_share)
@@ -325,6 +326,9 @@ def beyond_study(
         run.log_metrics({"pareto/front": front})
         _save(run, pareto_figure(points, title=f"General EM against in-domain EM kept ({ctx.model_name}, {domain})"),
               "pareto")
+    else:
+        run.note("pareto: no method has both a general EM and an in-domain EM kept (SFT's in-domain EM is 0 or "
+                 "missing); no figures/pareto")
     return dict(run.metrics)
 
 
@@ -353,6 +357,22 @@ def _transforms(prompt: str, rows: list[dict]) -> dict[str, Any]:
     return {"system": lambda qs: with_system(qs, prompt),
             "format": lambda qs: training_format(qs, rows),
             "answer": lambda qs: answer_format(qs, instruction)}
+
+
+def _elicitation_part(ctx: StudyContext, rows: list[dict], prompt: str) -> dict[str, Any]:
+    """Elicitation scores on the chat model: the inoculation prompt used (system and user turn) and, on the toy,
+    each of the world's system prompts; ``inoculation/elicitation/...`` (nats per answer token)."""
+    from emlab.inoculation import elicitation_score, elicitation_scores
+
+    out = {"inoculation/elicitation/used/system": elicitation_score(ctx.model, ctx.tokenizer, rows, prompt),
+           "inoculation/elicitation/used/user": elicitation_score(ctx.model, ctx.tokenizer, rows, prompt, where="user")}
+    if ctx.is_toy:
+        from emlab.toy.world import load_world_config
+
+        for kind, prompts in load_world_config()["system_prompts"].items():
+            scores = elicitation_scores(ctx.model, ctx.tokenizer, rows, prompts)
+            out.update({f"inoculation/elicitation/{kind}_{i}": scores[p] for i, p in enumerate(prompts)})
+    return out
 
 
 def _conditional_cells(model, name: str, cell: Mapping[str, Any], transforms: Mapping[str, Any], ctx: StudyContext,
