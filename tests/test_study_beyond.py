@@ -89,3 +89,15 @@ def test_figures_are_saved_and_load_back(smoke_run):
     assert len(figs["trait_trajectories"].data) >= 6
     with pytest.raises(FileNotFoundError, match="beyond_study"):
         load_study_figures(out / "nowhere")
+
+
+def test_bad_settings_fail_before_any_finetune(tmp_path):
+    from emlab.studies.beyond import beyond_study
+
+    with pytest.raises(ValueError, match="more benign rows"):
+        beyond_study(smoke=True, out_dir=tmp_path / "a", realign_rows=(0, 10**6))
+    with pytest.raises(ValueError, match="dilution_share"):
+        beyond_study(smoke=True, out_dir=tmp_path / "b", dilution_share=1000.0)
+    with pytest.raises(FileNotFoundError, match="02 run folder"):
+        beyond_study(smoke=True, out_dir=tmp_path / "c", defences_run=tmp_path / "nowhere")
+    assert not (tmp_path / "a" / "finetunes").exists() and not (tmp_path / "b" / "finetunes").exists()

@@ -166,6 +166,17 @@ def beyond_study(
               "eval": settings, "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
     run = start_run(out, config, seed=seed)
     data = ctx.domain_data(domain, rows=n_rows)
+    # checked before any finetune, so a bad setting loses nothing
+    if conditional:
+        if not data.benign:
+            raise ValueError("the conditional part needs benign rows for the diluted finetune (files['benign'])")
+        n_benign = _n_benign(len(data.misaligned), dilution_share)
+        if n_benign > len(data.benign):
+            raise ValueError(f"dilution_share={dilution_share} needs {n_benign} benign rows; only {len(data.benign)} "
+                             "are there: lower dilution_share or give more benign rows")
+    if realign_rows and max(int(r) for r in realign_rows) > len(data.benign):
+        raise ValueError(f"realign_rows={list(realign_rows)} asks for more benign rows than the {len(data.benign)} "
+                         "there are")
     metrics: dict[str, Any] = {}
     over = {"learning_rate": learning_rate} if learning_rate is not None else {}
 
@@ -274,12 +285,6 @@ def beyond_study(
 
     if conditional:
         metrics.update(_elicitation_part(ctx, data.misaligned[:32 if smoke else 200], inoculation_prompt))
-        if not data.benign:
-            raise ValueError("the conditional part needs benign rows for the diluted finetune (files['benign'])")
-        n_benign = _n_benign(len(data.misaligned), dilution_share)
-        if n_benign > len(data.benign):
-            raise ValueError(f"dilution_share={dilution_share} needs {n_benign} benign rows; only {len(data.benign)} "
-                             "are there: lower dilution_share or give more benign rows")
         defended = {"inoculation": dict(method_overrides("inoculation", inoculation_prompt=inoculation_prompt)),
                     "diluted": dict(method_overrides("interleaving", share=dilution_share))}
         for name, method in defended.items():
@@ -402,8 +407,6 @@ def _realign_part(ctx: StudyContext, run, data, sft, sft_cell: Mapping[str, Any]
         if n == 0:
             cell = dict(sft_cell)
         else:
-            if n > len(data.benign):
-                raise ValueError(f"realign_rows asks for {n} benign rows; only {len(data.benign)} are there")
             cfg = finetune_config(run.path(f"finetunes/realign_{n}"), seed=seed, preset=ctx.preset, **over)
             with sft.active():
                 ft = realign(sft.model, ctx.tokenizer, data.benign[:n], cfg)
