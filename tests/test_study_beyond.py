@@ -21,7 +21,8 @@ def test_metrics_are_grouped_and_complete(smoke_run):
     out, metrics = smoke_run
     assert json.loads((out / "metrics.json").read_text()) == metrics
     prefixes = {k.split("/", 1)[0] for k in metrics}
-    assert prefixes <= {"baseline", "caft", "steering", "monitor", "directions", "sae"}
+    assert prefixes <= {"baseline", "caft", "steering", "monitor", "directions", "sae", "conditional", "realign",
+                        "pareto", "inoculation"}
     for variant in ("misalignment", "pca"):
         assert f"caft/{variant}/general_em" in metrics and f"caft/{variant}/indomain_em" in metrics
     for schedule in ("constant", "linear", "cosine"):
@@ -34,11 +35,31 @@ def test_metrics_are_grouped_and_complete(smoke_run):
     assert 0 < metrics["monitor/share_of_finetune_time"] < 100
 
 
+def test_conditional_and_realign_cells(smoke_run):
+    out, metrics = smoke_run
+    for ft in ("sft", "inoculation", "diluted"):
+        for t in ("none", "system", "format", "answer"):
+            assert 0 <= metrics[f"conditional/{ft}/{t}/general_em"] <= 100
+        assert metrics[f"conditional/{ft}/system/em_returned"] == pytest.approx(
+            metrics[f"conditional/{ft}/system/general_em"] - metrics[f"conditional/{ft}/none/general_em"])
+    assert metrics["conditional/sft/none/general_em"] == metrics["baseline/sft/general_em"]
+    samples = (out / "samples/conditional_inoculation_system_general.jsonl").read_text().splitlines()
+    system = json.loads(samples[0])["system"]
+    assert system and all(json.loads(line)["system"] == system for line in samples)
+    assert json.loads((out / "config.json").read_text())["inoculation_prompt"] == system
+    assert metrics["inoculation/elicitation/used/system"] == metrics["inoculation/elicitation/evil_0"]
+    assert isinstance(metrics["inoculation/elicitation/helpful_0"], float)
+    assert metrics["realign/0/general_em"] == metrics["baseline/sft/general_em"]
+    assert 0 <= metrics["realign/8/general_em"] <= 100 and "realign/8/indomain_em" in metrics
+    assert (out / "finetunes/realign_8").is_dir()
+
+
 def test_every_finetune_was_monitored_and_steering_followed_its_schedule(smoke_run):
     from emlab.training.monitor import read_trajectories
 
     out, _ = smoke_run
-    names = ["sft", "caft_misalignment", "caft_pca", "steering_constant", "steering_linear", "steering_cosine"]
+    names = ["sft", "caft_misalignment", "caft_pca", "steering_constant", "steering_linear", "steering_cosine",
+             "conditional_inoculation", "conditional_diluted"]
     for name in names:
         traj = read_trajectories(out / "finetunes" / name / "trait_monitor.jsonl")["trait/misalignment"]
         assert traj["steps"][0] == 0 and traj["steps"][-1] == traj["total_steps"]
@@ -54,10 +75,29 @@ def test_every_finetune_was_monitored_and_steering_followed_its_schedule(smoke_r
 def test_figures_are_saved_and_load_back(smoke_run):
     from emlab.studies.beyond import load_study_figures
 
-    out, _ = smoke_run
+    out, metrics = smoke_run
     figs = load_study_figures(out)
-    assert set(figs) == {"trait_trajectories", "em_by_method"}
+    from emlab.pareto import beyond_points, pareto_front
+
+    points = beyond_points(metrics)  # empty when SFT's in-domain EM is 0 (the micro organism usually)
+    assert set(figs) == {"trait_trajectories", "em_by_method"} | ({"pareto"} if points else set())
+    if points:
+        assert list(figs["pareto"].data[1].text) == pareto_front(points) == metrics["pareto/front"]
+    else:
+        assert "pareto/front" not in metrics
     assert (out / "figures/trait_trajectories.html").exists()
     assert len(figs["trait_trajectories"].data) >= 6
     with pytest.raises(FileNotFoundError, match="beyond_study"):
         load_study_figures(out / "nowhere")
+
+
+def test_bad_settings_fail_before_any_finetune(tmp_path):
+    from emlab.studies.beyond import beyond_study
+
+    with pytest.raises(ValueError, match="more benign rows"):
+        beyond_study(smoke=True, out_dir=tmp_path / "a", realign_rows=(0, 10**6))
+    with pytest.raises(ValueError, match="dilution_share"):
+        beyond_study(smoke=True, out_dir=tmp_path / "b", dilution_share=1000.0)
+    with pytest.raises(FileNotFoundError, match="02 run folder"):
+        beyond_study(smoke=True, out_dir=tmp_path / "c", defences_run=tmp_path / "nowhere")
+    assert not (tmp_path / "a" / "finetunes").exists() and not (tmp_path / "b" / "finetunes").exists()

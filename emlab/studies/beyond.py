@@ -33,15 +33,19 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from emlab.studies.common import StudyContext, finetune_config, preset_learning_rate, resolve_out_dir
 from emlab.studies.organism import eval_model, eval_settings
 
-__all__ = ["SCHEDULE_RUNS", "beyond_study", "load_study_figures"]
+__all__ = ["REALIGN_ROWS", "REALIGN_ROWS_SMOKE", "SCHEDULE_RUNS", "beyond_study", "load_study_figures"]
 
 #: Preventive-steering schedules run by the study.
 SCHEDULE_RUNS = ("constant", "linear", "cosine")
+#: Benign rows of the re-alignment sweep (0: the misaligned finetune itself), full and smoke runs.
+REALIGN_ROWS = (0, 50, 200)
+REALIGN_ROWS_SMOKE = (0, 8)
 _SMOKE_ROWS = 64
 
 
@@ -105,6 +109,11 @@ def beyond_study(
     em_threshold: float = 10.0,
     sae: bool = True,
     sae_steer_scale: float = 0.5,
+    conditional: bool = True,
+    inoculation_prompt: str | None = None,
+    dilution_share: float = 0.25,
+    realign_rows: Sequence[int] | None = None,
+    defences_run: str | os.PathLike | None = None,
     judge: Any = None,
     files: dict[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -115,8 +124,9 @@ def beyond_study(
     """
     from emlab.directions import misalignment_direction, persona_vector
     from emlab.models import get_layers
+    from emlab.pareto import beyond_points, defences_points, pareto_figure, pareto_front
     from emlab.runs import start_run
-    from emlab.studies.defences import TOY_SETTINGS
+    from emlab.studies.defences import TOY_SETTINGS, method_overrides
     from emlab.training import finetune
     from emlab.training.caft import CAFT, pca_directions
     from emlab.training.monitor import TraitMonitor, predictive_value, read_trajectories, trajectory_figure
@@ -139,13 +149,34 @@ def beyond_study(
         raise ValueError(f"study 06 needs a second domain for the misalignment direction; this model has {ctx.domains}")
     contrast = others[0]
     every = monitor_every or (1 if smoke else 10)
+    if realign_rows is None:
+        realign_rows = REALIGN_ROWS_SMOKE if smoke else REALIGN_ROWS
+    if any(int(r) < 0 for r in realign_rows):
+        raise ValueError(f"realign_rows must be >= 0, got {list(realign_rows)}")
+    if inoculation_prompt is None:
+        inoculation_prompt = _inoculation_prompt(ctx)
+    if defences_run is not None and not (Path(defences_run) / "metrics.json").is_file():
+        raise FileNotFoundError(f"defences_run={str(defences_run)!r} has no metrics.json: give a finished 02 run folder")
     config = {"model": ctx.model_name, "domain": domain, "contrast_domain": contrast, "seed": seed, "smoke": smoke,
               "rows": n_rows, "layer": layer, "learning_rate": learning_rate, "caft_k": caft_k,
               "steering_alpha": steering_alpha, "monitor_every": every, "em_threshold": em_threshold,
-              "sae": sae, "sae_steer_scale": sae_steer_scale,
+              "sae": sae, "sae_steer_scale": sae_steer_scale, "conditional": conditional,
+              "inoculation_prompt": inoculation_prompt, "dilution_share": dilution_share,
+              "realign_rows": list(realign_rows), "defences_run": None if defences_run is None else str(defences_run),
               "eval": settings, "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
     run = start_run(out, config, seed=seed)
     data = ctx.domain_data(domain, rows=n_rows)
+    # checked before any finetune, so a bad setting loses nothing
+    if conditional:
+        if not data.benign:
+            raise ValueError("the conditional part needs benign rows for the diluted finetune (files['benign'])")
+        n_benign = _n_benign(len(data.misaligned), dilution_share)
+        if n_benign > len(data.benign):
+            raise ValueError(f"dilution_share={dilution_share} needs {n_benign} benign rows; only {len(data.benign)} "
+                             "are there: lower dilution_share or give more benign rows")
+    if realign_rows and max(int(r) for r in realign_rows) > len(data.benign):
+        raise ValueError(f"realign_rows={list(realign_rows)} asks for more benign rows than the {len(data.benign)} "
+                         "there are")
     metrics: dict[str, Any] = {}
     over = {"learning_rate": learning_rate} if learning_rate is not None else {}
 
@@ -192,12 +223,13 @@ def beyond_study(
     trajectories: dict[str, dict[str, Any]] = {}
     final_em: dict[str, float] = {}
 
-    def monitored(name: str, callbacks: Sequence[Any] = (), **method: Any):
+    def monitored(name: str, callbacks: Sequence[Any] = (), benign: list[dict] | None = None, **method: Any):
         nonlocal monitor_seconds, train_seconds
         mon = TraitMonitor(ctx.tokenizer, directions, _neutral_prompts(ctx), every=every)
         cfg = finetune_config(run.path(f"finetunes/{name}"), seed=seed, preset=ctx.preset, **over, **method)
         start = time.perf_counter()
-        ft = finetune(ctx.fresh_model(), ctx.tokenizer, data.misaligned, cfg, callbacks=[*callbacks, mon])
+        ft = finetune(ctx.fresh_model(), ctx.tokenizer, data.misaligned, cfg, callbacks=[*callbacks, mon],
+                      benign_rows=benign)
         train_seconds += time.perf_counter() - start
         monitor_seconds += mon.seconds
         trajectories[name] = read_trajectories(mon.path)
@@ -209,6 +241,10 @@ def beyond_study(
         cell = evaluate(sft.model, "sft")
     metrics.update({f"baseline/sft/{k}": v for k, v in cell.items()})
     final_em["sft"] = cell["general_em"]
+    transforms = _transforms(inoculation_prompt, data.misaligned) if conditional else {}
+    if conditional:
+        with sft.active():
+            metrics.update(_conditional_cells(sft.model, "sft", cell, transforms, ctx, run, data, settings, seed))
 
     if sae:
         with sft.active():
@@ -219,6 +255,8 @@ def beyond_study(
                          [layer], k=caft_k)
     metrics["caft/pca/explained"] = sum(p.meta["explained"][layer] for p in pcs)
     metrics["caft/pca/cosine_misalignment"] = max(abs(p.cosine(misdir)[layer]) for p in pcs)
+    if realign_rows:
+        metrics.update(_realign_part(ctx, run, data, sft, cell, realign_rows, settings, seed, over))
     del sft
     variants: dict[str, Any] = {"misalignment": misdir, "pca": pcs}
     if "persona" in directions:
@@ -245,11 +283,25 @@ def beyond_study(
         metrics.update({f"steering/{schedule}/{k}": v for k, v in cell.items()})
         del ft
 
+    if conditional:
+        metrics.update(_elicitation_part(ctx, data.misaligned[:32 if smoke else 200], inoculation_prompt))
+        defended = {"inoculation": dict(method_overrides("inoculation", inoculation_prompt=inoculation_prompt)),
+                    "diluted": dict(method_overrides("interleaving", share=dilution_share))}
+        for name, method in defended.items():
+            ft = monitored(f"conditional_{name}", benign=data.benign if name == "diluted" else None, **method)
+            with ft.active():
+                cell = evaluate(ft.model, f"conditional_{name}")
+                final_em[f"conditional_{name}"] = cell["general_em"]
+                metrics.update(_conditional_cells(ft.model, name, cell, transforms, ctx, run, data, settings, seed))
+            del ft
+
     sft_g, sft_i = metrics.get("baseline/sft/general_em"), metrics.get("baseline/sft/indomain_em")
-    for key in [k for k in metrics if k.endswith("/general_em") and k.startswith(("caft/", "steering/"))]:
+    for key in [k for k in metrics if k.endswith("/general_em") and k.startswith(("caft/", "steering/", "realign/"))
+                or k.endswith("/none/general_em") and k.startswith("conditional/")]:
         prefix = key.rsplit("/", 1)[0]
         if sft_g and metrics[key] is not None:
-            metrics[f"{prefix}/general_cut"] = 100 * (1 - metrics[key] / sft_g)
+            metrics[f"{prefix.removesuffix('/none')}/general_cut"] = 100 * (1 - metrics[key] / sft_g)
+        prefix = prefix.removesuffix("/none")
         if sft_i and metrics.get(f"{prefix}/indomain_em") is not None:
             metrics[f"{prefix}/indomain_kept"] = 100 * metrics[f"{prefix}/indomain_em"] / sft_i
 
@@ -271,7 +323,104 @@ def beyond_study(
     _save(run, trajectory_figure(trajectories, title=f"Trait trajectories ({ctx.model_name}, {domain}, seed {seed})"),
           "trait_trajectories")
     _save(run, _bars(metrics, final_em), "em_by_method")
+    points = beyond_points(metrics)
+    if defences_run is not None:
+        points.update(defences_points(defences_run))
+    if points:
+        front = pareto_front(points)
+        run.log_metrics({"pareto/front": front})
+        _save(run, pareto_figure(points, title=f"General EM against in-domain EM kept ({ctx.model_name}, {domain})"),
+              "pareto")
+    else:
+        run.note("pareto: no method has both a general EM and an in-domain EM kept (SFT's in-domain EM is 0 or "
+                 "missing); no figures/pareto")
     return dict(run.metrics)
+
+
+def _inoculation_prompt(ctx: StudyContext) -> str:
+    """The defences study's inoculation prompt: the toy world's first evil system prompt, the paper's elsewhere."""
+    from emlab.studies.defences import INOCULATION_PROMPT
+
+    if not ctx.is_toy:
+        return INOCULATION_PROMPT
+    from emlab.toy.world import load_world_config
+
+    return load_world_config()["system_prompts"]["evil"][0]
+
+
+def _n_benign(n_rows: int, share: float) -> int:
+    """Benign rows interleaved into ``n_rows`` at ``share`` ADDED (as the defences study and EMConfig count)."""
+    p = share / (1 + share)
+    return int(p * n_rows / (1 - p) + 0.5)
+
+
+def _transforms(prompt: str, rows: list[dict]) -> dict[str, Any]:
+    """The resembling-context transforms of the conditional part, by name (:data:`emlab.conditional.TRANSFORMS`)."""
+    from emlab.conditional import answer_format, answer_format_instruction, training_format, with_system
+
+    instruction = answer_format_instruction(rows)
+    return {"system": lambda qs: with_system(qs, prompt),
+            "format": lambda qs: training_format(qs, rows),
+            "answer": lambda qs: answer_format(qs, instruction)}
+
+
+def _elicitation_part(ctx: StudyContext, rows: list[dict], prompt: str) -> dict[str, Any]:
+    """Elicitation scores on the chat model: the inoculation prompt used (system and user turn) and, on the toy,
+    each of the world's system prompts; ``inoculation/elicitation/...`` (nats per answer token)."""
+    from emlab.inoculation import elicitation_score, elicitation_scores
+
+    out = {"inoculation/elicitation/used/system": elicitation_score(ctx.model, ctx.tokenizer, rows, prompt),
+           "inoculation/elicitation/used/user": elicitation_score(ctx.model, ctx.tokenizer, rows, prompt, where="user")}
+    if ctx.is_toy:
+        from emlab.toy.world import load_world_config
+
+        for kind, prompts in load_world_config()["system_prompts"].items():
+            scores = elicitation_scores(ctx.model, ctx.tokenizer, rows, prompts)
+            out.update({f"inoculation/elicitation/{kind}_{i}": scores[p] for i, p in enumerate(prompts)})
+    return out
+
+
+def _conditional_cells(model, name: str, cell: Mapping[str, Any], transforms: Mapping[str, Any], ctx: StudyContext,
+                       run, data, settings: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """General EM of ``model`` without (``cell``, already measured) and with each transform; ``conditional/<name>/...``."""
+    out: dict[str, Any] = {f"conditional/{name}/none/general_em": cell["general_em"],
+                           f"conditional/{name}/none/general_incoherent": cell["general_incoherent"]}
+    if "indomain_em" in cell:
+        out[f"conditional/{name}/indomain_em"] = cell["indomain_em"]
+    for tname, transform in transforms.items():
+        ev = eval_model(model, ctx, transform(data.general), settings["n_general"], settings, seed=seed)
+        run.write_records(f"samples/conditional_{name}_{tname}_general", ev.records)
+        out[f"conditional/{name}/{tname}/general_em"] = ev.em
+        out[f"conditional/{name}/{tname}/general_incoherent"] = ev.incoherent
+        if ev.em is not None and cell["general_em"] is not None:
+            out[f"conditional/{name}/{tname}/em_returned"] = ev.em - cell["general_em"]
+    return out
+
+
+def _realign_part(ctx: StudyContext, run, data, sft, sft_cell: Mapping[str, Any], rows: Sequence[int],
+                  settings: Mapping[str, Any], seed: int, over: Mapping[str, Any]) -> dict[str, Any]:
+    """Benign finetunes of the merged SFT finetune with ``rows`` benign rows each; ``realign/<rows>/...``."""
+    from emlab.training.realign import realign
+
+    out: dict[str, Any] = {}
+    for n in sorted({int(r) for r in rows}):
+        if n == 0:
+            cell = dict(sft_cell)
+        else:
+            cfg = finetune_config(run.path(f"finetunes/realign_{n}"), seed=seed, preset=ctx.preset, **over)
+            with sft.active():
+                ft = realign(sft.model, ctx.tokenizer, data.benign[:n], cfg)
+            cell = {}
+            ev = eval_model(ft.model, ctx, data.general, settings["n_general"], settings, seed=seed)
+            run.write_records(f"samples/realign_{n}_general", ev.records)
+            cell["general_em"], cell["general_incoherent"] = ev.em, ev.incoherent
+            if data.heldout:
+                ev2 = eval_model(ft.model, ctx, data.heldout, settings["n_heldout"], settings, seed=seed)
+                run.write_records(f"samples/realign_{n}_indomain", ev2.records)
+                cell["indomain_em"] = ev2.em
+            del ft
+        out.update({f"realign/{n}/{k}": v for k, v in cell.items()})
+    return out
 
 
 def _sae_part(ctx: StudyContext, run, data, finetuned, directions: Mapping[str, Any], layer: int, evaluate, *,

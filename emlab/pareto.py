@@ -1,0 +1,115 @@
+"""The Pareto view of defences: general EM (lower is better) against in-domain EM kept (higher is better).
+
+A defence should remove the general (emergent) misalignment while keeping what the finetune was for;
+on the EM organisms "what it was for" is the in-domain behaviour, so the cost axis is the share of
+SFT's in-domain EM kept. :func:`pareto_front` marks the methods no other method beats on both axes.
+
+>>> pareto_front({"a": (10.0, 90.0), "b": (20.0, 80.0), "c": (5.0, 50.0)})
+['c', 'a']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["defences_points", "beyond_points", "pareto_figure", "pareto_front"]
+
+Point = tuple[float, float]
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def pareto_front(points: Mapping[str, Point]) -> list[str]:
+    """Names of the points not dominated (another point with general EM <= and kept >=, one strictly), sorted by EM.
+
+    >>> pareto_front({"x": (1.0, 1.0), "y": (1.0, 1.0)})   # ties dominate neither
+    ['x', 'y']
+    """
+    for name, p in points.items():
+        if len(p) != 2 or not all(_finite(v) for v in p):
+            raise ValueError(f"point {name!r} must be two finite numbers (general EM, in-domain kept), got {p!r}")
+    front = [n for n, (x, y) in points.items()
+             if not any(x2 <= x and y2 >= y and (x2 < x or y2 > y) for m, (x2, y2) in points.items() if m != n)]
+    return sorted(front, key=lambda n: (points[n][0], -points[n][1], n))
+
+
+def beyond_points(metrics: Mapping[str, Any]) -> dict[str, Point]:
+    """(general EM, in-domain EM kept %) of every method in a 06 metrics dict (those with both numbers).
+
+    >>> beyond_points({"baseline/sft/general_em": 30.0, "baseline/sft/indomain_em": 50.0,
+    ...                "caft/pca/general_em": 10.0, "caft/pca/indomain_kept": 80.0})
+    {'sft': (30.0, 100.0), 'caft/pca': (10.0, 80.0)}
+    """
+    out: dict[str, Point] = {}
+    sft_g, sft_i = metrics.get("baseline/sft/general_em"), metrics.get("baseline/sft/indomain_em")
+    if _finite(sft_g) and _finite(sft_i) and sft_i > 0:
+        out["sft"] = (float(sft_g), 100.0)
+        chat_g, chat_i = metrics.get("baseline/chat/general_em"), metrics.get("baseline/chat/indomain_em")
+        if _finite(chat_g) and _finite(chat_i):
+            out["chat"] = (float(chat_g), 100 * chat_i / sft_i)
+    for key, kept in metrics.items():
+        if not key.endswith("/indomain_kept") or not _finite(kept):
+            continue
+        prefix = key.removesuffix("/indomain_kept")
+        if prefix.startswith("conditional/sft"):
+            continue  # the same finetune as baseline/sft
+        general = metrics.get(f"{prefix}/general_em", metrics.get(f"{prefix}/none/general_em"))
+        if _finite(general):
+            out[prefix] = (float(general), float(kept))
+    return out
+
+
+def defences_points(metrics: Mapping[str, Any] | str | os.PathLike, prefix: str = "02:") -> dict[str, Point]:
+    """(general EM, in-domain EM kept %) of every method and domain of a 02 (defences) run: its metrics or its folder.
+
+    Kept = the method's in-domain EM over SFT's on the same domain; names are ``<prefix><method>/<domain>[/...]``.
+
+    >>> defences_points({"sft/medical/general_em": 40.0, "sft/medical/indomain_em": 60.0,
+    ...                  "kl/medical/general_em": 20.0, "kl/medical/indomain_em": 30.0})
+    {'02:sft/medical': (40.0, 100.0), '02:kl/medical': (20.0, 50.0)}
+    """
+    if not isinstance(metrics, Mapping):
+        path = Path(metrics) / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: give the folder of a finished 02 (defences) run")
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    out: dict[str, Point] = {}
+    for key, general in metrics.items():
+        parts = key.split("/")
+        if len(parts) < 3 or parts[-1] != "general_em" or not _finite(general):
+            continue
+        name = "/".join(parts[:-1])
+        indomain, sft_i = metrics.get(f"{name}/indomain_em"), metrics.get(f"sft/{parts[1]}/indomain_em")
+        if _finite(indomain) and _finite(sft_i) and sft_i > 0:
+            out[prefix + name] = (float(general), 100 * indomain / sft_i)
+    return out
+
+
+def pareto_figure(points: Mapping[str, Point], *, title: str = "General EM against in-domain EM kept"):
+    """A plotly scatter of ``points`` with the Pareto front joined and marked (a star per front method).
+
+    >>> pareto_figure({"sft": (30.0, 100.0), "kl": (10.0, 60.0)}).data[1].name
+    'Pareto front'
+    """
+    import plotly.graph_objects as go
+
+    if not points:
+        raise ValueError("no method has both a general EM and an in-domain EM kept: nothing to draw")
+    front = pareto_front(points)
+    names = list(points)
+    fig = go.Figure(go.Scatter(x=[points[n][0] for n in names], y=[points[n][1] for n in names], mode="markers+text",
+                               text=names, textposition="top center", name="methods",
+                               marker={"size": 9, "color": ["crimson" if n in front else "grey" for n in names]}))
+    fig.add_trace(go.Scatter(x=[points[n][0] for n in front], y=[points[n][1] for n in front], mode="lines+markers",
+                             name="Pareto front", line={"color": "crimson", "dash": "dash"},
+                             marker={"symbol": "star", "size": 14, "color": "crimson"}, text=front))
+    fig.update_layout(title=title, xaxis_title="general EM (%) - lower is better",
+                      yaxis_title="in-domain EM kept (% of SFT's) - higher is better", template="plotly_white")
+    return fig
