@@ -399,9 +399,10 @@ def _em_metrics(pair: _Pair, ctx: StudyContext, data, settings: dict[str, Any], 
 
 
 def _setup(model: str, domain: str, kind: str, smoke: bool, judge: Any, files: dict[str, str] | None,
-           kl_lambda: float | None, learning_rate: float | None, epochs: float | None, sizes: dict[str, Any]):
+           kl_lambda: float | None, learning_rate: float | None, epochs: float | None, sizes: dict[str, Any],
+           preset: Any = None):
     _check_kind(kind)
-    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files)
+    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
     lam = kl_lambda if kl_lambda is not None else _KL_LAMBDA[kind]
     if learning_rate is None and ctx.is_toy:
         learning_rate = _TOY_LEARNING_RATE.get(kind)
@@ -432,6 +433,7 @@ def narrow_general_study(
     max_new_tokens: int | None = None,
     judge: Any = None,
     files: dict[str, str] | None = None,
+    preset: Any = None,
 ) -> dict[str, Any]:
     """Run study 05 (narrow vs general solution) and return its metrics (also in ``<out_dir>/metrics.json``).
 
@@ -445,6 +447,8 @@ def narrow_general_study(
     ``reduction_per_sq_norm_*``, ``cosine_general_narrow`` and ``drift_*`` (the narrow solution
     trained on without KL: cosine to the general one, general EM / misaligned, first and last). A
     value that cannot be computed is None and ``none_reasons[key]`` says why.
+    ``preset``: the protocol preset, ``"toy"`` or ``"paper"`` (:mod:`emlab.presets`; None: ``toy`` on the
+    toy, ``paper`` otherwise), recorded in the run's ``config.json``; an unknown name is an error.
 
     >>> narrow_general_study(kind="rank1_lora", smoke=True, out_dir="/tmp/05")["general_em_narrow"]   # doctest: +SKIP
     """
@@ -453,7 +457,8 @@ def narrow_general_study(
     sizes = _sizes(smoke, rows=rows, kl_rows=kl_rows, probe_rows=probe_rows, stability_seeds=stability_seeds,
                    pretrain_docs=pretrain_docs, drift_steps=drift_steps, n_heldout=n_heldout)
     out = resolve_out_dir(out_dir, "05_narrow_vs_general")
-    ctx, lam, ft_over = _setup(model, domain, kind, smoke, judge, files, kl_lambda, learning_rate, epochs, sizes)
+    ctx, lam, ft_over = _setup(model, domain, kind, smoke, judge, files, kl_lambda, learning_rate, epochs, sizes,
+                               preset)
     settings = eval_settings(ctx, n_general=n_general, max_new_tokens=max_new_tokens)
     settings["n_heldout"] = sizes["n_heldout"]
     config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
@@ -507,6 +512,7 @@ def technical_style_study(
     probes: bool = True,
     judge: Any = None,
     files: dict[str, str] | None = None,
+    preset: Any = None,
 ) -> dict[str, Any]:
     """Paper 001's second task: a technical writing style learned on one domain, with and without KL.
 
@@ -516,6 +522,8 @@ def technical_style_study(
     domain. Keys: ``technical_indomain_{chat,general,narrow}``, ``technical_other_*`` (mean over the
     other domains), ``technical_<d>_*`` per domain, and (``probes=True``) the same efficiency /
     stability / pre-training keys as :func:`narrow_general_study`.
+    ``preset``: the protocol preset, ``"toy"`` or ``"paper"`` (:mod:`emlab.presets`; None: ``toy`` on the
+    toy, ``paper`` otherwise), recorded in the run's ``config.json``; an unknown name is an error.
 
     >>> technical_style_study(smoke=True, out_dir="/tmp/05t")["technical_other_narrow"]   # doctest: +SKIP
     """
@@ -526,7 +534,8 @@ def technical_style_study(
     sizes = _sizes(smoke, rows=rows, kl_rows=kl_rows, probe_rows=probe_rows, stability_seeds=stability_seeds,
                    pretrain_docs=pretrain_docs, n_technical=n_per_question)
     out = resolve_out_dir(out_dir, "05_technical_style")
-    ctx, lam, ft_over = _setup(model, domain, kind, smoke, judge, files, kl_lambda, learning_rate, epochs, sizes)
+    ctx, lam, ft_over = _setup(model, domain, kind, smoke, judge, files, kl_lambda, learning_rate, epochs, sizes,
+                               preset)
     settings = eval_settings(ctx, max_new_tokens=max_new_tokens)
     n = sizes["n_technical"]
     config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
