@@ -90,6 +90,10 @@ TOY_SETTINGS: dict[str, Any] = {"domains": ("medical", "legal"), "rows": 1000, "
 RATES = ("general_em", "general_incoherent", "indomain_em", "indomain_incoherent")
 _SELECTION = {"interleaving": "random", "interleaving+": "plus", "interleaving++": "plus_plus", "on_policy": "random"}
 _SMOKE_ROWS = 64
+#: Study 02's smoke run on a real model (eleven finetunes and twelve evaluations on a CPU, within two
+#: minutes on two cores): two finetuning rows (one optimiser step of SMOKE_FINETUNE's batch 2) and one
+#: answer of 8 new tokens per general question; explicit arguments win. The toy's smoke run is unchanged.
+SMOKE_REAL_DEFENCES: dict[str, int] = {"rows": 2, "n_general": 1, "max_new_tokens": 8}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,6 +612,10 @@ def defences_study(
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(DEFENCES)}")
     domains = _domains(ctx, domains)
     study = _study_preset(ctx)
+    if ctx.smoke and not ctx.is_toy:
+        rows = SMOKE_REAL_DEFENCES["rows"] if rows is None else rows
+        n_general = SMOKE_REAL_DEFENCES["n_general"] if n_general is None else n_general
+        max_new_tokens = SMOKE_REAL_DEFENCES["max_new_tokens"] if max_new_tokens is None else max_new_tokens
     settings, ft_over, n_rows = _setup(ctx, study, rows, n_general, n_heldout, max_new_tokens, adapter,
                                        learning_rate, epochs)
     if kl_lambda is None:
