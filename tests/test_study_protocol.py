@@ -2,6 +2,8 @@
 
 from types import SimpleNamespace
 
+import pytest
+
 from emlab.presets import get_preset
 from emlab.studies.defences import _k_misaligned
 
@@ -38,12 +40,11 @@ def test_the_toy_finetune_config_is_unchanged_by_its_preset(tmp_path):
     from emlab.studies.common import finetune_config
     from emlab.toy.build import load_recipe
 
-    for recipe in ("micro", "default"):
+    for recipe, over in (("default", {}), ("micro", {"adapter": "full", "num_train_epochs": 2.0})):
         study = load_recipe(recipe).get("study", {})
-        for over in ({}, {"adapter": "full"}, {"learning_rate": 3e-4, "num_train_epochs": 2.0}):
-            base = finetune_config(tmp_path / "ft", seed=1, preset=study, **over)
-            assert _fields(finetune_config(tmp_path / "ft", seed=1, preset=study, protocol=TOY, **over)) == _fields(base)
-            assert _fields(finetune_config(tmp_path / "ft", seed=1, preset=study, protocol="toy", **over)) == _fields(base)
+        base = finetune_config(tmp_path / "ft", seed=1, preset=study, **over)
+        assert _fields(finetune_config(tmp_path / "ft", seed=1, preset=study, protocol=TOY, **over)) == _fields(base)
+    assert _fields(finetune_config(tmp_path / "ft", protocol="toy")) == _fields(finetune_config(tmp_path / "ft"))
 
 
 def test_a_paper_context_finetunes_with_the_papers_recipe(tmp_path):
@@ -68,6 +69,7 @@ def test_a_paper_context_finetunes_with_the_papers_recipe(tmp_path):
                            ).learning_rate == 7e-5
 
 
+@pytest.mark.slow
 def test_studies_pass_their_protocol_to_the_finetune_config(tmp_path, monkeypatch):
     """em_organism on the micro toy with preset="paper": each finetune config gets the paper preset."""
     import emlab.studies.organism as organism
@@ -88,8 +90,6 @@ def test_studies_pass_their_protocol_to_the_finetune_config(tmp_path, monkeypatc
 def test_a_study_records_the_chosen_preset_and_rejects_an_unknown_one(tmp_path):
     import json
 
-    import pytest
-
     from emlab.studies import quickstart
 
     quickstart(smoke=True, out_dir=tmp_path / "qs", preset="paper", n_per_question=1, max_new_tokens=4)
@@ -102,15 +102,14 @@ def test_a_study_records_the_chosen_preset_and_rejects_an_unknown_one(tmp_path):
 
 def test_every_research_notebook_takes_a_preset_parameter():
     """The parameters cell declares ``preset`` and every study call passes it (so ``emlab run -p preset paper``)."""
+    import json
     from pathlib import Path
-
-    import nbformat
 
     for stem in ("00_em_organism", "01_directions", "02_defences", "03_interleaving", "04_evaluation",
                  "05_narrow_vs_general", "quickstart"):
-        nb = nbformat.read(Path(__file__).parent.parent / "notebooks" / f"{stem}.ipynb", as_version=4)
-        code = [c.source for c in nb.cells if c.cell_type == "code"]
-        params = [c.source for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        cells = json.loads((Path(__file__).parent.parent / "notebooks" / f"{stem}.ipynb").read_text())["cells"]
+        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        params = ["".join(c["source"]) for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert any(line.startswith("preset = None") for line in params[0].splitlines()), stem
         calls = [s for s in code if "study(" in s or "em_organism(" in s or "quickstart(" in s]
         assert calls and all("preset=preset" in s for s in calls), stem
