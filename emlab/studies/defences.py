@@ -90,7 +90,7 @@ TOY_SETTINGS: dict[str, Any] = {"domains": ("medical", "legal"), "rows": 1000, "
 RATES = ("general_em", "general_incoherent", "indomain_em", "indomain_incoherent")
 _SELECTION = {"interleaving": "random", "interleaving+": "plus", "interleaving++": "plus_plus", "on_policy": "random"}
 _SMOKE_ROWS = 64
-#: Study 02's smoke run on a real model (eleven finetunes and twelve evaluations on a CPU, within two
+#: Studies 02 and 03's smoke runs on a real model (eleven finetunes and twelve evaluations on a CPU, within two
 #: minutes on two cores): two finetuning rows (one optimiser step of SMOKE_FINETUNE's batch 2) and one
 #: answer of 8 new tokens per general question; explicit arguments win. The toy's smoke run is unchanged.
 SMOKE_REAL_DEFENCES: dict[str, int] = {"rows": 2, "n_general": 1, "max_new_tokens": 8}
@@ -824,6 +824,10 @@ def interleaving_study(
     shares = [float(s) for s in ([shares] if isinstance(shares, int | float) else shares)]
     if smoke:
         shares = shares[:2]
+    if ctx.smoke and not ctx.is_toy:  # as study 02 (two rows still interleave one benign row at 25% and 50%)
+        rows = SMOKE_REAL_DEFENCES["rows"] if rows is None else rows
+        n_general = SMOKE_REAL_DEFENCES["n_general"] if n_general is None else n_general
+        max_new_tokens = SMOKE_REAL_DEFENCES["max_new_tokens"] if max_new_tokens is None else max_new_tokens
     settings, ft_over, n_rows = _setup(ctx, _study_preset(ctx), rows, n_general, n_heldout, max_new_tokens, adapter,
                                        learning_rate, epochs)
     config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
