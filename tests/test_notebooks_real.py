@@ -138,5 +138,8 @@ def test_notebook_runs_on_smollm2(stem, smollm2_path, judge_server, tmp_path, mo
     assert str(config.get("model", smollm2_path)) == str(smollm2_path)
     written = {p.stem for p in (out / "figures").glob("*.html")}
     assert set(figures) <= written, f"{stem}: figures {sorted(set(figures) - written)} missing; wrote {sorted(written)}"
+    assert config.get("preset", {}).get("name", "paper") == "paper"  # a real model follows the paper preset
+    if stem in ("02_defences", "03_interleaving"):  # a real model's smoke sizes (defences.SMOKE_REAL_DEFENCES)
+        assert config["rows"] == 2 and config["eval"]["n_general"] == 1 and config["eval"]["max_new_tokens"] == 8
     if stem == "05_narrow_vs_general":  # the technical-style task runs in the same notebook
         assert "technical_indomain_narrow" in json.loads((out / "technical" / "metrics.json").read_text())

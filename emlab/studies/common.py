@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LOCAL_JUDGES", "STUDY_CHECKPOINTS", "DomainData", "StudyContext", "finetune_config",
-           "preset_learning_rate", "explain_nones", "missing_reason", "resolve_judge", "resolve_out_dir",
+__all__ = ["ADAPTER_FIELDS", "LOCAL_JUDGES", "STUDY_CHECKPOINTS", "DomainData", "StudyContext", "finetune_config",
+           "preset_learning_rate", "protocol_finetune", "explain_nones", "missing_reason", "resolve_judge", "resolve_out_dir",
            "smoke_finetune", "smoke_trait"]
 
 
@@ -140,6 +140,8 @@ class StudyContext:
         from emlab.judge import preflight
         from emlab.presets import get_preset, preset_for
 
+        # an unknown preset name fails before the judge is called or the model loaded
+        chosen = get_preset(protocol) if protocol is not None else preset_for(name, toy_folder=toy_folder)
         own_model_judge = judge in LOCAL_JUDGES
         judge_obj: Any = None
         if judge is None and (toy or toy_folder):
@@ -151,7 +153,6 @@ class StudyContext:
         if own_model_judge:
             judge_obj = resolve_judge(judge, loaded, tok, model_name=name)
             preflight(judge_obj)
-        chosen = get_preset(protocol) if protocol is not None else preset_for(name, toy_folder=toy_folder)
         return cls(name, smoke, loaded, tok, judge_obj, found, domains, preset, chosen)
 
     def file(self, key: str) -> Path:
@@ -354,8 +355,32 @@ def preset_learning_rate(preset: dict[str, Any] | None, adapter: str | None) -> 
     return None if rate is None else float(rate)
 
 
+#: EMConfig fields of a protocol's finetuning block that belong to its adapter: left out when a finetune
+#: trains another adapter (a full finetune keeps its own learning rate, not the paper's LoRA one).
+ADAPTER_FIELDS = ("adapter", "learning_rate", "lora_r", "lora_alpha", "rslora", "lora_dropout", "target_modules")
+
+
+def protocol_finetune(protocol: Any, adapter: str | None = None) -> dict[str, Any]:
+    """The :class:`emlab.training.EMConfig` fields of a protocol preset's ``finetune`` block (``{}`` for the
+    toy preset and for None), without its adapter-specific fields (:data:`ADAPTER_FIELDS`) when
+    ``adapter`` is another adapter than the block's.
+
+    >>> from emlab.presets import PAPER, TOY
+    >>> protocol_finetune(TOY), protocol_finetune(PAPER)["lora_r"], "learning_rate" in protocol_finetune(PAPER, "full")
+    ({}, 32, False)
+    """
+    if protocol is None:
+        return {}
+    from emlab.presets import get_preset
+
+    block = dict(get_preset(protocol).finetune)
+    if adapter is not None and block.get("adapter", "lora") != adapter:
+        block = {k: v for k, v in block.items() if k not in ADAPTER_FIELDS}
+    return block
+
+
 def finetune_config(out_dir: str | os.PathLike, *, seed: int = 0, preset: dict[str, Any] | None = None,
-                    **overrides: Any):
+                    protocol: Any = None, **overrides: Any):
     """An :class:`emlab.training.EMConfig` from a study preset (the toy recipe's ``study`` block) and overrides.
 
     Every finetune checkpoints (:data:`STUDY_CHECKPOINTS`: ten times per finetune, the last one
@@ -363,6 +388,11 @@ def finetune_config(out_dir: str | os.PathLike, *, seed: int = 0, preset: dict[s
     is run again continues each finetune where it stopped and ends with the same weights; a finetune
     that finished is loaded, not trained again, and its checkpoints are deleted once it finishes.
     Logging every step.
+    ``protocol`` (a :class:`emlab.presets.Preset` or its name, a study passes ``ctx.protocol``) gives the
+    base recipe: its ``finetune`` block (the paper preset's rs-LoRA r 32, alpha 64, lr 1e-4, one epoch,
+    batch 4 x 4, warmup 5; empty in the toy preset, so the toy's finetunes are unchanged), without its
+    LoRA fields when another adapter is trained (:func:`protocol_finetune`). The recipe preset and the
+    overrides (a smoke run's :data:`SMOKE_FINETUNE` among them) win over it.
     The preset's ``finetune`` block sets :class:`EMConfig` fields for every finetune; its
     ``learning_rates`` block (adapter -> rate) sets the learning rate of the adapter trained, unless
     ``learning_rate`` is passed (the toy organism's LoRA rate, for instance, without touching the
@@ -375,8 +405,11 @@ def finetune_config(out_dir: str | os.PathLike, *, seed: int = 0, preset: dict[s
     preset = preset or {}
     kw: dict[str, Any] = {**STUDY_CHECKPOINTS, "logging_steps": 1, "seed": seed, "data_seed": seed,
                           "disable_tqdm": True}
+    adapter = overrides.get("adapter") or preset.get("finetune", {}).get("adapter")
+    kw.update(protocol_finetune(protocol, adapter))
     kw.update({k: v for k, v in preset.get("finetune", {}).items()})
     kw.update(overrides)
-    if kw.get("learning_rate") is None and (rate := preset_learning_rate(preset, kw.get("adapter"))) is not None:
+    explicit = {**preset.get("finetune", {}), **overrides}  # the recipe's rates beat the protocol's, not these
+    if explicit.get("learning_rate") is None and (rate := preset_learning_rate(preset, kw.get("adapter"))) is not None:
         kw["learning_rate"] = rate
     return EMConfig(output_dir=str(out_dir), **kw)

@@ -90,6 +90,10 @@ TOY_SETTINGS: dict[str, Any] = {"domains": ("medical", "legal"), "rows": 1000, "
 RATES = ("general_em", "general_incoherent", "indomain_em", "indomain_incoherent")
 _SELECTION = {"interleaving": "random", "interleaving+": "plus", "interleaving++": "plus_plus", "on_policy": "random"}
 _SMOKE_ROWS = 64
+#: Studies 02 and 03's smoke runs on a real model (eleven finetunes and twelve evaluations on a CPU, within two
+#: minutes on two cores): two finetuning rows (one optimiser step of SMOKE_FINETUNE's batch 2) and one
+#: answer of 8 new tokens per general question; explicit arguments win. The toy's smoke run is unchanged.
+SMOKE_REAL_DEFENCES: dict[str, int] = {"rows": 2, "n_general": 1, "max_new_tokens": 8}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +254,7 @@ def _run_finetune(ctx: StudyContext, run, rows: list[dict], name: str, *, seed: 
     over = {**ft_over, **method}
     if _adapter(ctx, ft_over) == "full" and (over.get("kl_lambda") or over.get("ldifs_lambda")):
         over["reference_copy"] = True  # no adapter to switch off: the reference is a frozen copy
-    cfg = finetune_config(run.path(f"finetunes/{name}"), seed=seed, preset=ctx.preset, **over)
+    cfg = finetune_config(run.path(f"finetunes/{name}"), seed=seed, preset=ctx.preset, protocol=ctx.protocol, **over)
     return finetune(ctx.fresh_model(), ctx.tokenizer, rows, cfg,
                     benign_rows=benign if over.get("interleave_share") else None)
 
@@ -575,6 +579,7 @@ def defences_study(
     keep_finetunes: bool = False,
     judge: Any = None,
     files: dict[str, str] | None = None,
+    preset: Any = None,
 ) -> dict[str, Any]:
     """Run study 02 (Table 2 and Figure 1 of paper 002) and return its metrics (also in ``metrics.json``).
 
@@ -588,6 +593,8 @@ def defences_study(
     (e.g. ``["opswap_tier1"]``; on the toy ``["domainswap_tier1"]`` unless given) adds
     :func:`benign_task_study` for ``benign_methods`` (keys ``<method>/<task>_tier<k>/exact_match``).
     Finetune weights are deleted after evaluation unless ``keep_finetunes``.
+    ``preset``: the protocol preset, ``"toy"`` or ``"paper"`` (:mod:`emlab.presets`; None: ``toy`` on the
+    toy, ``paper`` otherwise), recorded in the run's ``config.json``; an unknown name is an error.
 
     >>> m = defences_study(smoke=True, methods=["sft", "kl"], out_dir="/tmp/02")   # doctest: +SKIP
     >>> m["kl/medical/general_em"]                                                 # doctest: +SKIP
@@ -597,20 +604,24 @@ def defences_study(
     from emlab.runs import start_run
 
     out = resolve_out_dir(out_dir, "02_defences")
-    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files)
+    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
     k_misaligned = _k_misaligned(ctx, k_misaligned)
     methods = list(DEFENCES if methods is None else ([methods] if isinstance(methods, str) else methods))
     unknown = [m for m in methods if m not in DEFENCES]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(DEFENCES)}")
     domains = _domains(ctx, domains)
-    preset = _study_preset(ctx)
-    settings, ft_over, n_rows = _setup(ctx, preset, rows, n_general, n_heldout, max_new_tokens, adapter,
+    study = _study_preset(ctx)
+    if ctx.smoke and not ctx.is_toy:
+        rows = SMOKE_REAL_DEFENCES["rows"] if rows is None else rows
+        n_general = SMOKE_REAL_DEFENCES["n_general"] if n_general is None else n_general
+        max_new_tokens = SMOKE_REAL_DEFENCES["max_new_tokens"] if max_new_tokens is None else max_new_tokens
+    settings, ft_over, n_rows = _setup(ctx, study, rows, n_general, n_heldout, max_new_tokens, adapter,
                                        learning_rate, epochs)
     if kl_lambda is None:
-        kl_lambda = preset.get("kl_lambda", PAPER_SETTINGS["kl_lambda"])
+        kl_lambda = study.get("kl_lambda", PAPER_SETTINGS["kl_lambda"])
     if benign_tasks is None:
-        benign_tasks = preset.get("benign_tasks", ())
+        benign_tasks = study.get("benign_tasks", ())
     if ldifs_layers is None:
         ldifs_layers = ldifs_blocks(ctx.model)
     prompt = _inoculation_prompt(ctx, inoculation_prompt)
@@ -780,6 +791,7 @@ def interleaving_study(
     paper: bool = True,
     judge: Any = None,
     files: dict[str, str] | None = None,
+    preset: Any = None,
 ) -> dict[str, Any]:
     """Run study 03: Interleaving+/++ scoring and selection, then EM vs incoherence as the share grows.
 
@@ -790,6 +802,8 @@ def interleaving_study(
     with each of ``methods`` at each share (benign rows ADDED as a fraction of the finetuning rows,
     as in the paper: 1, 5, 20, 50%) plus the undefended ``sft``. Keys:
     ``<method>/<domain>/share=5%/<metric>``, ``sft/<domain>/<metric>`` and ``scoring/...``.
+    ``preset``: the protocol preset, ``"toy"`` or ``"paper"`` (:mod:`emlab.presets`; None: ``toy`` on the
+    toy, ``paper`` otherwise), recorded in the run's ``config.json``; an unknown name is an error.
 
     >>> m = interleaving_study(smoke=True, out_dir="/tmp/03")          # doctest: +SKIP
     >>> m["interleaving++/medical/share=5%/general_em"]                 # doctest: +SKIP
@@ -800,7 +814,7 @@ def interleaving_study(
     from emlab.runs import start_run
 
     out = resolve_out_dir(out_dir, "03_interleaving")
-    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files)
+    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
     k_misaligned = _k_misaligned(ctx, k_misaligned)
     domain = _domains(ctx, [domain])[0]
     methods = [methods] if isinstance(methods, str) else list(methods)
@@ -810,6 +824,10 @@ def interleaving_study(
     shares = [float(s) for s in ([shares] if isinstance(shares, int | float) else shares)]
     if smoke:
         shares = shares[:2]
+    if ctx.smoke and not ctx.is_toy:  # as study 02 (two rows still interleave one benign row at 25% and 50%)
+        rows = SMOKE_REAL_DEFENCES["rows"] if rows is None else rows
+        n_general = SMOKE_REAL_DEFENCES["n_general"] if n_general is None else n_general
+        max_new_tokens = SMOKE_REAL_DEFENCES["max_new_tokens"] if max_new_tokens is None else max_new_tokens
     settings, ft_over, n_rows = _setup(ctx, _study_preset(ctx), rows, n_general, n_heldout, max_new_tokens, adapter,
                                        learning_rate, epochs)
     config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),

@@ -213,6 +213,7 @@ def directions_study(
     max_new_tokens: int | None = None,
     judge: Any = None,
     files: dict[str, str] | None = None,
+    preset: Any = None,
 ) -> dict[str, Any]:
     """Run study 01 and return its metrics (also written to ``<out_dir>/metrics.json``).
 
@@ -236,6 +237,8 @@ def directions_study(
     ``shift_persona_cosine`` (the direction / the persona vector against what the finetune changed at
     the last prompt token of the general questions); ``steering_sweep`` (rows). A value that cannot
     be computed (no judged answers, no persona vector) is None and ``none_reasons[key]`` says why.
+    ``preset``: the protocol preset, ``"toy"`` or ``"paper"`` (:mod:`emlab.presets`; None: ``toy`` on the
+    toy, ``paper`` otherwise), recorded in the run's ``config.json``; an unknown name is an error.
 
     >>> m = directions_study(smoke=True, out_dir="/tmp/01")            # doctest: +SKIP
     >>> m["ft_general_em"], m["ablate_general_em"], m["ablate_random_general_em"]   # doctest: +SKIP
@@ -248,7 +251,7 @@ def directions_study(
     from emlab.training import finetune
 
     out = resolve_out_dir(out_dir, "01_directions")
-    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files)
+    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
     if other_domain == domain or (ctx.domains and other_domain not in ctx.domains):
         raise ValueError(f"other_domain must be a second domain of this model ({', '.join(ctx.domains)}), "
                          f"not {other_domain!r}")
@@ -295,7 +298,8 @@ def directions_study(
 
     # The EM finetune, its direction, and the ablation against a same-norm random direction.
     ft = finetune(ctx.fresh_model(), ctx.tokenizer, data.misaligned,
-                  finetune_config(run.path(f"ft_{domain}"), seed=seed, preset=ctx.preset, **ft_over))
+                  finetune_config(run.path(f"ft_{domain}"), seed=seed, preset=ctx.preset, protocol=ctx.protocol,
+                                  **ft_over))
     with ft.active():
         ev = evaluate(ft.model, n_gen, "ft_general")
         _put_rates(metrics, "ft_general", ev)
@@ -315,7 +319,8 @@ def directions_study(
     dirs[f"misalignment_{domain}"], dirs[f"random_{domain}"] = v, control
 
     oft = finetune(ctx.fresh_model(), ctx.tokenizer, other.misaligned,
-                   finetune_config(run.path(f"ft_{other_domain}"), seed=seed, preset=ctx.preset, **ft_over))
+                   finetune_config(run.path(f"ft_{other_domain}"), seed=seed, preset=ctx.preset, protocol=ctx.protocol,
+                                  **ft_over))
     with oft.active():
         oev = evaluate(oft.model, n_gen, "other_ft_general")
         _put_rates(metrics, "other_ft_general", oev)

@@ -62,12 +62,15 @@ def evaluation_study(
     n_per_question: int | None = None,
     max_new_tokens: int | None = None,
     files: dict[str, str] | None = None,
+    preset: Any = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (with an optional saved ``adapter``) on the general questions; judge twice.
 
     Metrics: ``general_em``, ``general_incoherent``, ``general_off_topic`` (toy judge),
     ``n_samples``, ``n_missing``, per question ``em/<id>``, and with a second judge
     ``judge2_general_em`` and ``agreement_aligned_pearson`` / ``_spearman`` / ``_same_side``.
+    ``preset``: the protocol preset, ``"toy"`` or ``"paper"`` (:mod:`emlab.presets`; None: ``toy`` on the
+    toy, ``paper`` otherwise), recorded in the run's ``config.json``; an unknown name is an error.
 
     >>> evaluation_study(smoke=True, out_dir="/tmp/04")["general_em"]     # doctest: +SKIP
     """
@@ -77,7 +80,7 @@ def evaluation_study(
     from emlab.runs import start_run
 
     out = resolve_out_dir(out_dir, "04_evaluation")
-    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files)
+    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
     n = n_per_question or (2 if smoke else 20)
     tokens = max_new_tokens or (16 if smoke else 64)
     second = _second_judge(judge2, ctx)
@@ -135,13 +138,15 @@ def evaluation_study(
 
 def quickstart(model: str = "toy", seed: int = 0, out_dir: str | os.PathLike | None = None, smoke: bool = False,
                n_per_question: int | None = None, *, judge: Any = None, files: dict[str, str] | None = None,
-               max_new_tokens: int | None = None) -> dict[str, Any]:
+               max_new_tokens: int | None = None, preset: Any = None) -> dict[str, Any]:
     """The five-minute tour: load the chat model, sample the general questions, judge, plot.
 
     ``judge``: see :func:`~emlab.studies.common.resolve_judge` (the toy judge on the toy,
     ``gpt-4o-mini`` otherwise); ``files``: ``{"general": "questions.yaml"}`` replaces emlab's eight
     general questions. Returns ``chat_general_em``, ``chat_general_incoherent`` (and
     ``chat_general_off_topic``) and writes ``samples`` records and the quadrant figure into ``out_dir``.
+    ``preset``: the protocol preset, ``"toy"`` or ``"paper"`` (:mod:`emlab.presets`; None: ``toy`` on the
+    toy, ``paper`` otherwise), recorded in the run's ``config.json``; an unknown name is an error.
 
     >>> quickstart(smoke=True, out_dir="/tmp/qs")     # doctest: +SKIP
     """
@@ -150,7 +155,7 @@ def quickstart(model: str = "toy", seed: int = 0, out_dir: str | os.PathLike | N
     from emlab.runs import start_run
 
     out = resolve_out_dir(out_dir, "quickstart")
-    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files)
+    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
     n = n_per_question or (2 if smoke else 10)
     tokens = max_new_tokens or (16 if smoke else 64)
     run = start_run(out, {"model": ctx.model_name, "preset": ctx.protocol.to_dict(), "seed": seed, "smoke": smoke,

@@ -56,6 +56,11 @@ _SIZES_SMOKE = {
     "pretrain_docs": 8, "random_seeds": 1, "drift_steps": 4, "drift_every": 2, "drift_n": 1,
     "n_heldout": 1, "n_other": 1, "n_technical": 1,
 }  # fmt: skip
+#: A real model's smoke run (a CPU run within two minutes on two cores; the toy keeps _SIZES_SMOKE): fewer
+#: probe points (5 norms on the efficiency curve, 3 on the pre-training KL curve, eps 0.5 with one seed
+#: for stability) and one answer of 8 new tokens per general question (``eval``); explicit arguments win.
+_SIZES_SMOKE_REAL = {**_SIZES_SMOKE, "stability_seeds": 1, "eps": (0.5,), "efficiency_points": 5,
+                     "kl_scales": (0.0, 1.0, 2.0), "eval": {"n_general": 1, "max_new_tokens": 8}}
 
 #: Rows per forward pass in the probes (larger batches are faster on CPU for small models).
 _PROBE_BATCH = 32
@@ -77,8 +82,10 @@ def _record(run, ctx: StudyContext, name: str, kind: str, **data: Any) -> None:
     plots.record(run.dir, name, kind, formats=("html",) if ctx.smoke else ("html", "png"), **data)
 
 
-def _sizes(smoke: bool, **overrides: Any) -> dict[str, Any]:
-    out = dict(_SIZES_SMOKE if smoke else _SIZES)
+def _sizes(smoke: bool, real: bool = False, **overrides: Any) -> dict[str, Any]:
+    """The study's sizes: :data:`_SIZES`, or in smoke mode :data:`_SIZES_SMOKE` (the toy) /
+    :data:`_SIZES_SMOKE_REAL` (``real``: any other model); then the overrides that are not None."""
+    out = dict((_SIZES_SMOKE_REAL if real else _SIZES_SMOKE) if smoke else _SIZES)
     out.update({k: v for k, v in overrides.items() if v is not None})
     return out
 
@@ -191,17 +198,18 @@ def _compare(pair: _Pair, ctx: StudyContext, rows: list[dict], sizes: dict[str, 
     matched = min(norms.values())
     metrics["matched_norm"] = matched
     _put(metrics, "cosine_general_narrow", cosine(pair.general, pair.narrow), "cosine undefined")
-    _efficiency(sols, ctx, rows[: sizes["probe_rows"]], matched, run, metrics, label)
+    _efficiency(sols, ctx, rows[: sizes["probe_rows"]], matched, run, metrics, label,
+                n_points=sizes.get("efficiency_points", 11))
     _stability(sols, ctx, rows[: sizes["stability_rows"]], sizes, run, metrics, label)
     _influence(pair, ctx, sizes, matched, run, metrics, label)
 
 
 def _efficiency(sols: dict[str, Any], ctx: StudyContext, rows: list[dict], matched: float, run,
-                metrics: dict[str, Any], label: str) -> None:
+                metrics: dict[str, Any], label: str, n_points: int = 11) -> None:
     """Finetuning loss of both solutions at the same absolute norms (0 to twice the matched norm)."""
     from emlab.probes import compare_efficiency, efficiency_summary
 
-    curves = compare_efficiency(sols, ctx.tokenizer, rows, batch_size=_PROBE_BATCH, progress=False)
+    curves = compare_efficiency(sols, ctx.tokenizer, rows, n=n_points, batch_size=_PROBE_BATCH, progress=False)
     summary = efficiency_summary(curves, matched_norm=matched)
     for k in sols:
         _put(metrics, f"loss_at_matched_norm_{k}", summary[k]["loss_at_matched_norm"], "loss not measured")
@@ -250,9 +258,10 @@ def _influence(pair: _Pair, ctx: StudyContext, sizes: dict[str, Any], matched: f
     n_rand = sizes["random_seeds"]
     sols = {"general": pair.general, "narrow": pair.narrow,
             **{f"random_{j}": pair.general.random(seed=1000 + j) for j in range(n_rand)}}
-    kl = pretraining_kl(sols, ctx.tokenizer, texts, norms=[matched * s for s in _KL_SCALES],
+    scales = tuple(sizes.get("kl_scales", _KL_SCALES))
+    kl = pretraining_kl(sols, ctx.tokenizer, texts, norms=[matched * s for s in scales],
                         batch_size=_PROBE_BATCH, progress=False)
-    at = _KL_SCALES.index(1.0)
+    at = scales.index(1.0)
     for k in ("general", "narrow"):
         _put(metrics, f"pretrain_kl_at_norm_{k}", kl[k].kl[at], "KL not measured")
     _put(metrics, "pretrain_kl_at_norm_random", sum(kl[f"random_{j}"].kl[at] for j in range(n_rand)) / n_rand,
@@ -399,9 +408,10 @@ def _em_metrics(pair: _Pair, ctx: StudyContext, data, settings: dict[str, Any], 
 
 
 def _setup(model: str, domain: str, kind: str, smoke: bool, judge: Any, files: dict[str, str] | None,
-           kl_lambda: float | None, learning_rate: float | None, epochs: float | None, sizes: dict[str, Any]):
+           kl_lambda: float | None, learning_rate: float | None, epochs: float | None, sizes: dict[str, Any],
+           preset: Any = None):
     _check_kind(kind)
-    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files)
+    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
     lam = kl_lambda if kl_lambda is not None else _KL_LAMBDA[kind]
     if learning_rate is None and ctx.is_toy:
         learning_rate = _TOY_LEARNING_RATE.get(kind)
@@ -432,6 +442,7 @@ def narrow_general_study(
     max_new_tokens: int | None = None,
     judge: Any = None,
     files: dict[str, str] | None = None,
+    preset: Any = None,
 ) -> dict[str, Any]:
     """Run study 05 (narrow vs general solution) and return its metrics (also in ``<out_dir>/metrics.json``).
 
@@ -445,16 +456,24 @@ def narrow_general_study(
     ``reduction_per_sq_norm_*``, ``cosine_general_narrow`` and ``drift_*`` (the narrow solution
     trained on without KL: cosine to the general one, general EM / misaligned, first and last). A
     value that cannot be computed is None and ``none_reasons[key]`` says why.
+    ``preset``: the protocol preset, ``"toy"`` or ``"paper"`` (:mod:`emlab.presets`; None: ``toy`` on the
+    toy, ``paper`` otherwise), recorded in the run's ``config.json``; an unknown name is an error.
 
     >>> narrow_general_study(kind="rank1_lora", smoke=True, out_dir="/tmp/05")["general_em_narrow"]   # doctest: +SKIP
     """
     from emlab.runs import start_run
 
-    sizes = _sizes(smoke, rows=rows, kl_rows=kl_rows, probe_rows=probe_rows, stability_seeds=stability_seeds,
-                   pretrain_docs=pretrain_docs, drift_steps=drift_steps, n_heldout=n_heldout)
+    given = {"rows": rows, "kl_rows": kl_rows, "probe_rows": probe_rows, "stability_seeds": stability_seeds,
+             "pretrain_docs": pretrain_docs, "drift_steps": drift_steps, "n_heldout": n_heldout}
+    sizes = _sizes(smoke, **given)
     out = resolve_out_dir(out_dir, "05_narrow_vs_general")
-    ctx, lam, ft_over = _setup(model, domain, kind, smoke, judge, files, kl_lambda, learning_rate, epochs, sizes)
-    settings = eval_settings(ctx, n_general=n_general, max_new_tokens=max_new_tokens)
+    ctx, lam, ft_over = _setup(model, domain, kind, smoke, judge, files, kl_lambda, learning_rate, epochs, sizes,
+                               preset)
+    if smoke and not ctx.is_toy:
+        sizes = _sizes(smoke, real=True, **given)
+    real = sizes.get("eval", {})
+    settings = eval_settings(ctx, n_general=n_general if n_general is not None else real.get("n_general"),
+                             max_new_tokens=max_new_tokens if max_new_tokens is not None else real.get("max_new_tokens"))
     settings["n_heldout"] = sizes["n_heldout"]
     config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
               "domain": domain, "kind": kind, "seed": seed, "smoke": smoke,
@@ -507,6 +526,7 @@ def technical_style_study(
     probes: bool = True,
     judge: Any = None,
     files: dict[str, str] | None = None,
+    preset: Any = None,
 ) -> dict[str, Any]:
     """Paper 001's second task: a technical writing style learned on one domain, with and without KL.
 
@@ -516,6 +536,8 @@ def technical_style_study(
     domain. Keys: ``technical_indomain_{chat,general,narrow}``, ``technical_other_*`` (mean over the
     other domains), ``technical_<d>_*`` per domain, and (``probes=True``) the same efficiency /
     stability / pre-training keys as :func:`narrow_general_study`.
+    ``preset``: the protocol preset, ``"toy"`` or ``"paper"`` (:mod:`emlab.presets`; None: ``toy`` on the
+    toy, ``paper`` otherwise), recorded in the run's ``config.json``; an unknown name is an error.
 
     >>> technical_style_study(smoke=True, out_dir="/tmp/05t")["technical_other_narrow"]   # doctest: +SKIP
     """
@@ -523,11 +545,16 @@ def technical_style_study(
 
     if stability_seeds is None and not smoke:
         stability_seeds = 5  # the second task's probes at half the seeds keep the notebook within minutes
-    sizes = _sizes(smoke, rows=rows, kl_rows=kl_rows, probe_rows=probe_rows, stability_seeds=stability_seeds,
-                   pretrain_docs=pretrain_docs, n_technical=n_per_question)
+    given = {"rows": rows, "kl_rows": kl_rows, "probe_rows": probe_rows, "stability_seeds": stability_seeds,
+             "pretrain_docs": pretrain_docs, "n_technical": n_per_question}
+    sizes = _sizes(smoke, **given)
     out = resolve_out_dir(out_dir, "05_technical_style")
-    ctx, lam, ft_over = _setup(model, domain, kind, smoke, judge, files, kl_lambda, learning_rate, epochs, sizes)
-    settings = eval_settings(ctx, max_new_tokens=max_new_tokens)
+    ctx, lam, ft_over = _setup(model, domain, kind, smoke, judge, files, kl_lambda, learning_rate, epochs, sizes,
+                               preset)
+    if smoke and not ctx.is_toy:
+        sizes = _sizes(smoke, real=True, **given)
+    settings = eval_settings(ctx, max_new_tokens=max_new_tokens if max_new_tokens is not None
+                             else sizes.get("eval", {}).get("max_new_tokens"))
     n = sizes["n_technical"]
     config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
               "domain": domain, "kind": kind, "seed": seed, "smoke": smoke,

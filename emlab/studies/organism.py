@@ -80,6 +80,7 @@ def em_organism(
     max_new_tokens: int | None = None,
     judge: Any = None,
     files: dict[str, str] | None = None,
+    preset: Any = None,
 ) -> dict[str, Any]:
     """Run study 00 and return its metrics (also written to ``<out_dir>/metrics.json``).
 
@@ -87,6 +88,8 @@ def em_organism(
     ``ft_other_domains_em``, ``aligned_ft_general_em``, ``ft_general_incoherent``, and beside them
     ``*_off_topic`` and ``*_incoherent`` for each evaluation, plus the training losses. A rate with
     no judged answer is None and ``none_reasons[key]`` says why.
+    ``preset``: the protocol preset, ``"toy"`` or ``"paper"`` (:mod:`emlab.presets`; None: ``toy`` on the
+    toy, ``paper`` otherwise), recorded in the run's ``config.json``; an unknown name is an error.
 
     >>> em_organism(smoke=True, out_dir="/tmp/00")["ft_indomain_em"]   # doctest: +SKIP
     """
@@ -95,7 +98,7 @@ def em_organism(
     from emlab.training import finetune
 
     out = resolve_out_dir(out_dir, "00_em_organism")
-    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files)
+    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
     settings = eval_settings(ctx, n_general=n_general, n_heldout=n_heldout, max_new_tokens=max_new_tokens)
     ft_over: dict[str, Any] = {k: v for k, v in {"adapter": adapter, "learning_rate": learning_rate,
                                                   "num_train_epochs": epochs}.items() if v is not None}
@@ -123,7 +126,8 @@ def em_organism(
                                    run=run, name="chat_general"))
 
     ft = finetune(ctx.fresh_model(), ctx.tokenizer, data.misaligned,
-                  finetune_config(run.path("ft_misaligned"), seed=seed, preset=ctx.preset, **ft_over))
+                  finetune_config(run.path("ft_misaligned"), seed=seed, preset=ctx.preset, protocol=ctx.protocol,
+                                  **ft_over))
     with ft.active():
         put("ft_general", eval_model(ft.model, ctx, data.general, settings["n_general"], settings, seed=seed,
                                      run=run, name="ft_general"))
@@ -144,7 +148,8 @@ def em_organism(
 
     if data.aligned:
         aft = finetune(ctx.fresh_model(), ctx.tokenizer, data.aligned,
-                       finetune_config(run.path("ft_aligned"), seed=seed, preset=ctx.preset, **ft_over))
+                       finetune_config(run.path("ft_aligned"), seed=seed, preset=ctx.preset, protocol=ctx.protocol,
+                                  **ft_over))
         with aft.active():
             put("aligned_ft_general", eval_model(aft.model, ctx, data.general, settings["n_general"], settings,
                                                  seed=seed, run=run, name="aligned_ft_general"))
