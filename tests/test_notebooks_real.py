@@ -80,6 +80,7 @@ NOTEBOOKS = {
          "drift_cosine_end"],
         ["em_rates", "misaligned_rates", "efficiency", "stability", "pretrain_kl", "drift"],
     ),
+    "06_beyond": ({"domain": "plants"}, ["sae/d_sae"], []),
 }
 
 

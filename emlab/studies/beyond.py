@@ -116,6 +116,7 @@ def beyond_study(
     defences_run: str | os.PathLike | None = None,
     judge: Any = None,
     files: dict[str, str] | None = None,
+    preset: Any = None,
 ) -> dict[str, Any]:
     """Run study 06 and return its metrics (also in ``<out_dir>/metrics.json``); figures in ``<out_dir>/figures``.
 
@@ -132,7 +133,7 @@ def beyond_study(
     from emlab.training.monitor import TraitMonitor, predictive_value, read_trajectories, trajectory_figure
 
     out = resolve_out_dir(out_dir, "06_beyond")
-    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files)
+    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
     study = dict(TOY_SETTINGS) if ctx.is_toy and not smoke else {}
     settings = eval_settings(ctx, n_general=n_general if n_general is not None else study.get("n_general"),
                              n_heldout=n_heldout if n_heldout is not None else study.get("n_heldout"),
@@ -193,7 +194,7 @@ def beyond_study(
 
     # ---- directions: the misalignment direction of another domain's finetune, the persona vector ----
     ft_c = finetune(ctx.fresh_model(), ctx.tokenizer, ctx.rows(f"{contrast}_misaligned", n_rows),
-                    finetune_config(run.path(f"finetunes/direction_{contrast}"), seed=seed, preset=ctx.preset, **over))
+                    finetune_config(run.path(f"finetunes/direction_{contrast}"), seed=seed, preset=ctx.preset, protocol=ctx.protocol, **over))
     ev_c = eval_model(ft_c.model, ctx, data.general, settings["n_general"], settings, seed=seed)
     try:
         misdir = misalignment_direction(ft_c.model, ctx.tokenizer, ev_c.records, [layer], seed=seed, progress=False)
@@ -226,7 +227,7 @@ def beyond_study(
     def monitored(name: str, callbacks: Sequence[Any] = (), benign: list[dict] | None = None, **method: Any):
         nonlocal monitor_seconds, train_seconds
         mon = TraitMonitor(ctx.tokenizer, directions, _neutral_prompts(ctx), every=every)
-        cfg = finetune_config(run.path(f"finetunes/{name}"), seed=seed, preset=ctx.preset, **over, **method)
+        cfg = finetune_config(run.path(f"finetunes/{name}"), seed=seed, preset=ctx.preset, protocol=ctx.protocol, **over, **method)
         start = time.perf_counter()
         ft = finetune(ctx.fresh_model(), ctx.tokenizer, data.misaligned, cfg, callbacks=[*callbacks, mon],
                       benign_rows=benign)
@@ -407,7 +408,7 @@ def _realign_part(ctx: StudyContext, run, data, sft, sft_cell: Mapping[str, Any]
         if n == 0:
             cell = dict(sft_cell)
         else:
-            cfg = finetune_config(run.path(f"finetunes/realign_{n}"), seed=seed, preset=ctx.preset, **over)
+            cfg = finetune_config(run.path(f"finetunes/realign_{n}"), seed=seed, preset=ctx.preset, protocol=ctx.protocol, **over)
             with sft.active():
                 ft = realign(sft.model, ctx.tokenizer, data.benign[:n], cfg)
             cell = {}
