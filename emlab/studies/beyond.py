@@ -127,7 +127,7 @@ def beyond_study(
     from emlab.models import get_layers
     from emlab.pareto import beyond_points, defences_points, pareto_figure, pareto_front
     from emlab.runs import start_run
-    from emlab.studies.defences import TOY_SETTINGS, method_overrides
+    from emlab.studies.defences import SMOKE_REAL_DEFENCES, TOY_SETTINGS, method_overrides
     from emlab.training import finetune
     from emlab.training.caft import CAFT, pca_directions
     from emlab.training.monitor import TraitMonitor, predictive_value, read_trajectories, trajectory_figure
@@ -135,6 +135,9 @@ def beyond_study(
     out = resolve_out_dir(out_dir, "06_beyond")
     ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
     study = dict(TOY_SETTINGS) if ctx.is_toy and not smoke else {}
+    if smoke and not ctx.is_toy:  # a real model's smoke run: the sizes of study 02's (SMOKE_REAL_DEFENCES)
+        n_general = SMOKE_REAL_DEFENCES["n_general"] if n_general is None else n_general
+        max_new_tokens = SMOKE_REAL_DEFENCES["max_new_tokens"] if max_new_tokens is None else max_new_tokens
     settings = eval_settings(ctx, n_general=n_general if n_general is not None else study.get("n_general"),
                              n_heldout=n_heldout if n_heldout is not None else study.get("n_heldout"),
                              max_new_tokens=max_new_tokens)
