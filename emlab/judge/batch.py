@@ -209,28 +209,24 @@ def _batch_errors(batch: Any) -> str:
 
 async def _retry(judge: OpenAIJudge, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
     """One Batch API call with the judge's retries on rate limits, server errors and timeouts."""
-    from emlab.judge.llm import _CONFIG_STATUS, _TRANSIENT_STATUS, _retry_after, _short
+    from emlab.judge.llm import _API_FAILURES, _CONFIG_STATUS, _TRANSIENT_STATUS, _short, _transient_problem
 
     problem = "no attempt made"
     for attempt in range(1, judge.max_attempts + 1):
         retry_after = None
         try:
             return await call()
-        except openai.APIStatusError as e:
-            if e.status_code in _CONFIG_STATUS:
-                raise JudgeUnavailableError(
-                    f"Batch API refused to {what} (HTTP {e.status_code}): {_CONFIG_STATUS[e.status_code]}"
-                ) from None
-            if e.status_code not in _TRANSIENT_STATUS and e.status_code < 500:
-                raise JudgeError(f"Batch API refused to {what} (HTTP {e.status_code}): {_short(e.message)}") from None
-            problem = f"HTTP {e.status_code}"
-            retry_after = _retry_after(e.response.headers)
-        except openai.APITimeoutError:
-            problem = f"timed out after {judge.timeout:g} s"
-        except openai.APIConnectionError as e:
-            problem = f"connection error ({_short(str(e.__cause__ or e))})"
-        except (ValueError, openai.APIResponseValidationError) as e:
-            problem = f"malformed response ({_short(str(e))})"
+        except _API_FAILURES as e:
+            if isinstance(e, openai.APIStatusError):
+                if e.status_code in _CONFIG_STATUS:
+                    raise JudgeUnavailableError(
+                        f"Batch API refused to {what} (HTTP {e.status_code}): {_CONFIG_STATUS[e.status_code]}"
+                    ) from None
+                if e.status_code not in _TRANSIENT_STATUS and e.status_code < 500:
+                    raise JudgeError(
+                        f"Batch API refused to {what} (HTTP {e.status_code}): {_short(e.message)}"
+                    ) from None
+            problem, retry_after = _transient_problem(e, judge.timeout)
         if attempt < judge.max_attempts:
             judge.usage.retries += 1
             await asyncio.sleep(judge._delay(attempt, retry_after))

@@ -657,22 +657,16 @@ class OpenAIJudge:
                 # costs about as much CPU as the HTTP exchange itself; errors are raised the same way
                 async with sem:
                     response = await client.post("/chat/completions", cast_to=object, body=body)
-            except openai.APIStatusError as e:
-                status = e.status_code
-                if status in _CONFIG_STATUS:
-                    raise JudgeUnavailableError(
-                        f"judge endpoint refused the request (HTTP {status}): {_CONFIG_STATUS[status]}"
-                    ) from None
-                if status not in _TRANSIENT_STATUS and status < 500:
-                    return None, f"judge request rejected (HTTP {status}): {_short(e.message)}"
-                problem = f"HTTP {status}"
-                retry_after = _retry_after(e.response.headers)
-            except openai.APITimeoutError:
-                problem = f"timed out after {self.timeout:g} s"
-            except openai.APIConnectionError as e:
-                problem = f"connection error ({_short(str(e.__cause__ or e))})"
-            except (ValueError, openai.APIResponseValidationError) as e:
-                problem = f"malformed response ({_short(str(e))})"
+            except _API_FAILURES as e:
+                if isinstance(e, openai.APIStatusError):
+                    status = e.status_code
+                    if status in _CONFIG_STATUS:
+                        raise JudgeUnavailableError(
+                            f"judge endpoint refused the request (HTTP {status}): {_CONFIG_STATUS[status]}"
+                        ) from None
+                    if status not in _TRANSIENT_STATUS and status < 500:
+                        return None, f"judge request rejected (HTTP {status}): {_short(e.message)}"
+                problem, retry_after = _transient_problem(e, self.timeout)
             else:
                 self._count_tokens(response)
                 try:
@@ -772,6 +766,26 @@ def _first_choice(response: Any) -> tuple[str | None, list | None]:
     first = content[0]
     top = first.get("top_logprobs") or [first]
     return text, top if isinstance(top, list) else []
+
+
+
+#: What a request through the OpenAI client can raise that the judge turns into a retry or a reason.
+_API_FAILURES = (openai.APIStatusError, openai.APIConnectionError, openai.APIResponseValidationError, ValueError)
+
+
+def _transient_problem(e: BaseException, timeout: float) -> tuple[str, float | None]:
+    """Why a request failed in a way worth retrying, and the server's Retry-After in seconds (or None).
+
+    Used by the request loop and the Batch API calls alike (after they have handled the statuses that
+    no retry changes).
+    """
+    if isinstance(e, openai.APIStatusError):
+        return f"HTTP {e.status_code}", _retry_after(e.response.headers)
+    if isinstance(e, openai.APITimeoutError):
+        return f"timed out after {timeout:g} s", None
+    if isinstance(e, openai.APIConnectionError):
+        return f"connection error ({_short(str(e.__cause__ or e))})", None
+    return f"malformed response ({_short(str(e))})", None
 
 
 def _retry_after(headers: Any) -> float | None:
