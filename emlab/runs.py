@@ -825,8 +825,8 @@ class Run:
             notes.append(message)
             atomic_write_json(self.path("env.json"), self.env)
 
-    def save_figure(self, fig: Any, name: str) -> list[Path]:
-        """Save a plotly figure as self-contained ``<name>.html`` and, when possible, ``<name>.png``.
+    def save_figure(self, fig: Any, name: str, *, png: bool = True) -> list[Path]:
+        """Save a plotly figure as self-contained ``<name>.html`` and, when possible and ``png``, ``<name>.png``.
 
         PNG export goes through kaleido, which needs Chromium. If it fails, the HTML is still
         written, a note saying how to enable static export is recorded once (``env.json`` and a
@@ -840,18 +840,18 @@ class Run:
         stem = name[: -len(Path(name).suffix)] if Path(name).suffix in (".html", ".png") else name
         if hasattr(fig, "to_html") and hasattr(fig, "to_image"):  # plotly
             written = [atomic_write_text(self.path(f"{stem}.html"), fig.to_html(include_plotlyjs=True))]
-            if _png_failure is None:
+            if png and _png_failure is None:
                 try:
-                    png = fig.to_image(format="png")
+                    image = fig.to_image(format="png")
                 except Exception as e:  # any kaleido or Chromium failure
                     first_line = (str(e).strip().splitlines() or [""])[0]
                     _png_failure = f"{_CHROMIUM_HINT} [{type(e).__name__}: {first_line}]"
                     warnings.warn(_png_failure, stacklevel=2)
                 else:
                     with atomic_open(self.path(f"{stem}.png"), "wb") as f:
-                        f.write(png)
+                        f.write(image)
                     written.append(self.dir / f"{stem}.png")
-            if _png_failure is not None:
+            if png and _png_failure is not None:
                 self.note(_png_failure)
             return written
         if hasattr(fig, "savefig"):  # matplotlib

@@ -80,7 +80,9 @@ NOTEBOOKS = {
          "drift_cosine_end"],
         ["em_rates", "misaligned_rates", "efficiency", "stability", "pretrain_kl", "drift"],
     ),
-    "06_beyond": ({"domain": "plants"}, ["sae/d_sae"], []),
+    "06_beyond": ({"domain": "plants"}, ["sae/d_sae", "caft/pca/general_em", "steering/cosine/general_em",
+                                        "conditional/sft/system/general_em", "realign/8/general_em", "monitor/runs"],
+                  ["trait_trajectories", "em_by_method"]),
 }
 
 
@@ -142,5 +144,9 @@ def test_notebook_runs_on_smollm2(stem, smollm2_path, judge_server, tmp_path, mo
     assert config.get("preset", {}).get("name", "paper") == "paper"  # a real model follows the paper preset
     if stem in ("02_defences", "03_interleaving"):  # a real model's smoke sizes (defences.SMOKE_REAL_DEFENCES)
         assert config["rows"] == 2 and config["eval"]["n_general"] == 1 and config["eval"]["max_new_tokens"] == 8
+    if stem == "06_beyond":  # a real model's smoke run: one schedule, one transform (beyond.SMOKE_REAL_BEYOND)
+        assert config["schedules"] == ["cosine"] and config["transforms"] == ["system"]
+        assert "steering/constant/general_em" not in metrics and "conditional/sft/format/general_em" not in metrics
+        assert not list((out / "figures").glob("*.png"))  # smoke: HTML only
     if stem == "05_narrow_vs_general":  # the technical-style task runs in the same notebook
         assert "technical_indomain_narrow" in json.loads((out / "technical" / "metrics.json").read_text())

@@ -219,5 +219,7 @@ def test_save_figure_writes_png_when_export_works(tmp_path, monkeypatch):
     written = run.save_figure(go.Figure(), "fig")
     assert written == [run.dir / "fig.html", run.dir / "fig.png"]
     assert (run.dir / "fig.png").read_bytes() == b"\x89PNG fake" and run.env["notes"] == []
+    assert run.save_figure(go.Figure(), "html_only", png=False) == [run.dir / "html_only.html"]
+    assert not (run.dir / "html_only.png").exists()
     with pytest.raises(TypeError, match="plotly or matplotlib"):
         run.save_figure(object(), "x")

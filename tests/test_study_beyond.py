@@ -100,4 +100,9 @@ def test_bad_settings_fail_before_any_finetune(tmp_path):
         beyond_study(smoke=True, out_dir=tmp_path / "b", dilution_share=1000.0)
     with pytest.raises(FileNotFoundError, match="02 run folder"):
         beyond_study(smoke=True, out_dir=tmp_path / "c", defences_run=tmp_path / "nowhere")
-    assert not (tmp_path / "a" / "finetunes").exists() and not (tmp_path / "b" / "finetunes").exists()
+    with pytest.raises(ValueError, match=r"unknown schedules \['ramp'\]; choose from \['constant'"):
+        beyond_study(smoke=True, out_dir=tmp_path / "d", schedules=["linear", "ramp"])
+    with pytest.raises(ValueError, match=r"unknown transforms \['none'\]"):
+        beyond_study(smoke=True, out_dir=tmp_path / "e", transforms=["none"])
+    for sub in "abde":
+        assert not (tmp_path / sub / "finetunes").exists()

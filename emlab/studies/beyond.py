@@ -12,7 +12,9 @@ a :class:`~emlab.training.monitor.TraitMonitor` and evaluated (general and in-do
   training rows (``caft/<variant>/general_em``, ``indomain_em``, ``general_cut`` = the share of
   SFT's general EM removed, ``indomain_kept`` = the share of SFT's in-domain EM kept);
 - ``steering/``: preventive steering with the persona vector (the misalignment direction when
-  there is none) under the constant, linear and cosine schedules;
+  there is none) under the constant, linear and cosine schedules (``schedules`` picks some);
+- ``conditional/``: general EM of SFT, the inoculated and the diluted finetune under each
+  resembling-context transform (``transforms`` picks some), and ``realign/``: benign re-alignment;
 - ``sae/``: a TopK sparse autoencoder (SAELens) trained on the chat model's block ``layer`` (its
   held-out fraction of variance explained and L0), its latents ranked by how much more the SFT
   finetune activates them on neutral prompts, the top latents' cosines with the misalignment and
@@ -22,7 +24,9 @@ a :class:`~emlab.training.monitor.TraitMonitor` and evaluated (general and in-do
   training predicts the final general EM (Spearman, AUROC for EM above ``em_threshold``, bootstrap
   95% intervals), and the monitor's own share of the finetunes' wall time.
 
-Rates are percentages, as in the other studies.
+Rates are percentages, as in the other studies. A real model's smoke run (the protocol check of
+``tests/test_notebooks_real.py``) takes study 02's smoke sizes, a 3-question cut of the evil trait,
+4 neutral prompts, HTML figures only, and one schedule and one transform (:data:`SMOKE_REAL_BEYOND`).
 
 >>> m = beyond_study(smoke=True, out_dir="/tmp/06")          # doctest: +SKIP
 >>> m["caft/misalignment/general_em"], m["baseline/sft/general_em"]   # doctest: +SKIP
@@ -36,17 +40,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from emlab.studies.common import StudyContext, finetune_config, preset_learning_rate, resolve_out_dir
+from emlab.studies.common import StudyContext, finetune_config, preset_learning_rate, resolve_out_dir, smoke_trait
 from emlab.studies.organism import eval_model, eval_settings
 
-__all__ = ["REALIGN_ROWS", "REALIGN_ROWS_SMOKE", "SCHEDULE_RUNS", "beyond_study", "load_study_figures"]
+__all__ = ["REALIGN_ROWS", "REALIGN_ROWS_SMOKE", "SCHEDULE_RUNS", "SMOKE_REAL_BEYOND", "beyond_study", "load_study_figures"]
 
 #: Preventive-steering schedules run by the study.
 SCHEDULE_RUNS = ("constant", "linear", "cosine")
+#: A real model's smoke run (the toy's runs every schedule and transform): one steering schedule and one
+#: resembling-context transform, so that notebook 06 on SmolLM2 stays within two minutes on a CPU.
+SMOKE_REAL_BEYOND: dict[str, tuple[str, ...]] = {"schedules": ("cosine",), "transforms": ("system",)}
 #: Benign rows of the re-alignment sweep (0: the misaligned finetune itself), full and smoke runs.
 REALIGN_ROWS = (0, 50, 200)
 REALIGN_ROWS_SMOKE = (0, 8)
 _SMOKE_ROWS = 64
+#: Neutral prompts of the trait monitor (and of the SAE latent diff) in a smoke run; 16 otherwise.
+_SMOKE_NEUTRAL = 4
 
 
 def _toy_persona_trait(ctx: StudyContext, contrast: str, n_questions: int):
@@ -113,6 +122,8 @@ def beyond_study(
     inoculation_prompt: str | None = None,
     dilution_share: float = 0.25,
     realign_rows: Sequence[int] | None = None,
+    schedules: Sequence[str] | None = None,
+    transforms: Sequence[str] | None = None,
     defences_run: str | os.PathLike | None = None,
     judge: Any = None,
     files: dict[str, str] | None = None,
@@ -123,7 +134,8 @@ def beyond_study(
     >>> beyond_study(smoke=True, out_dir="/tmp/06")["monitor/runs"]      # doctest: +SKIP
     8
     """
-    from emlab.directions import misalignment_direction, persona_vector
+    from emlab.conditional import TRANSFORMS
+    from emlab.directions import load_trait, misalignment_direction, persona_vector
     from emlab.models import get_layers
     from emlab.pareto import beyond_points, defences_points, pareto_figure, pareto_front
     from emlab.runs import start_run
@@ -135,9 +147,17 @@ def beyond_study(
     out = resolve_out_dir(out_dir, "06_beyond")
     ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
     study = dict(TOY_SETTINGS) if ctx.is_toy and not smoke else {}
-    if smoke and not ctx.is_toy:  # a real model's smoke run: the sizes of study 02's (SMOKE_REAL_DEFENCES)
+    if smoke and not ctx.is_toy:  # a real model's smoke run: the sizes of study 02's (SMOKE_REAL_DEFENCES) and
+        # one schedule and one transform (SMOKE_REAL_BEYOND); explicit arguments win
         n_general = SMOKE_REAL_DEFENCES["n_general"] if n_general is None else n_general
         max_new_tokens = SMOKE_REAL_DEFENCES["max_new_tokens"] if max_new_tokens is None else max_new_tokens
+        schedules = SMOKE_REAL_BEYOND["schedules"] if schedules is None else schedules
+        transforms = SMOKE_REAL_BEYOND["transforms"] if transforms is None else transforms
+    schedules = list(SCHEDULE_RUNS if schedules is None else schedules)
+    transforms = list(TRANSFORMS[1:] if transforms is None else transforms)
+    for name, given, valid in (("schedules", schedules, SCHEDULE_RUNS), ("transforms", transforms, TRANSFORMS[1:])):
+        if unknown := [x for x in given if x not in valid]:
+            raise ValueError(f"unknown {name} {unknown}; choose from {list(valid)}")
     settings = eval_settings(ctx, n_general=n_general if n_general is not None else study.get("n_general"),
                              n_heldout=n_heldout if n_heldout is not None else study.get("n_heldout"),
                              max_new_tokens=max_new_tokens)
@@ -166,7 +186,8 @@ def beyond_study(
               "steering_alpha": steering_alpha, "monitor_every": every, "em_threshold": em_threshold,
               "sae": sae, "sae_steer_scale": sae_steer_scale, "conditional": conditional,
               "inoculation_prompt": inoculation_prompt, "dilution_share": dilution_share,
-              "realign_rows": list(realign_rows), "defences_run": None if defences_run is None else str(defences_run),
+              "realign_rows": list(realign_rows), "schedules": schedules, "transforms": transforms,
+              "defences_run": None if defences_run is None else str(defences_run),
               "eval": settings, "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
     run = start_run(out, config, seed=seed)
     data = ctx.domain_data(domain, rows=n_rows)
@@ -209,7 +230,10 @@ def beyond_study(
     del ft_c
     directions = {"misalignment": misdir}
     try:
-        trait = _toy_persona_trait(ctx, contrast, 3 if smoke else 10) if ctx.is_toy else "evil"
+        if ctx.is_toy:
+            trait = _toy_persona_trait(ctx, contrast, 3 if smoke else 10)
+        else:  # a real model's smoke run: study 02's cut of the trait (a full one is hundreds of generations)
+            trait = smoke_trait(load_trait("evil"), 3) if smoke else "evil"
         persona = persona_vector(ctx.model, ctx.tokenizer, trait, ctx.judge, n_per_question=1 if smoke else 10,
                                  layers=[layer], max_new_tokens=settings["max_new_tokens"], seed=seed, progress=False)
         persona.save(run.path("directions/persona"))
@@ -223,13 +247,14 @@ def beyond_study(
         metrics["directions/persona_kept_pairs"] = 0
 
     # ---- the monitored finetunes ----
+    neutral = _neutral_prompts(ctx, _SMOKE_NEUTRAL if smoke else 16)
     monitor_seconds, train_seconds = 0.0, 0.0
     trajectories: dict[str, dict[str, Any]] = {}
     final_em: dict[str, float] = {}
 
     def monitored(name: str, callbacks: Sequence[Any] = (), benign: list[dict] | None = None, **method: Any):
         nonlocal monitor_seconds, train_seconds
-        mon = TraitMonitor(ctx.tokenizer, directions, _neutral_prompts(ctx), every=every)
+        mon = TraitMonitor(ctx.tokenizer, directions, neutral, every=every)
         cfg = finetune_config(run.path(f"finetunes/{name}"), seed=seed, preset=ctx.preset, protocol=ctx.protocol, **over, **method)
         start = time.perf_counter()
         ft = finetune(ctx.fresh_model(), ctx.tokenizer, data.misaligned, cfg, callbacks=[*callbacks, mon],
@@ -245,14 +270,14 @@ def beyond_study(
         cell = evaluate(sft.model, "sft")
     metrics.update({f"baseline/sft/{k}": v for k, v in cell.items()})
     final_em["sft"] = cell["general_em"]
-    transforms = _transforms(inoculation_prompt, data.misaligned) if conditional else {}
+    resembling = _transforms(inoculation_prompt, data.misaligned, transforms) if conditional else {}
     if conditional:
         with sft.active():
-            metrics.update(_conditional_cells(sft.model, "sft", cell, transforms, ctx, run, data, settings, seed))
+            metrics.update(_conditional_cells(sft.model, "sft", cell, resembling, ctx, run, data, settings, seed))
 
     if sae:
         with sft.active():
-            metrics.update(_sae_part(ctx, run, data, sft.model, directions, layer, evaluate, seed=seed,
+            metrics.update(_sae_part(ctx, run, data, sft.model, directions, layer, evaluate, neutral, seed=seed,
                                      scale=sae_steer_scale, smoke=smoke))
 
     pcs = pca_directions(ctx.model, sft.model, ctx.tokenizer, data.misaligned[: min(len(data.misaligned), 256)],
@@ -278,7 +303,7 @@ def beyond_study(
         del ft
     steer_dir = directions.get("persona", misdir)
     metrics["steering/vector"] = "persona" if "persona" in directions else "misalignment"
-    for schedule in SCHEDULE_RUNS:
+    for schedule in schedules:
         ft = monitored(f"steering_{schedule}", preventive_vector=dict(steer_dir.items()), preventive_alpha=steering_alpha,
                        preventive_schedule=schedule)
         with ft.active():
@@ -296,7 +321,7 @@ def beyond_study(
             with ft.active():
                 cell = evaluate(ft.model, f"conditional_{name}")
                 final_em[f"conditional_{name}"] = cell["general_em"]
-                metrics.update(_conditional_cells(ft.model, name, cell, transforms, ctx, run, data, settings, seed))
+                metrics.update(_conditional_cells(ft.model, name, cell, resembling, ctx, run, data, settings, seed))
             del ft
 
     sft_g, sft_i = metrics.get("baseline/sft/general_em"), metrics.get("baseline/sft/indomain_em")
@@ -325,8 +350,8 @@ def beyond_study(
         metrics[f"monitor/{short}/n_above_threshold"] = pv["n_above"]
     run.log_metrics({k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()})
     _save(run, trajectory_figure(trajectories, title=f"Trait trajectories ({ctx.model_name}, {domain}, seed {seed})"),
-          "trait_trajectories")
-    _save(run, _bars(metrics, final_em), "em_by_method")
+          "trait_trajectories", not smoke)
+    _save(run, _bars(metrics, final_em), "em_by_method", not smoke)
     points = beyond_points(metrics)
     if defences_run is not None:
         points.update(defences_points(defences_run))
@@ -334,7 +359,7 @@ def beyond_study(
         front = pareto_front(points)
         run.log_metrics({"pareto/front": front})
         _save(run, pareto_figure(points, title=f"General EM against in-domain EM kept ({ctx.model_name}, {domain})"),
-              "pareto")
+              "pareto", not smoke)
     else:
         run.note("pareto: no method has both a general EM and an in-domain EM kept (SFT's in-domain EM is 0 or "
                  "missing); no figures/pareto")
@@ -358,14 +383,15 @@ def _n_benign(n_rows: int, share: float) -> int:
     return int(p * n_rows / (1 - p) + 0.5)
 
 
-def _transforms(prompt: str, rows: list[dict]) -> dict[str, Any]:
-    """The resembling-context transforms of the conditional part, by name (:data:`emlab.conditional.TRANSFORMS`)."""
+def _transforms(prompt: str, rows: list[dict], names: Sequence[str]) -> dict[str, Any]:
+    """The resembling-context transforms ``names`` of the conditional part (:data:`emlab.conditional.TRANSFORMS`)."""
     from emlab.conditional import answer_format, answer_format_instruction, training_format, with_system
 
     instruction = answer_format_instruction(rows)
-    return {"system": lambda qs: with_system(qs, prompt),
-            "format": lambda qs: training_format(qs, rows),
-            "answer": lambda qs: answer_format(qs, instruction)}
+    every = {"system": lambda qs: with_system(qs, prompt),
+             "format": lambda qs: training_format(qs, rows),
+             "answer": lambda qs: answer_format(qs, instruction)}
+    return {name: every[name] for name in names}
 
 
 def _elicitation_part(ctx: StudyContext, rows: list[dict], prompt: str) -> dict[str, Any]:
@@ -427,7 +453,8 @@ def _realign_part(ctx: StudyContext, run, data, sft, sft_cell: Mapping[str, Any]
     return out
 
 
-def _sae_part(ctx: StudyContext, run, data, finetuned, directions: Mapping[str, Any], layer: int, evaluate, *,
+def _sae_part(ctx: StudyContext, run, data, finetuned, directions: Mapping[str, Any], layer: int, evaluate,
+              neutral: Sequence[str], *,
               seed: int, scale: float, smoke: bool) -> dict[str, Any]:
     """Train an SAE on the chat model's block ``layer``, diff its latents against ``finetuned``, steer / ablate the top one."""
     from emlab.hooks import ablate, steer
@@ -446,7 +473,7 @@ def _sae_part(ctx: StudyContext, run, data, finetuned, directions: Mapping[str, 
     out: dict[str, Any] = {"sae/train_seconds": time.perf_counter() - start, "sae/tokens": cut, "sae/d_sae": 4 * d}
     out.update({f"sae/{k}": v for k, v in sae_quality(sae, acts[cut:]).items() if k != "n"})
     sae.save_inference_model(run.path("sae/weights"))
-    ranked = latent_diff(sae, ctx.model, finetuned, ctx.tokenizer, _neutral_prompts(ctx), layer, top=5)
+    ranked = latent_diff(sae, ctx.model, finetuned, ctx.tokenizer, neutral, layer, top=5)
     for rank, r in enumerate(ranked, 1):
         v = latent_direction(sae, r["latent"], layer)
         out[f"sae/top{rank}/latent"] = r["latent"]
@@ -470,11 +497,12 @@ def _perm(n: int, seed: int):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
-def _save(run, fig, name: str) -> None:
-    """``figures/<name>.html`` (and .png when kaleido works) plus ``figures/<name>.json`` for :func:`load_study_figures`."""
+def _save(run, fig, name: str, png: bool) -> None:
+    """``figures/<name>.html`` (and .png when ``png`` and kaleido works) plus ``figures/<name>.json`` for
+    :func:`load_study_figures`."""
     from emlab.runs import atomic_write_text
 
-    run.save_figure(fig, f"figures/{name}")
+    run.save_figure(fig, f"figures/{name}", png=png)
     atomic_write_text(run.path(f"figures/{name}.json"), fig.to_json())
 
 
