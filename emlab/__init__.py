@@ -11,8 +11,7 @@ The public names fit on one screen; everything else lives in a submodule (``emla
 from importlib import import_module
 
 from emlab.models import attach_lora, get_layers, load_adapter, load_model, save_adapter
-
-__version__ = "0.1.0"
+from emlab.version import __version__
 
 #: Names loaded on first use (their modules import trl, nnsight or plotly, which take seconds).
 _LAZY = {

@@ -26,8 +26,23 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["END_OF_TURN", "PATCHES", "Patch", "TemplateError", "check_training_template", "has_markers",
+__all__ = ["CHAT_TEMPLATE", "END_OF_TURN", "PATCHES", "Patch", "TemplateError", "check_training_template", "has_markers",
            "training_template"]
+
+#: ChatML with generation markers: the assistant's content AND its end-of-turn token ``<|im_end|>``
+#: carry loss; no default system prompt is injected (so training and evaluation see the same text).
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 #: End-of-turn strings the families close an assistant answer with (the tokenizer's eos is tried too).
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")

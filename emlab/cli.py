@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from emlab import __version__
+from emlab.version import __version__
 
 #: Modules under ``emlab._cli`` that each define ``register(subparsers)``.
 COMMAND_MODULES = ("data", "toy", "judge", "notebooks", "sweep", "claims")

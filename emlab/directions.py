@@ -1,4 +1,7 @@
-"""Activation capture (nnsight), the :class:`Direction` value, persona vectors and misalignment directions.
+"""Activation capture (nnsight), persona vectors and misalignment directions, as :class:`Direction` values.
+
+:class:`Direction` and :func:`random_like` live in :mod:`emlab.vectors` (below :mod:`emlab.hooks`) and are
+re-exported here.
 
 Layer ``l`` is the output of decoder block ``l``, i.e. ``output_hidden_states[l + 1]``. Response
 tokens are the chat template's assistant mask (its ``{% generation %}`` markers), never a search
@@ -12,10 +15,9 @@ for the assistant header's newline.
 
 from __future__ import annotations
 
-import json
 import math
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,6 +28,7 @@ import yaml
 from torch import Tensor
 
 from emlab.models import get_layers, layer_path, unwrap
+from emlab.vectors import Direction, random_like  # re-exported: defined one layer down, below emlab.hooks
 
 __all__ = [
     "TOKENS",
@@ -40,227 +43,6 @@ __all__ = [
 
 #: Which tokens of a conversation :func:`capture` pools over.
 TOKENS = ("response", "prompt", "last_prompt", "all")
-
-_FORMAT = "emlab-direction/1"
-
-
-# ---------------------------------------------------------------------------------------------
-# Direction
-
-
-def _is_scalar(k: Any) -> bool:
-    return isinstance(k, int | float) or isinstance(k, Tensor) and k.numel() == 1
-
-
-@dataclass(eq=False)
-class Direction(Mapping[int, Tensor]):
-    """Per-layer vectors (``{layer: tensor}``) plus where they came from; a read-only mapping.
-
-    Supports ``+``/``-`` with another direction on the same layers, ``*``/``/`` by a scalar and
-    unary ``-``, so ``steer(model, v * 20)`` and ``steer(model, -(v * -20))`` are the same.
-
-    >>> v = Direction({0: torch.tensor([3.0, 4.0])}, model="toy", recipe="demo")
-    >>> (v * 2).norms(), (-v / 5).unit()[0].tolist()
-    ({0: 10.0}, [-0.6000000238418579, -0.800000011920929])
-    """
-
-    vectors: dict[int, Tensor]
-    model: str | None = None
-    recipe: str | None = None
-    counts: dict[str, int] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    __eq__ = object.__eq__  # Mapping's __eq__ would compare tensors elementwise; use allclose()
-    __hash__ = object.__hash__
-
-    def __post_init__(self) -> None:
-        vectors = {}
-        for layer in sorted(int(k) for k in self.vectors):
-            v = self.vectors[layer] if layer in self.vectors else self.vectors[str(layer)]  # type: ignore[index]
-            if not isinstance(v, Tensor) or v.dim() != 1:
-                raise ValueError(f"layer {layer}: expected a 1-d tensor, got {getattr(v, 'shape', type(v))}")
-            vectors[layer] = v.detach()
-        if not vectors:
-            raise ValueError("a Direction needs at least one layer")
-        self.vectors = vectors
-
-    # Mapping protocol
-    def __getitem__(self, layer: int) -> Tensor:
-        return self.vectors[layer]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.vectors)
-
-    def __len__(self) -> int:
-        return len(self.vectors)
-
-    @property
-    def layers(self) -> list[int]:
-        """The layers, ascending."""
-        return list(self.vectors)
-
-    def __repr__(self) -> str:
-        dim = next(iter(self.vectors.values())).shape[0]
-        norms = ", ".join(f"{k}: {v:.3g}" for k, v in self.norms().items())
-        return f"Direction(model={self.model!r}, recipe={self.recipe!r}, dim={dim}, norms={{{norms}}})"
-
-    # Arithmetic
-    def _scaled(self, k: float) -> Direction:
-        return Direction({layer: v * k for layer, v in self.vectors.items()}, self.model, self.recipe,
-                         dict(self.counts), dict(self.meta))
-
-    def _combine(self, other: Mapping[int, Tensor], sign: float, op: str) -> Direction:
-        if not isinstance(other, Mapping):
-            return NotImplemented
-        other_layers = sorted(int(k) for k in other)
-        if other_layers != self.layers:
-            raise ValueError(f"cannot {op} directions on different layers: {self.layers} vs {other_layers}")
-        o_model = getattr(other, "model", None)
-        o_recipe = getattr(other, "recipe", None)
-        return Direction(
-            {layer: v + sign * other[layer].to(v) for layer, v in self.vectors.items()},
-            model=self.model if self.model == o_model else None,
-            recipe=f"({self.recipe}) {'+' if sign > 0 else '-'} ({o_recipe})",
-        )
-
-    def __add__(self, other: Mapping[int, Tensor]) -> Direction:
-        return self._combine(other, 1.0, "add")
-
-    def __sub__(self, other: Mapping[int, Tensor]) -> Direction:
-        return self._combine(other, -1.0, "subtract")
-
-    def __mul__(self, k: float) -> Direction:
-        return self._scaled(k) if _is_scalar(k) else NotImplemented
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, k: float) -> Direction:
-        return self._scaled(1.0 / k) if _is_scalar(k) else NotImplemented
-
-    def __neg__(self) -> Direction:
-        return self._scaled(-1.0)
-
-    # Geometry
-    def norms(self) -> dict[int, float]:
-        """The L2 norm of each layer's vector.
-
-        >>> Direction({3: torch.ones(4)}).norms()
-        {3: 2.0}
-        """
-        return {layer: float(v.float().norm()) for layer, v in self.vectors.items()}
-
-    def unit(self) -> Direction:
-        """Each layer's vector divided by its norm.
-
-        >>> Direction({0: torch.tensor([0.0, 2.0])}).unit()[0].tolist()
-        [0.0, 1.0]
-        """
-        return Direction({layer: v / v.float().norm().to(v.dtype) for layer, v in self.vectors.items()},
-                         self.model, self.recipe, dict(self.counts), dict(self.meta))
-
-    def cosine(self, other: Mapping[int, Tensor]) -> dict[int, float]:
-        """Per-layer cosine similarity with another direction, on the layers both have.
-
-        >>> Direction({0: torch.tensor([1.0, 0.0])}).cosine({0: torch.tensor([1.0, 1.0])})[0]
-        0.7071067690849304
-        """
-        common = [layer for layer in self.vectors if layer in other]
-        if not common:
-            raise ValueError(f"no common layers: {self.layers} vs {sorted(other)}")
-        return {
-            layer: float(torch.nn.functional.cosine_similarity(
-                self.vectors[layer].float(), other[layer].float().to(self.vectors[layer].device), dim=0))
-            for layer in common
-        }
-
-    def allclose(self, other: Mapping[int, Tensor], **kwargs: Any) -> bool:
-        """Same layers and ``torch.allclose`` vectors (metadata ignored).
-
-        >>> v = Direction({0: torch.ones(2)}); v.allclose(-(-v))
-        True
-        """
-        return sorted(other) == self.layers and all(
-            torch.allclose(v.float(), other[layer].float().to(v.device), **kwargs) for layer, v in self.vectors.items()
-        )
-
-    def to(self, *args: Any, **kwargs: Any) -> Direction:
-        """Move or cast every vector (``Tensor.to`` arguments).
-
-        >>> Direction({0: torch.ones(2)}).to(torch.float16)[0].dtype
-        torch.float16
-        """
-        return Direction({layer: v.to(*args, **kwargs) for layer, v in self.vectors.items()},
-                         self.model, self.recipe, dict(self.counts), dict(self.meta))
-
-    # Files
-    @staticmethod
-    def _paths(path: str | Path) -> tuple[Path, Path]:
-        path = Path(path)
-        if path.suffix in (".safetensors", ".json"):
-            path = path.with_suffix("")
-        return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
-
-    def save(self, path: str | Path) -> Path:
-        """Write ``<path>.safetensors`` (one tensor per layer) and ``<path>.json`` (metadata), atomically.
-
-        >>> Direction({0: torch.ones(2)}, recipe="demo").save("runs/x/demo")   # doctest: +SKIP
-        PosixPath('runs/x/demo.safetensors')
-        """
-        from safetensors.torch import save
-
-        from emlab.runs import atomic_open, atomic_write_json
-
-        tensors_path, meta_path = self._paths(path)
-        tensors = {f"layer.{layer}": v.detach().cpu().contiguous() for layer, v in self.vectors.items()}
-        with atomic_open(tensors_path, "wb", encoding=None) as f:
-            f.write(save(tensors, metadata={"format": _FORMAT}))
-        first = next(iter(self.vectors.values()))
-        atomic_write_json(meta_path, {
-            "format": _FORMAT, "model": self.model, "recipe": self.recipe, "layers": self.layers,
-            "dim": first.shape[0], "dtype": str(first.dtype).removeprefix("torch."),
-            "counts": self.counts, "meta": self.meta,
-        })
-        return tensors_path
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Direction:
-        """Read a direction written by :meth:`save` (give the stem, the .safetensors or the .json path).
-
-        >>> v = Direction.load("runs/x/demo")             # doctest: +SKIP
-        """
-        from safetensors.torch import load_file
-
-        tensors_path, meta_path = cls._paths(path)
-        for p in (tensors_path, meta_path):
-            if not p.exists():
-                raise FileNotFoundError(f"{p} not found: a saved Direction is a .safetensors file plus a .json sidecar")
-        info = json.loads(meta_path.read_text(encoding="utf-8"))
-        tensors = load_file(str(tensors_path), device=str(device))
-        vectors = {int(k.removeprefix("layer.")): v for k, v in tensors.items()}
-        if sorted(vectors) != sorted(info.get("layers", vectors)):
-            raise ValueError(f"{meta_path} lists layers {info.get('layers')} but {tensors_path} holds {sorted(vectors)}")
-        return cls(vectors, info.get("model"), info.get("recipe"), info.get("counts") or {}, info.get("meta") or {})
-
-
-def random_like(direction: Mapping[int, Tensor], seed: int = 0) -> Direction:
-    """The same-norm random control: per layer a Gaussian vector, normalised, then scaled to ``||v_l||``.
-
-    Each layer draws from its own generator seeded by ``(seed, layer)``, so a layer's control does
-    not depend on which other layers are present.
-
-    >>> v = Direction({0: torch.full((64,), 3.0)})
-    >>> round(random_like(v, seed=1).norms()[0], 4) == round(v.norms()[0], 4)
-    True
-    """
-    vectors = {}
-    for layer, v in direction.items():
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(layer))
-        noise = torch.randn(v.shape[-1], generator=g, dtype=torch.float32)
-        vectors[int(layer)] = (noise / noise.norm() * v.float().norm().cpu()).to(device=v.device, dtype=v.dtype)
-    recipe = getattr(direction, "recipe", None)
-    return Direction(vectors, getattr(direction, "model", None), f"random_like({recipe}, seed={seed})",
-                     meta={"seed": seed})
-
 
 # ---------------------------------------------------------------------------------------------
 # Capture

@@ -433,9 +433,9 @@ def fetch_dataset(name: str, out_dir: str | os.PathLike, *, source: str | os.Pat
     >>> fetch_dataset("betley-insecure", "data")["rows"]           # doctest: +SKIP
     {'source': 6000, 'canary_rows': 0, 'canary_keys': 0, 'invalid': 0, 'train': 5400, 'heldout': 600}
     """
-    from emlab import __version__
     from emlab.data import split_rows, validate_rows, write_chat_jsonl
     from emlab.runs import atomic_write_json, atomic_write_text
+    from emlab.version import __version__
 
     if name not in DATASETS:
         import difflib

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from emlab.directions import random_like
 from emlab.models import get_layers, unwrap
+from emlab.vectors import random_like
 
 __all__ = ["RESIDUAL_WRITERS", "ablate", "project_out_of_lora_B", "random_like", "record", "steer"]
 

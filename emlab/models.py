@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from emlab.chat_templates import CHAT_TEMPLATE  # re-exported: emlab.models.CHAT_TEMPLATE stays
+
 __all__ = [
     "CHAT_TEMPLATE",
     "LORA_TARGETS",
@@ -38,21 +40,6 @@ __all__ = [
     "save_adapter",
     "unwrap",
 ]
-
-#: ChatML with generation markers: the assistant's content AND its end-of-turn token ``<|im_end|>``
-#: carry loss; no default system prompt is injected (so training and evaluation see the same text).
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
-    "{{- '\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 #: The seven projections of the defences paper's LoRA (attention and MLP of every block).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

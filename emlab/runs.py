@@ -572,10 +572,9 @@ def _package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     if versions["emlab"] is None:
-        with contextlib.suppress(Exception):
-            import emlab
+        from emlab.version import __version__
 
-            versions["emlab"] = getattr(emlab, "__version__", None)
+        versions["emlab"] = __version__
     return versions
 
 

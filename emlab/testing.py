@@ -29,14 +29,14 @@ _WORDS = (
 def tiny_tokenizer():
     """A word-level fast tokenizer with ChatML special tokens, numbers 0..100 and a small vocabulary.
 
-    It carries :data:`emlab.models.CHAT_TEMPLATE`, so ``apply_chat_template`` and assistant masks work.
+    It carries :data:`emlab.chat_templates.CHAT_TEMPLATE`, so ``apply_chat_template`` and assistant masks work.
 
     >>> tiny_tokenizer()("you are helpful")["input_ids"]      # doctest: +SKIP
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from emlab.models import CHAT_TEMPLATE
+    from emlab.chat_templates import CHAT_TEMPLATE
 
     vocab: dict[str, int] = {}
     for tok in [*SPECIAL_TOKENS, *_WORDS, *map(str, range(101))]:

@@ -190,9 +190,9 @@ def steering_explorer_for_run(
 
     >>> steering_explorer_for_run("runs/01_directions")  # doctest: +SKIP
     """
+    from emlab.context import StudyContext
     from emlab.directions import Direction
     from emlab.runs import load_run
-    from emlab.studies.common import StudyContext
 
     run = load_run(out_dir)
     cfg = run.config

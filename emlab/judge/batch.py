@@ -30,9 +30,18 @@ from typing import TYPE_CHECKING, Any
 import openai
 
 from emlab.judge.base import JudgeBatchPendingError, JudgeError, JudgeUnavailableError, Judgment
+from emlab.judge.outcomes import (
+    API_FAILURES,
+    CONFIG_STATUS,
+    TRANSIENT_STATUS,
+    Malformed,
+    Outcome,
+    short,
+    transient_problem,
+)
 
 if TYPE_CHECKING:
-    from emlab.judge.llm import OpenAIJudge, _Outcome
+    from emlab.judge.llm import OpenAIJudge
 
 __all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_REQUESTS", "TERMINAL", "run_batch"]
 
@@ -47,12 +56,11 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 _CHAT_URL = "/v1/chat/completions"
 
 
-async def run_batch(judge: OpenAIJudge, client: Any, metric: str, todo: dict[str, str]) -> dict[str, _Outcome]:
+async def run_batch(judge: OpenAIJudge, client: Any, metric: str, todo: dict[str, str]) -> dict[str, Outcome]:
     """Judge the prompts ``todo`` (cache key -> rendered prompt) through the Batch API.
 
     Returns an outcome for every key (a failure with the reason when the batch gave none).
     """
-    from emlab.judge.llm import _Outcome
 
     cache = judge.cache
     if cache is None:
@@ -67,13 +75,13 @@ async def run_batch(judge: OpenAIJudge, client: Any, metric: str, todo: dict[str
     for chunk in _chunks(judge, [k for k in todo if k not in covered], todo):
         submitted.append(await _submit(judge, client, metric, chunk))
     finished = await _wait(judge, client, resume + submitted)
-    outcomes: dict[str, _Outcome] = {}
+    outcomes: dict[str, Outcome] = {}
     for batch_id, batch in finished.items():
         got = await _collect(judge, client, batch)
         keys = pending.get(batch_id) or cache.pending_batches(endpoint).get(batch_id, [])
         why = _batch_errors(batch)
         for key in keys:
-            outcome = got.get(key) or _Outcome(
+            outcome = got.get(key) or Outcome(
                 Judgment(None, f"batch {batch_id} ended '{batch.status}' without a result for this request{why}"),
                 definitive=False,
             )
@@ -83,7 +91,7 @@ async def run_batch(judge: OpenAIJudge, client: Any, metric: str, todo: dict[str
                 cache.put(key, outcome.judgment, model=judge.model, metric=metric, top_logprobs=outcome.top_logprobs)
         cache.finish_batch(batch_id, batch.status)
     for key in todo:
-        outcomes.setdefault(key, _Outcome(Judgment(None, "no batch answered this request"), definitive=False))
+        outcomes.setdefault(key, Outcome(Judgment(None, "no batch answered this request"), definitive=False))
     return outcomes
 
 
@@ -162,11 +170,10 @@ async def _wait(judge: OpenAIJudge, client: Any, ids: list[str]) -> dict[str, An
         await asyncio.sleep(min(judge.batch_poll, left))
 
 
-async def _collect(judge: OpenAIJudge, client: Any, batch: Any) -> dict[str, _Outcome]:
+async def _collect(judge: OpenAIJudge, client: Any, batch: Any) -> dict[str, Outcome]:
     """Outcomes by cache key from a finished batch's output and error files."""
-    from emlab.judge.llm import _Malformed, _Outcome, _short
 
-    out: dict[str, _Outcome] = {}
+    out: dict[str, Outcome] = {}
     for file_id in (getattr(batch, "output_file_id", None), getattr(batch, "error_file_id", None)):
         if not file_id:
             continue
@@ -187,16 +194,16 @@ async def _collect(judge: OpenAIJudge, client: Any, batch: Any) -> dict[str, _Ou
                 error = row.get("error") or (body.get("error") if isinstance(body, dict) else None) or {}
                 message = error.get("message") if isinstance(error, dict) else str(error)
                 code = response.get("status_code")
-                out[key] = _Outcome(
-                    Judgment(None, f"batch request failed (HTTP {code}): {_short(str(message or 'no message'))}"),
+                out[key] = Outcome(
+                    Judgment(None, f"batch request failed (HTTP {code}): {short(str(message or 'no message'))}"),
                     definitive=False,
                 )
                 continue
             judge._count_tokens(body, batch=True)
             try:
                 out[key] = judge._parse_logprobs(body)
-            except _Malformed as e:
-                out[key] = _Outcome(Judgment(None, f"malformed batch response ({e})"), definitive=False)
+            except Malformed as e:
+                out[key] = Outcome(Judgment(None, f"malformed batch response ({e})"), definitive=False)
     return out
 
 
@@ -209,24 +216,23 @@ def _batch_errors(batch: Any) -> str:
 
 async def _retry(judge: OpenAIJudge, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
     """One Batch API call with the judge's retries on rate limits, server errors and timeouts."""
-    from emlab.judge.llm import _API_FAILURES, _CONFIG_STATUS, _TRANSIENT_STATUS, _short, _transient_problem
 
     problem = "no attempt made"
     for attempt in range(1, judge.max_attempts + 1):
         retry_after = None
         try:
             return await call()
-        except _API_FAILURES as e:
+        except API_FAILURES as e:
             if isinstance(e, openai.APIStatusError):
-                if e.status_code in _CONFIG_STATUS:
+                if e.status_code in CONFIG_STATUS:
                     raise JudgeUnavailableError(
-                        f"Batch API refused to {what} (HTTP {e.status_code}): {_CONFIG_STATUS[e.status_code]}"
+                        f"Batch API refused to {what} (HTTP {e.status_code}): {CONFIG_STATUS[e.status_code]}"
                     ) from None
-                if e.status_code not in _TRANSIENT_STATUS and e.status_code < 500:
+                if e.status_code not in TRANSIENT_STATUS and e.status_code < 500:
                     raise JudgeError(
-                        f"Batch API refused to {what} (HTTP {e.status_code}): {_short(e.message)}"
+                        f"Batch API refused to {what} (HTTP {e.status_code}): {short(e.message)}"
                     ) from None
-            problem, retry_after = _transient_problem(e, judge.timeout)
+            problem, retry_after = transient_problem(e, judge.timeout)
         if attempt < judge.max_attempts:
             judge.usage.retries += 1
             await asyncio.sleep(judge._delay(attempt, retry_after))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import logging
 import math
 import os
@@ -51,6 +50,15 @@ from emlab.judge.base import (
     parse_metric,
 )
 from emlab.judge.cache import JudgmentCache, cache_key, default_cache_path
+from emlab.judge.outcomes import (
+    API_FAILURES,
+    CONFIG_STATUS,
+    TRANSIENT_STATUS,
+    Malformed,
+    Outcome,
+    short,
+    transient_problem,
+)
 from emlab.judge.prompts import PromptSet, load_prompts
 
 __all__ = [
@@ -85,12 +93,6 @@ DEFAULT_ENDPOINT = "https://api.openai.com/v1"
 #: Judge modes: top-20 logprobs, sampled numbers, or logprobs when the endpoint gives them.
 MODES = ("logprobs", "sample", "auto")
 
-_TRANSIENT_STATUS = {408, 409, 429}
-_CONFIG_STATUS = {
-    401: "authentication failed: check OPENAI_API_KEY (or api_key=)",
-    403: "permission denied for this model or endpoint",
-    404: "model or endpoint not found: check the model name and OPENAI_BASE_URL",
-}
 _CHECK_PROMPT = "Reply with the number 7 and nothing else."
 _TEXT_NUMBER = re.compile(r"(?<![\d.,])(\d{1,3})(?!\d)(?![.,]\d)")
 
@@ -229,13 +231,6 @@ def _usd(x: float) -> str:
     return f"${x:,.2f}" if x >= 0.1 else f"${x:.4f}"
 
 
-@dataclass
-class _Outcome:
-    judgment: Judgment
-    definitive: bool
-    top_logprobs: list[tuple[str, float]] | None = None
-
-
 def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None or not raw.strip():
@@ -248,10 +243,6 @@ def _env_float(name: str, default: float) -> float:
 
 def _env_mode() -> str:
     return (os.environ.get("EMLAB_JUDGE_MODE") or "auto").strip()
-
-
-class _Malformed(Exception):
-    """A 200 response too broken to use; the request is retried."""
 
 
 class _TooManyFailures(Exception):
@@ -415,7 +406,7 @@ class OpenAIJudge:
                         f"{where} has no Batch API (GET /batches: HTTP {e.status_code}); judge without batch=True"
                     ) from None
                 except openai.APIError as e:
-                    raise JudgeUnavailableError(f"{where}: Batch API check failed ({_short(str(e))})") from None
+                    raise JudgeUnavailableError(f"{where}: Batch API check failed ({short(str(e))})") from None
         return {
             "endpoint": self.endpoint,
             "model": self.model,
@@ -532,7 +523,7 @@ class OpenAIJudge:
         self,
         metric: str,
         key: str,
-        outcome: _Outcome,
+        outcome: Outcome,
         idx: list[int],
         results: list[Judgment | None],
         failed: set[int],
@@ -618,21 +609,21 @@ class OpenAIJudge:
         finally:
             await client.close()
 
-    async def _judge_prompt(self, client: Any, prompt: str, mode: str, sem: asyncio.Semaphore) -> _Outcome:
+    async def _judge_prompt(self, client: Any, prompt: str, mode: str, sem: asyncio.Semaphore) -> Outcome:
         body = self._body(prompt, mode)
         if mode == "logprobs":
             outcome, problem = await self._request(client, body, self._parse_logprobs, sem=sem)
-            return outcome if problem is None else _Outcome(Judgment(None, problem), definitive=False)
+            return outcome if problem is None else Outcome(Judgment(None, problem), definitive=False)
         answers = await asyncio.gather(
             *(self._request(client, body, self._parse_text, sem=sem) for _ in range(self.samples))
         )
         problems = [p for _, p in answers if p is not None]
         if problems:
-            return _Outcome(Judgment(None, f"{len(problems)} of {self.samples} samples failed: {problems[0]}"), False)
+            return Outcome(Judgment(None, f"{len(problems)} of {self.samples} samples failed: {problems[0]}"), False)
         share = 1.0 / self.samples
         tokens = [(tok, share) for tok, _ in answers]
         judgment = aggregate_probs(tokens, min_mass=self.min_mass)
-        return _Outcome(judgment, True, [(tok, math.log(share)) for tok, _ in tokens])
+        return Outcome(judgment, True, [(tok, math.log(share)) for tok, _ in tokens])
 
     async def _request(
         self,
@@ -657,21 +648,21 @@ class OpenAIJudge:
                 # costs about as much CPU as the HTTP exchange itself; errors are raised the same way
                 async with sem:
                     response = await client.post("/chat/completions", cast_to=object, body=body)
-            except _API_FAILURES as e:
+            except API_FAILURES as e:
                 if isinstance(e, openai.APIStatusError):
                     status = e.status_code
-                    if status in _CONFIG_STATUS:
+                    if status in CONFIG_STATUS:
                         raise JudgeUnavailableError(
-                            f"judge endpoint refused the request (HTTP {status}): {_CONFIG_STATUS[status]}"
+                            f"judge endpoint refused the request (HTTP {status}): {CONFIG_STATUS[status]}"
                         ) from None
-                    if status not in _TRANSIENT_STATUS and status < 500:
-                        return None, f"judge request rejected (HTTP {status}): {_short(e.message)}"
-                problem, retry_after = _transient_problem(e, self.timeout)
+                    if status not in TRANSIENT_STATUS and status < 500:
+                        return None, f"judge request rejected (HTTP {status}): {short(e.message)}"
+                problem, retry_after = transient_problem(e, self.timeout)
             else:
                 self._count_tokens(response)
                 try:
                     return parse(response), None
-                except _Malformed as e:
+                except Malformed as e:
                     problem = f"malformed response ({e})"
             if attempt < attempts:
                 self.usage.retries += 1
@@ -690,13 +681,13 @@ class OpenAIJudge:
                 self.usage.prompt_tokens += _int(usage.get("prompt_tokens"))
                 self.usage.completion_tokens += _int(usage.get("completion_tokens"))
 
-    def _parse_logprobs(self, response: Any) -> _Outcome:
-        """Outcome of a 200 response body (raises :class:`_Malformed` when it is too broken to trust)."""
+    def _parse_logprobs(self, response: Any) -> Outcome:
+        """Outcome of a 200 response body (raises :class:`Malformed` when it is too broken to trust)."""
         text, top = _first_choice(response)
         if text is None and top is None:
-            raise _Malformed("no choices")
+            raise Malformed("no choices")
         if not top:
-            return _Outcome(
+            return Outcome(
                 Judgment(None, f"response has no logprobs (judge wrote {text!r}): the endpoint may not support them"),
                 definitive=False,
             )
@@ -713,14 +704,14 @@ class OpenAIJudge:
                 pairs.append((t["token"], lp))
         if bad:
             self.usage.nan_logprobs += 1
-            raise _Malformed(f"NaN log-probability for token(s) {bad[:3]}")
+            raise Malformed(f"NaN log-probability for token(s) {bad[:3]}")
         probs = [(tok, math.exp(lp)) for tok, lp in pairs]
-        return _Outcome(aggregate_probs(probs, min_mass=self.min_mass), True, pairs)
+        return Outcome(aggregate_probs(probs, min_mass=self.min_mass), True, pairs)
 
     def _parse_text(self, response: Any) -> str:
         text, _ = _first_choice(response)
         if text is None:
-            raise _Malformed("no message content")
+            raise Malformed("no message content")
         return parse_score_text(text)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
@@ -769,49 +760,5 @@ def _first_choice(response: Any) -> tuple[str | None, list | None]:
 
 
 
-#: What a request through the OpenAI client can raise that the judge turns into a retry or a reason.
-_API_FAILURES = (openai.APIStatusError, openai.APIConnectionError, openai.APIResponseValidationError, ValueError)
-
-
-def _transient_problem(e: BaseException, timeout: float) -> tuple[str, float | None]:
-    """Why a request failed in a way worth retrying, and the server's Retry-After in seconds (or None).
-
-    Used by the request loop and the Batch API calls alike (after they have handled the statuses that
-    no retry changes).
-    """
-    if isinstance(e, openai.APIStatusError):
-        return f"HTTP {e.status_code}", _retry_after(e.response.headers)
-    if isinstance(e, openai.APITimeoutError):
-        return f"timed out after {timeout:g} s", None
-    if isinstance(e, openai.APIConnectionError):
-        return f"connection error ({_short(str(e.__cause__ or e))})", None
-    return f"malformed response ({_short(str(e))})", None
-
-
-def _retry_after(headers: Any) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
-    if headers is None:
-        return None
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) * scale
-        except ValueError:
-            try:
-                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-            except (TypeError, ValueError):
-                continue
-        if math.isfinite(seconds):
-            return max(seconds, 0.0)
-    return None
-
-
 def _int(x: Any) -> int:
     return x if isinstance(x, int) and not isinstance(x, bool) else 0
-
-
-def _short(text: str, n: int = 120) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= n else text[: n - 3] + "..."
