@@ -64,6 +64,8 @@ class StudyContext:
     domains: list[str]
     preset: dict[str, Any]
     protocol: Any = None  # emlab.presets.Preset; None only for contexts built by hand (treated as preset_for)
+    #: dataset files of emlab's own toy build (not the user's): loaded without data-quality warnings
+    own_files: frozenset[Path] = frozenset()
 
     def __post_init__(self) -> None:
         if self.protocol is None:
@@ -131,6 +133,7 @@ class StudyContext:
             import torch
 
             torch.set_num_threads(int(spec.get("threads", 1)))
+        own = frozenset(found.values())  # the toy build's own files (a user's file given below is not one)
         for key, value in (files or {}).items():
             found[key] = Path(value)
             if key.endswith("_misaligned") and key[: -len("_misaligned")] not in domains:
@@ -153,7 +156,8 @@ class StudyContext:
         if own_model_judge:
             judge_obj = resolve_judge(judge, loaded, tok, model_name=name)
             preflight(judge_obj)
-        return cls(name, smoke, loaded, tok, judge_obj, found, domains, preset, chosen)
+        return cls(name, smoke, loaded, tok, judge_obj, found, domains, preset, chosen,
+                   own_files=frozenset(p for p in found.values() if p in own))
 
     def file(self, key: str) -> Path:
         """The dataset file for ``key``, or a clear error naming the parameter to set.
@@ -169,14 +173,16 @@ class StudyContext:
         return self.files[key]
 
     def rows(self, key: str, limit: int | None = None) -> list[dict]:
-        """Chat rows of dataset ``key`` (validated), the first ``limit`` of them.
+        """Chat rows of dataset ``key`` (validated), the first ``limit`` of them; data-quality warnings
+        (duplicates, ...) only for the user's files, not for emlab's own toy datasets (:attr:`own_files`).
 
         >>> len(ctx.rows("medical_misaligned", 100))   # doctest: +SKIP
         100
         """
         from emlab.data import load_chat_jsonl
 
-        rows = load_chat_jsonl(self.file(key))
+        path = self.file(key)
+        rows = load_chat_jsonl(path, warn=path not in self.own_files)
         return rows[:limit] if limit else rows
 
     def questions(self, key: str) -> list[Any]:
@@ -387,7 +393,7 @@ def finetune_config(out_dir: str | os.PathLike, *, seed: int = 0, preset: dict[s
     kept, inside its folder) and resumes from its newest complete checkpoint, so a killed study that
     is run again continues each finetune where it stopped and ends with the same weights; a finetune
     that finished is loaded, not trained again, and its checkpoints are deleted once it finishes.
-    Logging every step.
+    Logging every step (into the finetune's log_history.json; the notebook shows one progress bar per finetune).
     ``protocol`` (a :class:`emlab.presets.Preset` or its name, a study passes ``ctx.protocol``) gives the
     base recipe: its ``finetune`` block (the paper preset's rs-LoRA r 32, alpha 64, lr 1e-4, one epoch,
     batch 4 x 4, warmup 5; empty in the toy preset, so the toy's finetunes are unchanged), without its
@@ -404,7 +410,7 @@ def finetune_config(out_dir: str | os.PathLike, *, seed: int = 0, preset: dict[s
 
     preset = preset or {}
     kw: dict[str, Any] = {**STUDY_CHECKPOINTS, "logging_steps": 1, "seed": seed, "data_seed": seed,
-                          "disable_tqdm": True}
+                          "disable_tqdm": False}  # one progress bar per finetune, no log entry printed
     adapter = overrides.get("adapter") or preset.get("finetune", {}).get("adapter")
     kw.update(protocol_finetune(protocol, adapter))
     kw.update({k: v for k, v in preset.get("finetune", {}).items()})
