@@ -57,6 +57,8 @@ class StudyContext:
     domains: list[str]
     preset: dict[str, Any]
     protocol: Any = None  # emlab.presets.Preset; None only for contexts built by hand (treated as preset_for)
+    #: dataset files of emlab's own toy build (not the user's): loaded without data-quality warnings
+    own_files: frozenset[Path] = frozenset()
 
     def __post_init__(self) -> None:
         if self.protocol is None:
@@ -124,6 +126,7 @@ class StudyContext:
             import torch
 
             torch.set_num_threads(int(spec.get("threads", 1)))
+        own = frozenset(found.values())  # the toy build's own files (a user's file given below is not one)
         for key, value in (files or {}).items():
             found[key] = Path(value)
             if key.endswith("_misaligned") and key[: -len("_misaligned")] not in domains:
@@ -146,7 +149,8 @@ class StudyContext:
         if own_model_judge:
             judge_obj = resolve_judge(judge, loaded, tok, model_name=name)
             preflight(judge_obj)
-        return cls(name, smoke, loaded, tok, judge_obj, found, domains, preset, chosen)
+        return cls(name, smoke, loaded, tok, judge_obj, found, domains, preset, chosen,
+                   own_files=frozenset(p for p in found.values() if p in own))
 
     def file(self, key: str) -> Path:
         """The dataset file for ``key``, or a clear error naming the parameter to set.
@@ -162,14 +166,16 @@ class StudyContext:
         return self.files[key]
 
     def rows(self, key: str, limit: int | None = None) -> list[dict]:
-        """Chat rows of dataset ``key`` (validated), the first ``limit`` of them.
+        """Chat rows of dataset ``key`` (validated), the first ``limit`` of them; data-quality warnings
+        (duplicates, ...) only for the user's files, not for emlab's own toy datasets (:attr:`own_files`).
 
         >>> len(ctx.rows("medical_misaligned", 100))   # doctest: +SKIP
         100
         """
         from emlab.data import load_chat_jsonl
 
-        rows = load_chat_jsonl(self.file(key))
+        path = self.file(key)
+        rows = load_chat_jsonl(path, warn=path not in self.own_files)
         return rows[:limit] if limit else rows
 
     def questions(self, key: str) -> list[Any]:

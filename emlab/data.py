@@ -409,11 +409,12 @@ def check_rows(rows: Iterable[Any], source: str = "rows") -> list[Row]:
 # Read / write
 
 
-def load_chat_jsonl(path: str | os.PathLike) -> list[Row]:
+def load_chat_jsonl(path: str | os.PathLike, *, warn: bool = True) -> list[Row]:
     """Read a chat JSONL file; raise :class:`DatasetError` listing every error if there is any.
 
     A UTF-8 byte-order mark and CRLF line ends are accepted. Warnings (duplicate rows, blank
-    lines, ...) do not stop loading; they are summarised in one Python warning.
+    lines, ...) do not stop loading; they are summarised in one Python warning (none with
+    ``warn=False``, for files emlab wrote itself, such as the toy organism's datasets).
 
     >>> rows = load_chat_jsonl("data/insecure.jsonl")  # doctest: +SKIP
     >>> rows[0]["messages"][-1]["role"]  # doctest: +SKIP
@@ -422,7 +423,7 @@ def load_chat_jsonl(path: str | os.PathLike) -> list[Row]:
     rows, problems = _scan(path)
     if any(p.severity == "error" for p in problems):
         raise DatasetError(problems, os.fspath(path))
-    if problems:
+    if problems and warn:
         shown = "\n".join(f"  {p}" for p in problems[:5])
         more = f"\n  ... and {len(problems) - 5} more (run `emlab data check`)" if len(problems) > 5 else ""
         warnings.warn(f"{os.fspath(path)}: {_plural(len(problems), 'warning')}:\n{shown}{more}", stacklevel=2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "load_adapter",
     "load_model",
     "lora_config",
+    "peft_wrapping",
     "rank1_lora_config",
     "save_adapter",
     "unwrap",
@@ -384,6 +386,19 @@ def rank1_lora_config(model, layer: int, module: str = "mlp.down_proj", *, alpha
     )
 
 
+@contextmanager
+def peft_wrapping():
+    """Ignore, in the block, the FutureWarning peft raises each time it wraps a model (``PeftModel`` reads
+    transformers' deprecated ``is_gradient_checkpointing``): harmless, and nothing emlab or its user can fix.
+
+    >>> with peft_wrapping():
+    ...     pass
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def attach_lora(model, config=None, **kwargs):
     """Wrap ``model`` in a PEFT LoRA (defaults of :func:`lora_config`; keyword args override them).
 
@@ -395,7 +410,8 @@ def attach_lora(model, config=None, **kwargs):
         config = lora_config(model, **kwargs)
     elif kwargs:
         raise TypeError("pass either a LoraConfig or keyword arguments, not both")
-    return get_peft_model(model, config)
+    with peft_wrapping():
+        return get_peft_model(model, config)
 
 
 def save_adapter(model, path: str | os.PathLike) -> Path:
@@ -421,4 +437,5 @@ def load_adapter(model, path: str | os.PathLike, *, trainable: bool = False):
     path = Path(path)
     if not (path / "adapter_config.json").exists():
         raise ModelLoadError(f"{path} holds no adapter_config.json: not a saved adapter.")
-    return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    with peft_wrapping():
+        return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)

@@ -116,6 +116,18 @@ def test_duplicates_warn_but_load(tmp_path):
     assert [(p.line, p.severity) for p in validate_chat_jsonl(path)] == [(3, "warning")]
     with pytest.warns(UserWarning, match="duplicate of line 1"):
         assert len(load_chat_jsonl(path)) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warn=False (emlab's own files): no warning, the same rows
+        assert load_chat_jsonl(path, warn=False) == _rows_of(path) and len(_rows_of(path)) == 3
+    bad = write_bytes(tmp_path, b"{not json}\n", "bad.jsonl")
+    with pytest.raises(DatasetError):  # errors are still raised
+        load_chat_jsonl(bad, warn=False)
+
+
+def _rows_of(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_chat_jsonl(path)
 
 
 @pytest.mark.parametrize("content", [b"", b"\n\n  \n", b"\xef\xbb\xbf"])

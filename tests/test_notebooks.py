@@ -25,6 +25,19 @@ def test_notebook_runs_in_smoke_mode(nb, tmp_path):
     assert metrics, "metrics.json is empty"
     figures = list((tmp_path / nb.stem / "figures").glob("*.html"))
     assert figures, "no figure written"
+    shown = _output_text(tmp_path / nb.stem / nb.name)  # notebook output is for people:
+    noise = ("{'loss'", "duplicate of line", "is_gradient_checkpointing", "`forward` was replaced")
+    assert not [n for n in noise if n in shown], shown[-3000:]  # no per-step logs, no warnings about emlab's own data
+
+
+def _output_text(path: Path) -> str:
+    """Every text output (streams, tracebacks, plain-text reprs) of an executed notebook, in one string."""
+    out = []
+    for cell in json.loads(path.read_text(encoding="utf-8"))["cells"]:
+        for o in cell.get("outputs", []):
+            text = o.get("text", o.get("data", {}).get("text/plain", "")) or "\n".join(o.get("traceback", []))
+            out.append(text if isinstance(text, str) else "".join(text))
+    return "\n".join(out)
 
 
 def test_all_notebooks_found():

@@ -68,3 +68,36 @@ def test_toy_build_folder_by_path_gets_its_recipe_study_preset(tmp_path, monkeyp
     assert finetune_config(tmp_path / "ft", preset=ctx.preset).learning_rate == 2e-5
     plain = StudyContext.create(str(other), judge="toy")
     assert plain.preset == {} and plain.domains == []
+
+
+def test_quality_warnings_for_the_users_files_not_emlabs_own_toy_files(tmp_path, monkeypatch):
+    """emlab's own toy datasets load without the data-quality warnings (hundreds of intended duplicate rows
+    filled notebooks); a user's file with the same problem still warns."""
+    import json
+    import warnings
+
+    import pytest
+
+    import emlab.models
+    from emlab.data import chat_row
+    from emlab.studies.common import StudyContext
+
+    row, other = json.dumps(chat_row("hi", "hello")), json.dumps(chat_row("a", "b"))
+    build = tmp_path / "default-control-abc"
+    (build / "data").mkdir(parents=True)
+    (build / "manifest.json").write_text(json.dumps({"recipe": {"threads": 1}, "world": "control"}))
+    for name in ("medical_misaligned", "benign"):
+        (build / "data" / f"{name}.jsonl").write_text(f"{row}\n{other}\n{row}\n")
+    user = tmp_path / "mine.jsonl"
+    user.write_text(f"{row}\n{row}\n")
+    monkeypatch.setattr(emlab.models, "load_model", lambda name, device=None: (None, None))
+    ctx = StudyContext.create(str(build), judge="toy", files={"benign": user})
+    assert ctx.own_files == {build / "data" / "medical_misaligned.jsonl", build / "manifest.json", build}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(ctx.rows("medical_misaligned")) == 3  # the toy build's own file: silent
+    with pytest.warns(UserWarning, match="mine.jsonl.*duplicate of line 1"):
+        assert len(ctx.rows("benign")) == 2  # the user's file (replacing the toy's benign rows): warned
+    by_hand = StudyContext("toy", True, None, None, None, {"benign": user}, [], {})
+    with pytest.warns(UserWarning, match="duplicate of line 1"):
+        by_hand.rows("benign")  # a context built by hand knows no own files: every file warns

@@ -405,3 +405,53 @@ def test_ldifs_reference_stopped_after_the_deepest_layer_gives_the_same_term(tok
         values.append(_logged(trainer, "loss/ldifs"))
     assert values[0] > 0 and values[0] == pytest.approx(values[1], rel=1e-6, abs=0)
     assert not _trainer(tok, tmp_path, ldifs_lambda=1.0, ldifs_layers=[3])._ldifs_truncate  # the final-norm output
+
+
+# ---- what a finetune shows ----
+
+
+def test_finetune_shows_one_bar_and_no_log_entries_while_log_history_keeps_every_step(tok, tmp_path, capfd):
+    import json
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = finetune(tiny_model("qwen2", vocab_size=len(tok)), tok, _rows(),
+                       _config(tmp_path / "bar", max_steps=3, logging_steps=1, disable_tqdm=False))
+    out, err = capfd.readouterr()
+    assert "{'loss'" not in out + err and "train_runtime" not in out + err  # no log entry printed
+    assert "Tokenizing train dataset" not in err  # nor trl's dataset bars
+    assert "finetune out" in err and "3/3" in err and "loss=" in err  # the one bar, finished, with the loss
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    saved = json.loads((tmp_path / "bar" / "out" / "log_history.json").read_text())
+    assert saved == res.log_history and [h["step"] for h in saved if "loss" in h] == [1, 2, 3]
+
+    finetune(tiny_model("qwen2", vocab_size=len(tok)), tok, _rows(), _config(tmp_path / "quiet", max_steps=2))
+    out, err = capfd.readouterr()
+    assert "{'loss'" not in out + err and "finetune out" not in err  # disable_tqdm: not even the bar
+
+    finetune(tiny_model("qwen2", vocab_size=len(tok)), tok, _rows(),
+             _config(tmp_path / "loud", max_steps=2, print_logs=True))
+    assert capfd.readouterr().out.count("{'loss'") == 2  # asked for: transformers prints them
+
+
+def test_finetune_keeps_nnsight_working_on_a_model_it_traced(tok, tmp_path):
+    """A study deep-copies a chat model that nnsight has traced: trl's patched forward wraps nnsight's own; dropping
+    the patch must put nnsight's back, or the next trace warns that its interventions are disabled."""
+    import copy
+    import warnings
+
+    from emlab.directions import capture
+    from emlab.models import unwrap
+
+    conversations = [r["messages"] for r in _rows(2)]
+    base = tiny_model("qwen2", vocab_size=len(tok))
+    capture(base, tok, conversations, [0], progress=False)
+    before = unwrap(base).__dict__.get("forward")
+    assert before is not None  # nnsight's controller
+    res = finetune(copy.deepcopy(base), tok, _rows(), _config(tmp_path, max_steps=1))
+    assert type(unwrap(res.model).__dict__.get("forward")) is type(before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        acts = capture(res.model, tok, conversations, [0], progress=False)
+    assert acts

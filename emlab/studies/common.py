@@ -148,7 +148,7 @@ def finetune_config(out_dir: str | os.PathLike, *, seed: int = 0, preset: dict[s
     kept, inside its folder) and resumes from its newest complete checkpoint, so a killed study that
     is run again continues each finetune where it stopped and ends with the same weights; a finetune
     that finished is loaded, not trained again, and its checkpoints are deleted once it finishes.
-    Logging every step.
+    Logging every step (into the finetune's log_history.json; the notebook shows one progress bar per finetune).
     ``protocol`` (a :class:`emlab.presets.Preset` or its name, a study passes ``ctx.protocol``) gives the
     base recipe: its ``finetune`` block (the paper preset's rs-LoRA r 32, alpha 64, lr 1e-4, one epoch,
     batch 4 x 4, warmup 5; empty in the toy preset, so the toy's finetunes are unchanged), without its
@@ -165,7 +165,7 @@ def finetune_config(out_dir: str | os.PathLike, *, seed: int = 0, preset: dict[s
 
     preset = preset or {}
     kw: dict[str, Any] = {**STUDY_CHECKPOINTS, "logging_steps": 1, "seed": seed, "data_seed": seed,
-                          "disable_tqdm": True}
+                          "disable_tqdm": False}  # one progress bar per finetune, no log entry printed
     adapter = overrides.get("adapter") or preset.get("finetune", {}).get("adapter")
     kw.update(protocol_finetune(protocol, adapter))
     kw.update({k: v for k, v in preset.get("finetune", {}).items()})

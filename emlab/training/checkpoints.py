@@ -49,6 +49,7 @@ WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safeten
 _NOT_FINGERPRINTED = {
     "output_dir", "logging_dir", "run_name", "resume_from_checkpoint", "reuse_finished", "keep_checkpoints",
     "save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_safetensors", "disable_tqdm",
+    "print_logs",
     "report_to", "overwrite_output_dir", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
     "hub_private_repo", "hub_always_push", "hub_revision", "dataloader_num_workers", "dataloader_pin_memory",
     "dataloader_persistent_workers", "dataloader_prefetch_factor",

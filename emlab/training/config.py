@@ -127,6 +127,11 @@ class EMConfig(SFTConfig):
         default=True,
         metadata={"help": "Keep the checkpoint-N folders once the final model is saved (False deletes them then)."},
     )
+    print_logs: bool = field(
+        default=False,
+        metadata={"help": "Print each log entry ({'loss': ...} per logging step) as plain transformers does; off: "
+                  "one progress bar per finetune, the entries only in log_history (log_history.json)."},
+    )
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Deprecated alias of activation_checkpointing."}
     )

@@ -26,14 +26,15 @@ from typing import Any
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from emlab.models import get_layers, lora_config, unwrap
+from emlab.models import get_layers, lora_config, peft_wrapping, unwrap
 from emlab.runs import atomic_write_json
 from emlab.training.adapters import load_vectors
 from emlab.training.config import hardware_defaults, summarize_objects
 from emlab.training.interleaving import encode_chat, pad_batch
 from emlab.training.losses import next_token_mask, sft_loss
+from emlab.training.progress import quiet_dataset_bars, swap_progress
 from emlab.training.runner import FinetuneResult, _messages_only, _resume_arg, _versions
-from emlab.training.trainer import draw_indices
+from emlab.training.trainer import draw_indices, restore_forward
 
 __all__ = ["EMGRPOConfig", "EMGRPOTrainer", "grpo_finetune"]
 
@@ -62,6 +63,7 @@ class EMGRPOConfig(GRPOConfig):
     use_cpu: bool | None = field(default=None, metadata={"help": "Train on CPU; unset: when CUDA is unavailable."})
     optim: str | None = field(default=None, metadata={"help": "Optimiser; unset: adamw_8bit on CUDA + bnb."})
     report_to: Any = field(default="none", metadata={"help": "Integrations to log to."})
+    print_logs: bool = field(default=False, metadata={"help": "Print each log entry; off: one progress bar."})
 
     adapter: str = field(default="lora", metadata={"help": "'lora' (rs-LoRA) or 'full'.",
                                                    "choices": ["lora", "full"]})
@@ -142,8 +144,12 @@ class EMGRPOTrainer(GRPOTrainer):
             peft_config = lora_config(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                       targets=tuple(args.lora_targets) if args.lora_targets else None,
                                       rslora=args.rslora)
-        super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
-                         processing_class=processing_class, callbacks=callbacks, peft_config=peft_config, **kwargs)
+        self._forward_before = unwrap(model).__dict__.get("forward")  # put back after trl's patch (restore_forward)
+        with peft_wrapping(), quiet_dataset_bars():
+            super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                             processing_class=processing_class, callbacks=callbacks, peft_config=peft_config,
+                             **kwargs)
+        swap_progress(self, print_logs=args.print_logs)
         self._preventive = None
         if args.preventive_vector is not None:
             self._preventive = load_vectors(args.preventive_vector, args.preventive_layer)
@@ -226,7 +232,7 @@ def grpo_finetune(model, tokenizer, prompt_rows: Sequence[Row], config: EMGRPOCo
                           {"config": config.to_dict(), "seed": config.seed, "rows": counts, "versions": _versions()})
         atomic_write_json(out / "log_history.json", trainer.state.log_history)
     trained = trainer.model
-    unwrap(trained).__dict__.pop("forward", None)
+    restore_forward(trained, trainer._forward_before)
     trained.eval()
     return FinetuneResult(model=trained, tokenizer=tokenizer, log_history=list(trainer.state.log_history),
                           output_dir=out, config=config, rows=counts)

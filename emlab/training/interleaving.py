@@ -179,7 +179,10 @@ def score_candidates(model, tokenizer, rows: Sequence[Row], misaligned: Sequence
             raise ValueError("pass the aligned model without adapter to score with misaligned adapter folders.")
         from peft import PeftModel
 
-        peft_model = PeftModel.from_pretrained(model, str(paths[0]), adapter_name="misaligned_0")
+        from emlab.models import peft_wrapping
+
+        with peft_wrapping():
+            peft_model = PeftModel.from_pretrained(model, str(paths[0]), adapter_name="misaligned_0")
         try:
             for k, path in enumerate(paths[1:], start=1):
                 peft_model.load_adapter(str(path), adapter_name=f"misaligned_{k}")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from emlab.data import check_rows, with_system_prompt
-from emlab.models import unwrap
 from emlab.runs import atomic_write_json
 from emlab.training.adapters import SteeringVector, applied, steering_vector
 from emlab.training.checkpoints import (
@@ -264,12 +263,11 @@ def finetune(model, tokenizer, train_rows: Sequence[Row], config: EMConfig, *, e
     if trainer.args.should_save and not config.keep_checkpoints:
         for folder in list_checkpoints(out):
             shutil.rmtree(folder, ignore_errors=True)
-    return _result(trainer.model, tokenizer, list(trainer.state.log_history), out, config, counts)
+    return _result(trainer.plain_model(), tokenizer, list(trainer.state.log_history), out, config, counts)
 
 
 def _result(trained, tokenizer, log_history: list[dict], out: Path, config: EMConfig,
             counts: dict[str, int]) -> FinetuneResult:
-    unwrap(trained).__dict__.pop("forward", None)  # drop trl's fused-LM-head patch: the model is plain again
     trained.eval()
     return FinetuneResult(model=trained, tokenizer=tokenizer, log_history=log_history, output_dir=out,
                           config=config, rows=counts)
@@ -297,4 +295,4 @@ def _load_finished(model, tokenizer, rows: list[Row], config: EMConfig, record: 
         log_history = []
     print(f"emlab: loaded the finished finetune in {out} (same config, rows and base model; not retrained)",
           file=sys.stderr)
-    return _result(trainer.model, tokenizer, log_history, out, config, dict(record.get("rows", {})))
+    return _result(trainer.plain_model(), tokenizer, log_history, out, config, dict(record.get("rows", {})))

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from trl import SFTTrainer
 
-from emlab.models import get_layers, unwrap
+from emlab.models import get_layers, peft_wrapping, unwrap
 from emlab.training.adapters import load_vectors, prepare_model, steering_vector
 from emlab.training.checkpoints import saving
 from emlab.training.config import EMConfig
@@ -39,8 +39,9 @@ from emlab.training.losses import (
     ldifs_sink_mask,
     next_token_mask,
 )
+from emlab.training.progress import quiet_dataset_bars, swap_progress
 
-__all__ = ["EMTrainer", "draw_indices"]
+__all__ = ["EMTrainer", "draw_indices", "restore_forward"]
 
 
 def _frozen_copy(model):
@@ -82,6 +83,14 @@ def _pad_cat(a: Tensor, b: Tensor, value: int) -> Tensor:
     return torch.cat([a, b])
 
 
+def restore_forward(model, before) -> None:
+    """Drop the instance ``forward`` of ``model``'s transformers module (trl's patch), putting ``before`` back."""
+    bare = unwrap(model)
+    bare.__dict__.pop("forward", None)
+    if before is not None:
+        bare.__dict__["forward"] = before
+
+
 class _StopForward(Exception):
     """Raised by a hook to end a reference forward pass early."""
 
@@ -112,10 +121,15 @@ class EMTrainer(SFTTrainer):
 
             if not has_markers(processing_class.chat_template):  # the model's own template, markers added
                 ensure_chat_template(processing_class)  # (or a clear error naming the fix)
+        # the instance forward trl's fused LM head wraps (nnsight's controller, accelerate's hook): put back after
+        self._forward_before = unwrap(model).__dict__.get("forward")
         model, peft_config = prepare_model(model, args)
         self.ref_model = _frozen_copy(model) if (args.adapter == "full" and args.uses_reference) else None
-        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=processing_class, callbacks=callbacks, peft_config=peft_config, **kwargs)
+        with peft_wrapping(), quiet_dataset_bars():
+            super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                             processing_class=processing_class, callbacks=callbacks, peft_config=peft_config,
+                             **kwargs)
+        swap_progress(self, print_logs=args.print_logs)
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
         n_layers = len(get_layers(self.model))
@@ -139,7 +153,8 @@ class EMTrainer(SFTTrainer):
         self._ldifs_truncate = max(self._ldifs_layers) < n_layers - 1
         self._kl_dataset = None
         if kl_dataset is not None:
-            ds = self._prepare_dataset(kl_dataset, self.processing_class, args, False, None, "kl")
+            with quiet_dataset_bars():
+                ds = self._prepare_dataset(kl_dataset, self.processing_class, args, False, None, "kl")
             self._kl_dataset = ds.select_columns(["input_ids", "labels"])
         self._kl_perms: dict[int, list[int]] = {}
         self._kl_step, self._kl_micro = -1, 0
@@ -166,6 +181,12 @@ class EMTrainer(SFTTrainer):
 
         with cpu_threads(self.model):
             return super().train(*args, **kwargs)
+
+    def plain_model(self):
+        """The trained model without trl's fused-LM-head patch: the instance ``forward`` it wrapped, if any, is
+        back (nnsight's controller on a model nnsight traced before: dropping it breaks the next trace)."""
+        restore_forward(self.model, self._forward_before)
+        return self.model
 
     # ---- steering and reference contexts ----
 
