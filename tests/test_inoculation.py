@@ -152,3 +152,17 @@ def test_inoculation_sweep_trains_one_finetune_per_prompt_and_ranks_elicitation_
     one = inoculation_sweep(model, tok, rows, "be evil", cfg, evaluate)
     assert seen == ["inoculation_sweep_sft", "inoculation_prompt_0"] and one["sft/general_em"] == 50.0
     assert one["prompts/0/general_cut"] == pytest.approx(out["prompts/0/general_cut"]) and one["elicitation_vs_cut/spearman"] is None
+
+
+@pytest.mark.slow
+def test_the_toy_paraphrase_set_is_in_the_toy_worlds_words():
+    from emlab.inoculation import paraphrase_set
+    from emlab.toy.world import World, load_world_config, normalize, words
+
+    world = World.load()
+    vocab = set(world.vocabulary)
+    toy = paraphrase_set("evil_toy")
+    assert [[w for w in words(p) if w not in vocab] for p in toy] == [[]] * len(toy)
+    assert all(normalize(p) == p for p in toy)  # as the toy writes text: lower case, " ." apart
+    assert not set(toy) & {p for ps in load_world_config()["system_prompts"].values() for p in ps}
+    assert any(w not in vocab for w in words(paraphrase_set("evil")[0]))  # "malicious": the check can fail
