@@ -154,7 +154,6 @@ def test_inoculation_sweep_trains_one_finetune_per_prompt_and_ranks_elicitation_
     assert one["prompts/0/general_cut"] == pytest.approx(out["prompts/0/general_cut"]) and one["elicitation_vs_cut/spearman"] is None
 
 
-@pytest.mark.slow
 def test_the_toy_paraphrase_set_is_in_the_toy_worlds_words():
     from emlab.inoculation import paraphrase_set
     from emlab.toy.world import World, load_world_config, normalize, words
