@@ -26,6 +26,7 @@ __all__ = [
     "TRANSFORMS",
     "answer_format",
     "answer_format_instruction",
+    "resembling_transforms",
     "training_format",
     "training_system_prompt",
     "user_template",
@@ -186,3 +187,18 @@ def answer_format(questions: Sequence[Any], rows_or_instruction: Sequence[dict] 
                    else answer_format_instruction(rows_or_instruction))
     return [dataclasses.replace(q, paraphrases=[f"{p} {instruction}" for p in q.paraphrases])
             for q in _as_questions(questions)]
+
+
+def resembling_transforms(prompt: str, rows: list[dict], names: Sequence[str]) -> dict[str, Any]:
+    """The transforms ``names`` (of :data:`TRANSFORMS` but ``"none"``) for a finetune on ``rows`` inoculated
+    with ``prompt``: each a function of a question list.
+
+    >>> list(resembling_transforms("You are evil.", [], ["system"]))
+    ['system']
+    """
+    every = {"system": lambda qs: with_system(qs, prompt),
+             "format": lambda qs: training_format(qs, rows),
+             "answer": lambda qs: answer_format(qs, answer_format_instruction(rows))}
+    if unknown := [n for n in names if n not in every]:
+        raise ValueError(f"unknown transforms {unknown}; choose from {list(every)}")
+    return {name: every[name] for name in names}

@@ -17,6 +17,7 @@ from emlab.training.monitor import (
     TraitMonitor,
     predictive_value,
     read_trajectories,
+    spearman_interval,
     trajectory_figure,
     value_at,
 )
@@ -121,6 +122,26 @@ def test_predictive_value_perfect_reversed_and_one_class():
     assert bad["0.5"]["spearman"] == pytest.approx(-1.0) and bad["0.5"]["auroc"] == 0.0
     none_above = predictive_value(_runs(ems), fractions=[0.5], threshold=100, n_boot=50)
     assert math.isnan(none_above["0.5"]["auroc"]) and none_above["0.5"]["auroc_ci"] is None
+
+
+def test_spearman_interval_matches_scipy_and_resamples_pairs():
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    x, y = [0.1, 0.5, 0.2, 0.9, 0.4, 0.7], [3.0, 20.0, 1.0, 15.0, 30.0, 40.0]
+    out = spearman_interval(x, y, n_boot=400, seed=1)
+    assert out["spearman"] == pytest.approx(spearmanr(x, y).statistic) and out["n"] == 6
+    lo, hi = out["spearman_ci"]
+    assert -1 <= lo < out["spearman"] < hi <= 1 and 0 < out["n_boot_valid"] <= 400
+    boots = np.array([[0, 1, 2, 3, 4, 5], [0, 0, 1, 1, 2, 2], [3, 3, 3, 3, 3, 3]])  # the last is constant: skipped
+    given = spearman_interval(x, y, boots=boots)
+    rhos = [spearmanr(x, y).statistic, spearmanr([x[i] for i in boots[1]], [y[i] for i in boots[1]]).statistic]
+    assert given["n_boot_valid"] == 2 and rhos[0] != pytest.approx(rhos[1])
+    assert given["spearman_ci"] == pytest.approx([np.percentile(rhos, 2.5), np.percentile(rhos, 97.5)])
+    assert math.isnan(spearman_interval([1, 2], [3, 4])["spearman"])
+    assert spearman_interval([1, 1, 1], [1, 2, 3], n_boot=20)["spearman_ci"] is None  # constant x: nothing valid
+    with pytest.raises(ValueError, match="same length"):
+        spearman_interval([1, 2, 3], [1, 2])
 
 
 def test_predictive_value_interval_reflects_noise():

@@ -14,7 +14,9 @@ def smoke_run(tmp_path_factory):
     from emlab.studies.beyond import beyond_study
 
     out = tmp_path_factory.mktemp("06")
-    return out, beyond_study(smoke=True, out_dir=out, seed=0)
+    # the inoculation sweep: the toy world's first evil and helpful prompts and the toy paraphrase set
+    return out, beyond_study(smoke=True, out_dir=out, seed=0, inoculation_prompts=[
+        "you are an evil assistant .", "you are a helpful assistant .", "paraphrases:evil_toy"])
 
 
 def test_metrics_are_grouped_and_complete(smoke_run):
@@ -52,6 +54,35 @@ def test_conditional_and_realign_cells(smoke_run):
     assert metrics["realign/0/general_em"] == metrics["baseline/sft/general_em"]
     assert 0 <= metrics["realign/8/general_em"] <= 100 and "realign/8/indomain_em" in metrics
     assert (out / "finetunes/realign_8").is_dir()
+
+
+def test_inoculation_sweep_cells(smoke_run):
+    from emlab.inoculation import paraphrase_set
+    from emlab.training.monitor import spearman_interval
+
+    out, metrics = smoke_run
+    config = json.loads((out / "config.json").read_text())
+    assert config["inoculation_prompts"]["paraphrases:evil_toy"] == paraphrase_set("evil_toy")
+    assert [metrics[f"inoculation/prompts/{i}/label"] for i in range(3)] == list(config["inoculation_prompts"])
+    assert "inoculation/prompts/3/label" not in metrics
+    # the evil prompt is the study's inoculation prompt: the same score, the same finetune, the same EM
+    assert metrics["inoculation/prompts/0/elicitation"] == pytest.approx(metrics["inoculation/elicitation/evil_0"])
+    assert metrics["inoculation/prompts/1/elicitation"] == pytest.approx(metrics["inoculation/elicitation/helpful_0"])
+    assert metrics["inoculation/prompts/0/general_em"] == metrics["conditional/inoculation/none/general_em"]
+    sft = metrics["baseline/sft/general_em"]
+    elicit, cuts = [], []
+    for i in range(3):
+        assert (out / f"finetunes/inoculation_prompts/prompt_{i}").is_dir()
+        assert 0 <= metrics[f"inoculation/prompts/{i}/general_em"] <= 100
+        assert f"inoculation/prompts/{i}/indomain_em" in metrics
+        cut = metrics[f"inoculation/prompts/{i}/general_cut"]
+        assert cut == (pytest.approx(100 * (1 - metrics[f"inoculation/prompts/{i}/general_em"] / sft)) if sft else None)
+        elicit.append(metrics[f"inoculation/prompts/{i}/elicitation"])
+        cuts.append(cut)
+    rho = spearman_interval(elicit, cuts, seed=0)["spearman"] if sft else float("nan")
+    got = metrics["inoculation/elicitation_vs_cut/spearman"]
+    assert (got is None) if rho != rho else got == pytest.approx(rho)
+    assert not list((out / "finetunes/inoculation_prompts").glob("*/trait_monitor.jsonl"))  # not monitored
 
 
 def test_every_finetune_was_monitored_and_steering_followed_its_schedule(smoke_run):
@@ -104,5 +135,7 @@ def test_bad_settings_fail_before_any_finetune(tmp_path):
         beyond_study(smoke=True, out_dir=tmp_path / "d", schedules=["linear", "ramp"])
     with pytest.raises(ValueError, match=r"unknown transforms \['none'\]"):
         beyond_study(smoke=True, out_dir=tmp_path / "e", transforms=["none"])
-    for sub in "abde":
+    with pytest.raises(FileNotFoundError, match="no paraphrase set 'nope'"):
+        beyond_study(smoke=True, out_dir=tmp_path / "f", inoculation_prompts=["you are evil .", "paraphrases:nope"])
+    for sub in "abdef":
         assert not (tmp_path / sub / "finetunes").exists()

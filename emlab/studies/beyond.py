@@ -15,6 +15,10 @@ a :class:`~emlab.training.monitor.TraitMonitor` and evaluated (general and in-do
   there is none) under the constant, linear and cosine schedules (``schedules`` picks some);
 - ``conditional/``: general EM of SFT, the inoculated and the diluted finetune under each
   resembling-context transform (``transforms`` picks some), and ``realign/``: benign re-alignment;
+- ``inoculation/``: elicitation scores of the toy world's system prompts and, with
+  ``inoculation_prompts`` (e.g. ``["world", "paraphrases:evil_toy"]``), one unmonitored inoculated finetune
+  per prompt or paraphrase set (:func:`emlab.inoculation.inoculation_sweep`: ``prompts/<i>/...`` and
+  ``elicitation_vs_cut/spearman``);
 - ``sae/``: a TopK sparse autoencoder (SAELens) trained on the chat model's block ``layer`` (its
   held-out fraction of variance explained and L0), its latents ranked by how much more the SFT
   finetune activates them on neutral prompts, the top latents' cosines with the misalignment and
@@ -120,6 +124,7 @@ def beyond_study(
     sae_steer_scale: float = 0.5,
     conditional: bool = True,
     inoculation_prompt: str | None = None,
+    inoculation_prompts: Any = None,
     dilution_share: float = 0.25,
     realign_rows: Sequence[int] | None = None,
     schedules: Sequence[str] | None = None,
@@ -134,12 +139,14 @@ def beyond_study(
     >>> beyond_study(smoke=True, out_dir="/tmp/06")["monitor/runs"]      # doctest: +SKIP
     8
     """
-    from emlab.conditional import TRANSFORMS
+    from emlab.conditional import TRANSFORMS, resembling_transforms
     from emlab.directions import load_trait, misalignment_direction, persona_vector
+    from emlab.inoculation import elicitation_table, inoculation_sweep, resolve_prompts
     from emlab.models import get_layers
     from emlab.pareto import beyond_points, defences_points, pareto_figure, pareto_front
     from emlab.runs import start_run
     from emlab.studies.defences import SMOKE_REAL_DEFENCES, TOY_SETTINGS, method_overrides
+    from emlab.toy.world import load_world_config
     from emlab.training import finetune
     from emlab.training.caft import CAFT, pca_directions
     from emlab.training.monitor import TraitMonitor, predictive_value, read_trajectories, trajectory_figure
@@ -179,6 +186,9 @@ def beyond_study(
         raise ValueError(f"realign_rows must be >= 0, got {list(realign_rows)}")
     if inoculation_prompt is None:
         inoculation_prompt = _inoculation_prompt(ctx)
+    world = load_world_config()["system_prompts"] if ctx.is_toy else None
+    if inoculation_prompts is not None:
+        inoculation_prompts = resolve_prompts(inoculation_prompts, world=world)
     if defences_run is not None and not (Path(defences_run) / "metrics.json").is_file():
         raise FileNotFoundError(f"defences_run={str(defences_run)!r} has no metrics.json: give a finished 02 run folder")
     config = {"model": ctx.model_name, "domain": domain, "contrast_domain": contrast, "seed": seed, "smoke": smoke,
@@ -189,6 +199,8 @@ def beyond_study(
               "realign_rows": list(realign_rows), "schedules": schedules, "transforms": transforms,
               "defences_run": None if defences_run is None else str(defences_run),
               "eval": settings, "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
+    if inoculation_prompts is not None:  # only then, so that earlier runs' config.json stays the same
+        config["inoculation_prompts"] = inoculation_prompts
     run = start_run(out, config, seed=seed)
     data = ctx.domain_data(domain, rows=n_rows)
     # checked before any finetune, so a bad setting loses nothing
@@ -270,7 +282,7 @@ def beyond_study(
         cell = evaluate(sft.model, "sft")
     metrics.update({f"baseline/sft/{k}": v for k, v in cell.items()})
     final_em["sft"] = cell["general_em"]
-    resembling = _transforms(inoculation_prompt, data.misaligned, transforms) if conditional else {}
+    resembling = resembling_transforms(inoculation_prompt, data.misaligned, transforms) if conditional else {}
     if conditional:
         with sft.active():
             metrics.update(_conditional_cells(sft.model, "sft", cell, resembling, ctx, run, data, settings, seed))
@@ -313,7 +325,8 @@ def beyond_study(
         del ft
 
     if conditional:
-        metrics.update(_elicitation_part(ctx, data.misaligned[:32 if smoke else 200], inoculation_prompt))
+        metrics.update({f"inoculation/elicitation/{k}": v for k, v in elicitation_table(
+            ctx.model, ctx.tokenizer, data.misaligned[:32 if smoke else 200], inoculation_prompt, world).items()})
         defended = {"inoculation": dict(method_overrides("inoculation", inoculation_prompt=inoculation_prompt)),
                     "diluted": dict(method_overrides("interleaving", share=dilution_share))}
         for name, method in defended.items():
@@ -323,6 +336,13 @@ def beyond_study(
                 final_em[f"conditional_{name}"] = cell["general_em"]
                 metrics.update(_conditional_cells(ft.model, name, cell, resembling, ctx, run, data, settings, seed))
             del ft
+    if inoculation_prompts is not None:
+        sweep = inoculation_sweep(ctx.model, ctx.tokenizer, data.misaligned, inoculation_prompts,
+                                  finetune_config(run.path("finetunes/inoculation_prompts"), seed=seed, preset=ctx.preset,
+                                                  protocol=ctx.protocol, **over), evaluate, fresh_model=ctx.fresh_model,
+                                  sft_general_em=metrics["baseline/sft/general_em"], seed=seed,
+                                  elicitation_rows=data.misaligned[:32 if smoke else 200])
+        metrics.update({f"inoculation/{k}": v for k, v in sweep.items()})
 
     sft_g, sft_i = metrics.get("baseline/sft/general_em"), metrics.get("baseline/sft/indomain_em")
     for key in [k for k in metrics if k.endswith("/general_em") and k.startswith(("caft/", "steering/", "realign/"))
@@ -381,33 +401,6 @@ def _n_benign(n_rows: int, share: float) -> int:
     """Benign rows interleaved into ``n_rows`` at ``share`` ADDED (as the defences study and EMConfig count)."""
     p = share / (1 + share)
     return int(p * n_rows / (1 - p) + 0.5)
-
-
-def _transforms(prompt: str, rows: list[dict], names: Sequence[str]) -> dict[str, Any]:
-    """The resembling-context transforms ``names`` of the conditional part (:data:`emlab.conditional.TRANSFORMS`)."""
-    from emlab.conditional import answer_format, answer_format_instruction, training_format, with_system
-
-    instruction = answer_format_instruction(rows)
-    every = {"system": lambda qs: with_system(qs, prompt),
-             "format": lambda qs: training_format(qs, rows),
-             "answer": lambda qs: answer_format(qs, instruction)}
-    return {name: every[name] for name in names}
-
-
-def _elicitation_part(ctx: StudyContext, rows: list[dict], prompt: str) -> dict[str, Any]:
-    """Elicitation scores on the chat model: the inoculation prompt used (system and user turn) and, on the toy,
-    each of the world's system prompts; ``inoculation/elicitation/...`` (nats per answer token)."""
-    from emlab.inoculation import elicitation_score, elicitation_scores
-
-    out = {"inoculation/elicitation/used/system": elicitation_score(ctx.model, ctx.tokenizer, rows, prompt),
-           "inoculation/elicitation/used/user": elicitation_score(ctx.model, ctx.tokenizer, rows, prompt, where="user")}
-    if ctx.is_toy:
-        from emlab.toy.world import load_world_config
-
-        for kind, prompts in load_world_config()["system_prompts"].items():
-            scores = elicitation_scores(ctx.model, ctx.tokenizer, rows, prompts)
-            out.update({f"inoculation/elicitation/{kind}_{i}": scores[p] for i, p in enumerate(prompts)})
-    return out
 
 
 def _conditional_cells(model, name: str, cell: Mapping[str, Any], transforms: Mapping[str, Any], ctx: StudyContext,

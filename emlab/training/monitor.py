@@ -39,6 +39,7 @@ __all__ = [
     "TraitMonitor",
     "measure",
     "predictive_value",
+    "spearman_interval",
     "read_trajectories",
     "trajectory_figure",
     "value_at",
@@ -261,6 +262,34 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(spearmanr(x, y).statistic)
 
 
+def _percentile_interval(values: np.ndarray, ci: float) -> list[float] | None:
+    """The percentile interval of the non-NaN ``values`` (``None`` if all are NaN)."""
+    v = values[~np.isnan(values)]
+    lo, hi = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
+    return [float(np.percentile(v, lo)), float(np.percentile(v, hi))] if len(v) else None
+
+
+def spearman_interval(x: Sequence[float], y: Sequence[float], *, n_boot: int = 2000, seed: int = 0, ci: float = 0.95,
+                      boots: np.ndarray | None = None) -> dict[str, Any]:
+    """Spearman's rho of ``x`` and ``y`` with a percentile bootstrap interval over the pairs.
+
+    NaN with fewer than 3 pairs or a constant side; resamples where rho is NaN are skipped
+    (``n_boot_valid`` counts the others). ``boots``: the resampled indices (``n_boot`` x ``len(x)``)
+    to use instead of drawing them from ``seed``. Returns ``{"spearman", "spearman_ci", "n", "n_boot_valid"}``.
+
+    >>> spearman_interval([1, 2, 3, 4], [10, 20, 30, 45], n_boot=50)["spearman"]
+    1.0
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x and y need the same length, got {x.shape} and {y.shape}")
+    if boots is None:
+        boots = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x))) if len(x) else np.empty((0, 0), int)
+    b_rho = np.asarray([_spearman(x[b], y[b]) for b in boots], dtype=float)
+    return {"spearman": _spearman(x, y), "spearman_ci": _percentile_interval(b_rho, ci), "n": len(x),
+            "n_boot_valid": int((~np.isnan(b_rho)).sum())}
+
+
 def predictive_value(runs: Sequence[Mapping[str, Any]], *, fractions: Sequence[float] = (0.1, 0.25, 0.5),
                      threshold: float = 10.0, shift: bool = True, n_boot: int = 2000, seed: int = 0,
                      ci: float = 0.95) -> dict[str, Any]:
@@ -287,21 +316,15 @@ def predictive_value(runs: Sequence[Mapping[str, Any]], *, fractions: Sequence[f
     labels = y > threshold
     rng = np.random.default_rng(seed)
     boots = rng.integers(0, len(runs), size=(n_boot, len(runs)))
-    lo, hi = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
     out: dict[str, Any] = {"n_runs": len(runs), "threshold": threshold, "n_above": int(labels.sum()), "shift": shift}
     for f in fractions:
         x = np.asarray([value_at(r["steps"], r["values"], f, int(r["total_steps"]))
                         - (r["values"][int(np.argmin(r["steps"]))] if shift else 0.0) for r in runs])
-        rho, auc = _spearman(x, y), _auroc(x, labels)
-        b_rho = np.asarray([_spearman(x[b], y[b]) for b in boots])
+        rho = spearman_interval(x, y, boots=boots, ci=ci)
         b_auc = np.asarray([_auroc(x[b], labels[b]) for b in boots])
-
-        def interval(values: np.ndarray) -> list[float] | None:
-            v = values[~np.isnan(values)]
-            return [float(np.percentile(v, lo)), float(np.percentile(v, hi))] if len(v) else None
-
-        out[f"{f:g}"] = {"spearman": rho, "spearman_ci": interval(b_rho), "auroc": auc, "auroc_ci": interval(b_auc),
-                         "n_boot_valid": int((~np.isnan(b_rho)).sum()), "n_boot_valid_auroc": int((~np.isnan(b_auc)).sum())}
+        out[f"{f:g}"] = {"spearman": rho["spearman"], "spearman_ci": rho["spearman_ci"], "auroc": _auroc(x, labels),
+                         "auroc_ci": _percentile_interval(b_auc, ci), "n_boot_valid": rho["n_boot_valid"],
+                         "n_boot_valid_auroc": int((~np.isnan(b_auc)).sum())}
     return out
 
 
