@@ -382,7 +382,8 @@ def _f(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def claims_markdown(card: pd.DataFrame, commands: Sequence[str] = (), figure: str | None = None) -> str:
+def claims_markdown(card: pd.DataFrame, commands: Sequence[str] = (), figure: str | None = None,
+                    image: str | None = None) -> str:
     """The scorecard page: commands at the top, the rule, the table, then the disagreements with hypotheses."""
     counts = card["verdict"].value_counts().to_dict()
     lines = ["# Claims scorecard: papers 001 and 002 on emlab's toy organism", ""]
@@ -404,6 +405,8 @@ def claims_markdown(card: pd.DataFrame, commands: Sequence[str] = (), figure: st
     ]
     if figure:
         lines += [f"Figure: [{figure}]({figure}) (effect and interval per claim).", ""]
+    if image:  # the static copy, shown where the page is read (the HTML may not be kept beside it)
+        lines += [f"![effect and interval per claim]({image})", ""]
     lines += ["| claim | paper | expected | paper's number | emlab mean ± sd | 95% CI | n seeds | verdict |",
               "|---|---|---|---:|---:|---:|---:|---|"]
     sign = {1: "> 0", -1: "< 0", 0: "≈ 0"}
@@ -478,7 +481,8 @@ def write_claims(sweeps: Sequence[str | os.PathLike], out: str | os.PathLike = "
     if figure and (card["n"] > 0).any():
         files += save(_figure(card), out.with_name(f"{out.stem}_figure"), formats=figure_formats)
         fig_name = files[0].name
-    files.insert(0, atomic_write_text(out, claims_markdown(card, commands, fig_name)))
+    png = next((f.name for f in files if f.suffix == ".png"), None)
+    files.insert(0, atomic_write_text(out, claims_markdown(card, commands, fig_name, png)))
     atomic_write_text(out.with_suffix(".csv"), card.to_csv(index=False))
     files.append(out.with_suffix(".csv"))
     return card, files

@@ -171,7 +171,10 @@ def test_cli_writes_page_figure_and_csv_fast(tmp_path, capsys):
     assert card.loc["001/narrow_solution", "verdict"] == "opposite"
     assert card.loc["001/stability", "verdict"] == "not measured"
     assert (out.parent / "claims_figure.html").exists()
+    assert "![effect and interval per claim]" not in page  # no PNG asked for, none embedded
     assert "claims:" in capsys.readouterr().out
+    md = C.claims_markdown(card.reset_index(), ["emlab claims x"], "f.html", "f.png")
+    assert "[f.html](f.html)" in md and "![effect and interval per claim](f.png)" in md
     assert main(["claims", str(tmp_path / "nope"), "--out", str(out), "--paper-data", str(PAPER_DATA)]) == 2
 
 
