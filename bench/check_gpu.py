@@ -143,16 +143,16 @@ def run_method(name, method, tiny, device, steps, batch_size, tmp):
 
 
 def run_generation(name, tiny, device, new_tokens):
-    from emlab.generation import _generate_ids
+    from emlab.generation import generate_ids
 
     model, tok = build(name, tiny, device, torch.bfloat16)
     prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(32)]
-    _generate_ids(model, tok, prompts[:2], max_new_tokens=2, temperature=1.0, top_p=1.0, seed=0, batch_size=2,
+    generate_ids(model, tok, prompts[:2], max_new_tokens=2, temperature=1.0, top_p=1.0, seed=0, batch_size=2,
                   system=None, progress=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    ids = _generate_ids(model, tok, prompts, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, seed=0,
+    ids = generate_ids(model, tok, prompts, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, seed=0,
                         batch_size=32, system=None, progress=False)
     if device.type == "cuda":
         torch.cuda.synchronize()

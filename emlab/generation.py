@@ -18,7 +18,7 @@ import torch
 
 from emlab.models import unwrap
 
-__all__ = ["generate", "sample_answers", "stop_token_ids"]
+__all__ = ["generate", "generate_ids", "sample_answers", "stop_token_ids"]
 
 Prompt = str | Sequence[Mapping[str, str]]
 
@@ -68,11 +68,16 @@ def _sampling_kwargs(model, temperature: float, top_p: float) -> dict[str, Any]:
     return kw
 
 
-def _generate_ids(
-    model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, top_p: float,
-    seed: int, batch_size: int, system: str | None, progress: bool,
+def generate_ids(
+    model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, temperature: float = 1.0,
+    top_p: float = 1.0, seed: int = 0, batch_size: int = 32, system: str | None = None, progress: bool = True,
 ) -> list[list[int]]:
-    """The new token ids of each prompt (stop token and padding removed), in prompt order."""
+    """The new token ids of each prompt (stop token and padding removed), in prompt order: what
+    :func:`generate` decodes, with the same arguments and seeding (benchmarks count tokens with it).
+
+    >>> [len(x) for x in generate_ids(model, tok, ["hi"], max_new_tokens=4)]     # doctest: +SKIP
+    [4]
+    """
     from tqdm.auto import tqdm
 
     if batch_size < 1 or max_new_tokens < 1:
@@ -148,7 +153,7 @@ def generate(
     >>> generate(model, tok, [[{"role": "user", "content": "hi"}]], max_new_tokens=16, seed=1)   # doctest: +SKIP
     ['Hello! How can I help?']
     """
-    ids = _generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+    ids = generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_p=top_p, seed=seed, batch_size=batch_size, system=system, progress=progress)
     return [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
 

@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from emlab.generation import _generate_ids, generate, sample_answers, stop_token_ids
+from emlab.generation import generate, generate_ids, sample_answers, stop_token_ids
 from emlab.models import attach_lora
 from emlab.questions import Question
 from emlab.testing import tiny_model, tiny_tokenizer
@@ -71,13 +71,15 @@ def _two_token_model(tok, word="hello"):
 
 def test_stops_at_end_token_per_row(tok):
     model = _two_token_model(tok)
-    ids = _generate_ids(model, tok, ["hi"] * 16, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=0,
+    ids = generate_ids(model, tok, ["hi"] * 16, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=0,
                         batch_size=16, system=None, progress=False)
     hello = tok.convert_tokens_to_ids("hello")
     assert all(set(x) <= {hello} for x in ids)  # no end token, no padding after it
     assert len({len(x) for x in ids}) > 2  # rows stop independently
     assert min(len(x) for x in ids) < 12
     texts = generate(model, tok, ["hi"] * 16, max_new_tokens=12, progress=False)
+    again = generate_ids(model, tok, ["hi"] * 16, max_new_tokens=12, batch_size=32, progress=False)
+    assert [tok.decode(x, skip_special_tokens=True) for x in again] == texts  # what generate decodes
     assert all(re.fullmatch(r"(hello ?)*", t) for t in texts)
     assert not any("<|im_end|>" in t for t in texts)
 
