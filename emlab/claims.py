@@ -321,9 +321,12 @@ def _sweep_info(path: Path) -> dict[str, Any]:
 
 
 def effect_table(sweeps: Iterable[str | os.PathLike], claims: Sequence[Claim]) -> pd.DataFrame:
-    """One row per (claim, sweep, seed): the effect averaged over that seed's runs.
+    """One row per (claim, seed): the effect averaged over that seed's runs, in every sweep given.
 
-    Columns ``claim, sweep, seed, value, runs``. A run without a seed parameter is its own unit.
+    Columns ``claim, sweep, seed, value, runs`` (``sweep``: the sweeps holding the seed's runs, joined by
+    ``, ``). Runs of one seed are pooled across sweeps, so a scorecard may combine, say, a sweep of the
+    medical domain and one of the other domains (one seed, one unit). A run without a seed parameter is
+    its own unit.
     """
     rows = []
     for sweep in map(Path, sweeps):
@@ -345,14 +348,17 @@ def effect_table(sweeps: Iterable[str | os.PathLike], claims: Sequence[Claim]) -
     df = pd.DataFrame(rows, columns=["claim", "sweep", "seed", "value"])
     if df.empty:
         return df.assign(runs=pd.Series(dtype=int))
-    return df.groupby(["claim", "sweep", "seed"], sort=False).agg(value=("value", "mean"), runs=("value", "size")).reset_index()
+    joined = lambda s: ", ".join(dict.fromkeys(s))  # noqa: E731  (sweeps in the order given, once each)
+    return (df.groupby(["claim", "seed"], sort=False)
+            .agg(sweep=("sweep", joined), value=("value", "mean"), runs=("value", "size")).reset_index()
+            [["claim", "sweep", "seed", "value", "runs"]])
 
 
 def scorecard(sweeps: Iterable[str | os.PathLike], claims: Sequence[Claim] | None = None, *,
               n_boot: int = 2000, data_dir: str | os.PathLike | None = None) -> pd.DataFrame:
     """Every claim with the paper's number, emlab's mean, sd, bootstrap 95% interval, n seeds and verdict.
 
-    Seeds are pooled over sweeps of the same notebook (one seed appearing in two sweeps counts twice).
+    A seed is one unit however many sweeps and runs hold it (:func:`effect_table`).
     Claims no sweep measured have n = 0 and verdict ``not measured``.
     """
     claims = list(default_claims(data_dir) if claims is None else claims)

@@ -109,6 +109,20 @@ def test_seeds_are_the_unit_runs_of_one_seed_are_averaged(tmp_path):
     assert card.loc[0, "n"] == 3 and card.loc[0, "verdict"] == "holds"
 
 
+def test_a_seed_in_two_sweeps_is_one_unit(tmp_path):
+    # the medical domain in one sweep, legal in another (as docs/claims.md's 02 sweeps): seed s averages both
+    mk = lambda d: [({"seed": s, "domains": [d]}, {f"kl/{d}/general_em": 10.0 + s + (4 if d == "legal" else 0),  # noqa: E731
+                                                  f"sft/{d}/general_em": 30.0}) for s in range(3)]
+    a = make_sweep(tmp_path / "a", "02_defences", mk("medical"))
+    b = make_sweep(tmp_path / "b", "02_defences", mk("legal"))
+    claim = C.Claim("kl", "002", "t", "02_defences", "kl/{domain}/general_em", "sft/{domain}/general_em", -1)
+    eff = C.effect_table([a, b], [claim]).set_index("seed")
+    assert len(eff) == 3 and set(eff["runs"]) == {2}
+    assert eff.loc["1", "value"] == pytest.approx(((11 - 30) + (15 - 30)) / 2)
+    assert eff.loc["0", "sweep"] == f"{a}, {b}"
+    assert C.scorecard([a, b], [claim]).loc[0, "n"] == 3
+
+
 def test_one_seed_is_inconclusive(tmp_path):
     sw = make_sweep(tmp_path / "sw", "02_defences", defences_runs(seeds=[0]))
     claim = C.Claim("kl", "002", "t", "02_defences", "kl/{domain}/general_em", "sft/{domain}/general_em", -1)
@@ -176,6 +190,17 @@ def test_cli_writes_page_figure_and_csv_fast(tmp_path, capsys):
     md = C.claims_markdown(card.reset_index(), ["emlab claims x"], "f.html", "f.png")
     assert "[f.html](f.html)" in md and "![effect and interval per claim](f.png)" in md
     assert main(["claims", str(tmp_path / "nope"), "--out", str(out), "--paper-data", str(PAPER_DATA)]) == 2
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nno markers\n")
+    assert main(["claims", str(sw), "--out", str(out), "--paper-data", str(PAPER_DATA), "--readme", str(readme)]) == 2
+    assert "needs exactly one status block" in capsys.readouterr().err
+    from emlab.status import BEGIN, END
+
+    readme.write_text(f"# x\n{BEGIN}\nold\n{END}\n")
+    assert main(["claims", str(sw), "--out", str(out), "--paper-data", str(PAPER_DATA), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "([docs/claims.md](docs/claims.md)" in text and "`table2/kl/general_em`" in text and "\nold\n" not in text
+    assert f"--readme {readme}`" in text
 
 
 @need_paper

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -32,7 +33,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="folder with paper002_em_tables.csv and paper002_benign.csv (default: shared/data above the repository)")
     p.add_argument("--no-figure", action="store_true", help="do not draw the figure")
     p.add_argument("--png", action="store_true", help="also write the figure as PNG (needs Chromium)")
+    p.add_argument("--readme", metavar="FILE", default=None,
+                   help="also rewrite FILE's status block (between its status:begin / status:end marker lines) "
+                        "from the scorecard")
     p.set_defaults(func=_run)
+
+
+def _relative(page: str, readme: str) -> str:
+    """The scorecard page as a link from the README's folder."""
+    return os.path.relpath(os.path.abspath(page), os.path.dirname(os.path.abspath(readme))).replace(os.sep, "/")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -40,10 +49,15 @@ def _run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     command = shlex.join(["emlab", "claims", *args.sweeps, "--out", args.out]
-                         + (["--no-figure"] if args.no_figure else []) + (["--png"] if args.png else []))
+                         + (["--no-figure"] if args.no_figure else []) + (["--png"] if args.png else [])
+                         + (["--readme", args.readme] if args.readme else []))
     try:
         card, files = write_claims(args.sweeps, args.out, command=command, figure=not args.no_figure, data_dir=args.paper_data,
                                    figure_formats=("html", "png") if args.png else ("html",))
+        if args.readme:
+            from emlab.status import update_readme
+
+            files.append(update_readme(args.readme, card, page=_relative(args.out, args.readme), command=command))
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"emlab claims: {e}", file=sys.stderr)
         return 2
