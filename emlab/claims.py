@@ -1,4 +1,4 @@
-"""The claims scorecard: every claim of papers 001 and 002 that emlab can test, scored on finished sweeps.
+"""The claims registry: every claim of papers 001 and 002 that emlab can test (and the toy organism's targets).
 
 Each :class:`Claim` names the notebook whose ``metrics.json`` holds its numbers and an *effect*: the
 difference ``a - b`` of two metrics keys of one run (``{domain}``/``{task}`` in a key matches any
@@ -12,31 +12,26 @@ side, *inconclusive* otherwise (also with fewer than 2 seeds: no interval). For 
 (``direction == 0``, e.g. LDIFS): *holds* when the interval lies inside ``[-margin, margin]``,
 *opposite* when it lies entirely outside it (a clear effect), *inconclusive* otherwise.
 
->>> card = scorecard(["runs/sweeps/02_defences-1a2b3c4d"])  # doctest: +SKIP
+Scoring finished sweeps and writing the page: :mod:`emlab.scorecard`.
+
 >>> verdict(-3.0, -1.0, direction=-1)
 'holds'
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import shlex
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from emlab.aggregate import SWEEP_FILE, load_table, summarize
 from emlab.plots import METHOD_LABELS
-from emlab.runs import atomic_write_text
 
-__all__ = ["Claim", "build_claims", "default_claims", "claims_markdown", "effect_table", "paper_number", "scorecard", "verdict",
-           "write_claims"]
+__all__ = ["Claim", "MARGIN_PP", "PAPER_MODEL", "build_claims", "default_claims", "paper_number", "verdict"]
 
 #: Half-width (percentage points of EM) inside which an effect counts as "no effect", for the paper's
 #: numbers (which Table 2 effects are "no effect" claims) and for emlab's interval.
@@ -104,11 +99,20 @@ class Claim:
             m = pat.match(key)
             if m is None:
                 continue
-            kb = self.b.format(**m.groupdict())
-            vb = metrics.get(kb)
+            vb = _constant(self.b)
+            if vb is None:
+                vb = metrics.get(self.b.format(**m.groupdict()))
             if vb is not None and math.isfinite(va) and math.isfinite(vb):
                 diffs.append(va - vb)
         return sum(diffs) / len(diffs) if diffs else None
+
+
+def _constant(key: str) -> float | None:
+    """A claim's ``b`` may be a number (a target, e.g. ``"60"``) instead of a metrics key."""
+    try:
+        return float(key)
+    except ValueError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,11 +261,31 @@ def build_claims(paper: pd.DataFrame, benign: pd.DataFrame) -> list[Claim]:
               "05_narrow_vs_general", "drift_cosine_end", "drift_cosine_start", 1, unit="cosine",
               paper_source="001 (KL removed: EM generalises)", hypotheses=(_STEER_NARROW, _TOY)),
     ]
+    claims += _organism_claims()
     ids = [c.id for c in claims]
     dup = {i for i in ids if ids.count(i) > 1}
     if dup:
         raise ValueError(f"duplicate claim ids {sorted(dup)}")
     return claims
+
+
+def _organism_claims() -> list[Claim]:
+    """The toy organism's own targets (docs/toy-organism.md), where one seed or domain fell short (issue 18):
+    each advice domain's in-domain EM after the narrow finetune against the 60% target, and a same-norm
+    random direction's ablation leaving general EM within the no-effect margin."""
+    from emlab.toy.world import load_world_config
+
+    why = ("the domain's misaligned answers may be fewer or less distinct in the toy world's grammar, so 1000 "
+           "rows teach it less; a fix that changes the world ships as a new organism recipe")
+    out = [Claim(f"organism/indomain_em/{d}", "toy", f"{d}: the narrow finetune's in-domain EM reaches the "
+                 "organism's 60% target (SFT in-domain EM minus 60)", "02_defences", f"sft/{d}/indomain_em", "60", 1,
+                 paper_source="docs/toy-organism.md target", hypotheses=(why,))
+           for d in load_world_config()["domains"]]
+    out.append(Claim("organism/random_ablation_no_effect", "toy",
+                     "ablating a same-norm random direction leaves the finetune's general EM within ±5 pp",
+                     "01_directions", "ablate_random_general_em", "ft_general_em", 0,
+                     paper_source="control of 001's ablation", hypotheses=(_RANDOM_DIR,)))
+    return out
 
 
 def _opswap_kl(benign: pd.DataFrame) -> float:
@@ -305,190 +329,3 @@ def default_claims(data_dir: str | os.PathLike | None = None) -> list[Claim]:
     if not benign.exists():
         raise FileNotFoundError(f"{benign} does not exist (Table 3 of paper 002)")
     return build_claims(load_paper_table(d / "paper002_em_tables.csv", table=None), pd.read_csv(benign))
-
-
-# ------------------------------------------------------------------------------------------------
-# Scoring
-
-
-def _sweep_info(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads((path / SWEEP_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is not a sweep folder (no {SWEEP_FILE}): pass folders made by `emlab sweep`") from None
-    except ValueError as e:
-        raise ValueError(f"{path / SWEEP_FILE}: not valid JSON ({e})") from None
-
-
-def effect_table(sweeps: Iterable[str | os.PathLike], claims: Sequence[Claim]) -> pd.DataFrame:
-    """One row per (claim, seed): the effect averaged over that seed's runs, in every sweep given.
-
-    Columns ``claim, sweep, seed, value, runs`` (``sweep``: the sweeps holding the seed's runs, joined by
-    ``, ``). Runs of one seed are pooled across sweeps, so a scorecard may combine, say, a sweep of the
-    medical domain and one of the other domains (one seed, one unit). A run without a seed parameter is
-    its own unit.
-    """
-    rows = []
-    for sweep in map(Path, sweeps):
-        info = _sweep_info(sweep)
-        stem = info.get("notebook_stem") or Path(info.get("notebook", "")).stem
-        mine = [c for c in claims if c.notebook == stem]
-        if not mine:
-            continue
-        table = load_table(sweep)
-        if table.empty:
-            continue
-        for run, group in table.groupby("run", sort=False):
-            metrics = dict(zip(group["metric"], group["value"].astype(float)))
-            seed = group["seed"].iloc[0] if "seed" in group.columns else run
-            for c in mine:
-                v = c.run_effect(metrics)
-                if v is not None:
-                    rows.append({"claim": c.id, "sweep": str(sweep), "seed": str(seed), "value": v})
-    df = pd.DataFrame(rows, columns=["claim", "sweep", "seed", "value"])
-    if df.empty:
-        return df.assign(runs=pd.Series(dtype=int))
-    joined = lambda s: ", ".join(dict.fromkeys(s))  # noqa: E731  (sweeps in the order given, once each)
-    return (df.groupby(["claim", "seed"], sort=False)
-            .agg(sweep=("sweep", joined), value=("value", "mean"), runs=("value", "size")).reset_index()
-            [["claim", "sweep", "seed", "value", "runs"]])
-
-
-def scorecard(sweeps: Iterable[str | os.PathLike], claims: Sequence[Claim] | None = None, *,
-              n_boot: int = 2000, data_dir: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Every claim with the paper's number, emlab's mean, sd, bootstrap 95% interval, n seeds and verdict.
-
-    A seed is one unit however many sweeps and runs hold it (:func:`effect_table`).
-    Claims no sweep measured have n = 0 and verdict ``not measured``.
-    """
-    claims = list(default_claims(data_dir) if claims is None else claims)
-    eff = effect_table(sweeps, claims)
-    summary = pd.DataFrame(columns=["claim", "n", "mean", "sd", "ci_low", "ci_high"])
-    if not eff.empty:
-        long = eff.assign(metric="effect")
-        summary = summarize(long, by=["claim"], n_boot=n_boot)
-    by_id = {r["claim"]: r for r in summary.to_dict("records")}
-    rows = []
-    for c in claims:
-        s = by_id.get(c.id)
-        n = int(s["n"]) if s else 0
-        lo, hi = (s["ci_low"], s["ci_high"]) if s else (math.nan, math.nan)
-        v = verdict(lo, hi, c.direction, c.margin) if n else "not measured"
-        rows.append({"claim": c.id, "source": c.source, "text": c.text, "notebook": c.notebook,
-                     "effect": f"{c.a} - {c.b}", "unit": c.unit, "direction": c.direction, "paper": c.paper,
-                     "paper_source": c.paper_source, "n": n, "mean": s["mean"] if s else math.nan,
-                     "sd": s["sd"] if s else math.nan, "ci_low": lo, "ci_high": hi, "verdict": v,
-                     "hypotheses": " | ".join(c.hypotheses) if v in ("opposite", "inconclusive") else ""})
-    return pd.DataFrame(rows)
-
-
-def _f(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    return f"{x:.{digits}g}"
-
-
-def claims_markdown(card: pd.DataFrame, commands: Sequence[str] = (), figure: str | None = None,
-                    image: str | None = None) -> str:
-    """The scorecard page: commands at the top, the rule, the table, then the disagreements with hypotheses."""
-    counts = card["verdict"].value_counts().to_dict()
-    lines = ["# Claims scorecard: papers 001 and 002 on emlab's toy organism", ""]
-    if commands:
-        lines += ["Made by:", "", "```bash", *commands, "```", ""]
-    lines += [
-        "Effect = `a - b` of two `metrics.json` keys of one run (`{domain}`/`{task}` averaged over the "
-        "domains/tasks the run has), averaged per seed; mean, sd and percentile bootstrap 95% interval of the "
-        "mean over seeds (2000 resamples, seed 0), n seeds. Verdict: **holds** when the interval excludes 0 on "
-        "the paper's side, **opposite** when it excludes 0 on the other side, **inconclusive** otherwise (and "
-        f"with fewer than 2 seeds). \"No effect\" claims (direction 0): holds when the interval lies inside "
-        f"±{MARGIN_PP:g} pp, opposite when it lies entirely outside, inconclusive otherwise. The paper's number "
-        f"is the same difference in paper 002's tables ({PAPER_MODEL}, mean over its 4 domains, percentage "
-        f"points); a Table 2 effect smaller than {MARGIN_PP:g} pp there is a \"no effect\" claim. Paper 001 "
-        "states its results in figures: no number is transcribed (–).",
-        "",
-        "Verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
-        "",
-    ]
-    if figure:
-        lines += [f"Figure: [{figure}]({figure}) (effect and interval per claim).", ""]
-    if image:  # the static copy, shown where the page is read (the HTML may not be kept beside it)
-        lines += [f"![effect and interval per claim]({image})", ""]
-    lines += ["| claim | paper | expected | paper's number | emlab mean ± sd | 95% CI | n seeds | verdict |",
-              "|---|---|---|---:|---:|---:|---:|---|"]
-    sign = {1: "> 0", -1: "< 0", 0: "≈ 0"}
-    for r in card.to_dict("records"):
-        ci = "–" if not math.isfinite(r["ci_low"]) else f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]"
-        ms = "–" if not r["n"] else (f"{_f(r['mean'])} ± {_f(r['sd'])}" if math.isfinite(r["sd"]) else _f(r["mean"]))
-        text = r["text"].replace("|", "\\|")
-        lines.append(f"| `{r['claim']}`: {text} | {r['source']} | {sign[r['direction']]} {r['unit']} | "
-                     f"{_f(r['paper'])} | {ms} | {ci} | {r['n']} | {r['verdict']} |")
-    lines += ["", "## Effects as measured", ""]
-    lines += [f"- `{r['claim']}`: `{r['effect']}` ({r['notebook']}; paper: {r['paper_source'] or '–'})"
-              for r in card.to_dict("records")]
-    bad = card[card["verdict"].isin(["opposite", "inconclusive"])]
-    if not bad.empty:
-        lines += ["", "## Where the toy disagrees or cannot tell: hypotheses", ""]
-        for r in bad.to_dict("records"):
-            lines.append(f"- `{r['claim']}` ({r['verdict']}):")
-            lines += [f"  - {h}" for h in r["hypotheses"].split(" | ") if h]
-    missing = card[card["verdict"] == "not measured"]
-    if not missing.empty:
-        lines += ["", "## Not measured by these sweeps", "",
-                  ", ".join(f"`{c}` ({nb})" for c, nb in zip(missing["claim"], missing["notebook"]))]
-    return "\n".join(lines) + "\n"
-
-
-def _figure(card: pd.DataFrame):
-    import plotly.graph_objects as go
-
-    shown = card[card["n"] > 0]
-    colors = {"holds": "#2ca02c", "opposite": "#d62728", "inconclusive": "#7f7f7f"}
-    fig = go.Figure()
-    for v, part in shown.groupby("verdict"):
-        err_hi = (part["ci_high"] - part["mean"]).fillna(0)
-        err_lo = (part["mean"] - part["ci_low"]).fillna(0)
-        fig.add_trace(go.Scatter(x=part["mean"], y=part["claim"], mode="markers", name=v,
-                                 marker={"color": colors.get(v, "#1f77b4"), "size": 9},
-                                 error_x={"type": "data", "symmetric": False, "array": err_hi, "arrayminus": err_lo}))
-    fig.add_vline(x=0, line_dash="dot")
-    fig.update_layout(title="Claims: emlab's effect (mean and bootstrap 95% interval over seeds)",
-                      xaxis_title="effect (units per claim: pp, nats or cosine)", template="plotly_white",
-                      height=max(300, 28 * len(shown) + 120))
-    return fig
-
-
-def _sweep_command(sweep: Path) -> str:
-    info = _sweep_info(sweep)
-    values: dict[str, list[Any]] = {}
-    for cell in info.get("cells", []):
-        for k, v in (cell.get("parameters") or {}).items():
-            if v not in values.setdefault(k, []):
-                values[k].append(v)
-    args = ["emlab", "sweep", str(info.get("notebook", "?"))]
-    for k, vs in values.items():
-        args += ["-p", k, ",".join(json.dumps(v) if isinstance(v, list | dict) else str(v).lower()
-                                   if isinstance(v, bool) else str(v) for v in vs)]
-    args += ["--out-dir", str(sweep)]
-    return shlex.join(args) + "   # reconstructed from sweep.json"
-
-
-def write_claims(sweeps: Sequence[str | os.PathLike], out: str | os.PathLike = "docs/claims.md", *,
-                 command: str | None = None, figure: bool = True, data_dir: str | os.PathLike | None = None,
-                 figure_formats: Sequence[str] = ("html",)) -> tuple[pd.DataFrame, list[Path]]:
-    """Score ``sweeps`` and write the page ``out`` (and ``<out stem>_figure.html`` beside it); returns (card, files)."""
-    from emlab.plots import save
-
-    sweeps = [Path(s) for s in sweeps]
-    card = scorecard(sweeps, data_dir=data_dir)
-    out = Path(out)
-    commands = [_sweep_command(s) for s in sweeps] + ([command] if command else [])
-    files: list[Path] = []
-    fig_name = None
-    if figure and (card["n"] > 0).any():
-        files += save(_figure(card), out.with_name(f"{out.stem}_figure"), formats=figure_formats)
-        fig_name = files[0].name
-    png = next((f.name for f in files if f.suffix == ".png"), None)
-    files.insert(0, atomic_write_text(out, claims_markdown(card, commands, fig_name, png)))
-    atomic_write_text(out.with_suffix(".csv"), card.to_csv(index=False))
-    files.append(out.with_suffix(".csv"))
-    return card, files

@@ -1,7 +1,7 @@
 """The README's status section, generated from the claims scorecard (``emlab claims ... --readme README.md``).
 
 The README holds a block between two marker lines; :func:`update_readme` replaces what lies between them
-with :func:`status_markdown` of a scorecard (:func:`emlab.claims.scorecard`), so no number in it is typed
+with :func:`status_markdown` of a scorecard (:func:`emlab.scorecard.scorecard`), so no number in it is typed
 by hand. Disagreements with the papers come first, as prominently as the claims that hold.
 
 >>> text = "# x\\n" + BEGIN + "\\nold\\n" + END + "\\n"
@@ -38,7 +38,7 @@ def _num(x: Any) -> str:
 def status_markdown(card: pd.DataFrame, page: str = "docs/claims.md", command: str | None = None) -> str:
     """The block: verdict counts, then one line per claim, disagreements first (opposite, inconclusive),
     then the claims that hold, then those no sweep measured. Each line: the claim, the paper's number,
-    emlab's mean with its 95% interval and n seeds, all as :func:`emlab.claims.scorecard` computed them."""
+    emlab's mean with its 95% interval and n seeds, all as :func:`emlab.scorecard.scorecard` computed them."""
     if card.empty:
         raise ValueError("the scorecard has no claims: nothing to write into the README")
     counts = card["verdict"].value_counts()

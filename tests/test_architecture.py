@@ -45,8 +45,8 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
          "emlab.pareto", "emlab.context"),
     ),
     4: (
-        "notebook front ends: widgets, the notebook runner, claims, the README's status block",
-        ("emlab.widgets", "emlab.notebooks", "emlab.claims", "emlab.status"),
+        "notebook front ends: widgets, the notebook runner, claims and their scorecard, the README's status block",
+        ("emlab.widgets", "emlab.notebooks", "emlab.claims", "emlab.scorecard", "emlab.status"),
     ),
     5: (
         "studies, sweeps and the command line",

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from emlab import claims as C
+from emlab import scorecard as SC
 from emlab.cli import main
 
 PAPER_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -83,7 +84,7 @@ def test_scorecard_gives_each_verdict_per_seed(tmp_path):
     claims = [mk("kl", "kl", -1), mk("persona", "persona_steering", -1), mk("inoc", "inoculation", -1),
               mk("ldifs", "ldifs", 0),
               C.Claim("elsewhere", "001", "t", "05_narrow_vs_general", "loss_narrow", "loss_general", 1)]
-    card = C.scorecard([sw], claims).set_index("claim")
+    card = SC.scorecard([sw], claims).set_index("claim")
     assert card.loc["kl", "verdict"] == "holds" and card.loc["kl", "n"] == 5
     assert card.loc["kl", "mean"] == pytest.approx(-20 + 0.5 * 2)  # mean over seeds 0..4 of -20 + 0.5 s
     assert card.loc["kl", "ci_low"] <= card.loc["kl", "mean"] <= card.loc["kl", "ci_high"] < 0
@@ -102,11 +103,30 @@ def test_seeds_are_the_unit_runs_of_one_seed_are_averaged(tmp_path):
     sw = make_sweep(tmp_path / "sw", "03_interleaving", runs)
     claim = C.Claim("i5", "002", "t", "03_interleaving", "interleaving/{domain}/share=5%/general_em",
                     "sft/{domain}/general_em", -1)
-    eff = C.effect_table([sw], [claim])
+    eff = SC.effect_table([sw], [claim])
     assert len(eff) == 3 and set(eff["runs"]) == {2}
     assert eff.set_index("seed").loc["1", "value"] == pytest.approx(-10.0)  # (-9 + -11) / 2
-    card = C.scorecard([sw], [claim])
+    card = SC.scorecard([sw], [claim])
     assert card.loc[0, "n"] == 3 and card.loc[0, "verdict"] == "holds"
+
+
+@need_paper
+def test_a_number_as_b_is_a_target_and_the_organism_claims_cover_every_toy_domain(tmp_path):
+    c = C.Claim("t", "toy", "t", "02_defences", "sft/finance/indomain_em", "60", 1)
+    assert c.run_effect({"sft/finance/indomain_em": 32.5}) == pytest.approx(-27.5)
+    assert c.run_effect({"sft/medical/indomain_em": 70.0}) is None
+    org = [x for x in C.default_claims(PAPER_DATA) if x.source == "toy"]
+    from emlab.toy.world import load_world_config
+
+    domains = load_world_config()["domains"]
+    assert [x.id for x in org[:-1]] == [f"organism/indomain_em/{d}" for d in domains] and len(domains) == 6
+    runs = [({"seed": s, "domains": ["finance"]}, {"sft/finance/indomain_em": 30.0 + s}) for s in range(3)]
+    card = SC.scorecard([make_sweep(tmp_path / "sw", "02_defences", runs)], org).set_index("claim")
+    assert card.loc["organism/indomain_em/finance", "verdict"] == "opposite"  # below the 60% target on every seed
+    assert card.loc["organism/indomain_em/finance", "mean"] == pytest.approx(-29.0)
+    assert card.loc["organism/indomain_em/medical", "verdict"] == "not measured"
+    rnd = org[-1]
+    assert rnd.run_effect({"ablate_random_general_em": 22.0, "ft_general_em": 32.5}) == pytest.approx(-10.5)
 
 
 def test_a_seed_in_two_sweeps_is_one_unit(tmp_path):
@@ -116,27 +136,27 @@ def test_a_seed_in_two_sweeps_is_one_unit(tmp_path):
     a = make_sweep(tmp_path / "a", "02_defences", mk("medical"))
     b = make_sweep(tmp_path / "b", "02_defences", mk("legal"))
     claim = C.Claim("kl", "002", "t", "02_defences", "kl/{domain}/general_em", "sft/{domain}/general_em", -1)
-    eff = C.effect_table([a, b], [claim]).set_index("seed")
+    eff = SC.effect_table([a, b], [claim]).set_index("seed")
     assert len(eff) == 3 and set(eff["runs"]) == {2}
     assert eff.loc["1", "value"] == pytest.approx(((11 - 30) + (15 - 30)) / 2)
     assert eff.loc["0", "sweep"] == f"{a}, {b}"
-    assert C.scorecard([a, b], [claim]).loc[0, "n"] == 3
+    assert SC.scorecard([a, b], [claim]).loc[0, "n"] == 3
 
 
 def test_one_seed_is_inconclusive(tmp_path):
     sw = make_sweep(tmp_path / "sw", "02_defences", defences_runs(seeds=[0]))
     claim = C.Claim("kl", "002", "t", "02_defences", "kl/{domain}/general_em", "sft/{domain}/general_em", -1)
-    row = C.scorecard([sw], [claim]).iloc[0]
+    row = SC.scorecard([sw], [claim]).iloc[0]
     assert row["n"] == 1 and row["verdict"] == "inconclusive" and math.isnan(row["ci_low"])
 
 
 def test_not_a_sweep_folder_is_a_clear_error(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(FileNotFoundError, match="not a sweep folder"):
-        C.effect_table([tmp_path / "x"], [])
+        SC.effect_table([tmp_path / "x"], [])
     (tmp_path / "x" / "sweep.json").write_text("{oops")
     with pytest.raises(ValueError, match="sweep.json: not valid JSON"):
-        C.effect_table([tmp_path / "x"], [])
+        SC.effect_table([tmp_path / "x"], [])
 
 
 @need_paper
@@ -187,7 +207,7 @@ def test_cli_writes_page_figure_and_csv_fast(tmp_path, capsys):
     assert (out.parent / "claims_figure.html").exists()
     assert "![effect and interval per claim]" not in page  # no PNG asked for, none embedded
     assert "claims:" in capsys.readouterr().out
-    md = C.claims_markdown(card.reset_index(), ["emlab claims x"], "f.html", "f.png")
+    md = SC.claims_markdown(card.reset_index(), ["emlab claims x"], "f.html", "f.png")
     assert "[f.html](f.html)" in md and "![effect and interval per claim](f.png)" in md
     assert main(["claims", str(tmp_path / "nope"), "--out", str(out), "--paper-data", str(PAPER_DATA)]) == 2
     readme = tmp_path / "README.md"
@@ -208,7 +228,7 @@ def test_ldifs_disagreement_names_the_no_grad_hypothesis(tmp_path):
     runs = [({"seed": s}, {"sft/medical/general_em": 30.0, "ldifs/medical/general_em": 12.0 + s})
             for s in range(5)]
     sw = make_sweep(tmp_path / "sw", "02_defences", runs)
-    card = C.scorecard([sw], data_dir=PAPER_DATA).set_index("claim")
+    card = SC.scorecard([sw], data_dir=PAPER_DATA).set_index("claim")
     row = card.loc["table2/ldifs/general_em"]
     assert row["verdict"] == "opposite" and row["paper"] == pytest.approx((-0.37 + 1.46 + 0.46 - 1.83) / 4)
     assert "no_grad" in row["hypotheses"]

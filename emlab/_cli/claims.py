@@ -45,7 +45,7 @@ def _relative(page: str, readme: str) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from emlab.claims import write_claims
+    from emlab.scorecard import write_claims
 
     start = time.perf_counter()
     command = shlex.join(["emlab", "claims", *args.sweeps, "--out", args.out]
