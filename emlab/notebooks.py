@@ -30,16 +30,15 @@ from emlab.plots import FIGURE_DATA, _flatten, regenerate
 from emlab.runs import (
     OWNER_ENV,
     RunLockedError,
-    _begin_manifest,
-    _finish_manifest,
-    _read_json_safe,
-    _write_status,
     atomic_write_json,
     atomic_write_text,
+    begin_manifest,
     check_run_dir,
+    finish_manifest,
     finish_nested,
     lock_run_dir,
     prepare_run_dir,
+    read_json_safe,
     redact,
     register_written,
     run_status,
@@ -47,6 +46,7 @@ from emlab.runs import (
     secret_parameter_warnings,
     secret_values,
     unlock_run_dir,
+    write_status,
 )
 
 __all__ = [
@@ -549,7 +549,7 @@ def run_notebook(
         if "out_dir" in declared:
             params["out_dir"] = str(out)
         shown = redact(params)
-        prior = _read_json_safe(out / RUN_INFO)
+        prior = read_json_safe(out / RUN_INFO)
         mode = prepare_run_dir(
             out,
             overwrite=overwrite,
@@ -558,11 +558,11 @@ def run_notebook(
             what="`emlab run --overwrite` (run_notebook(..., overwrite=True))",
         )
         output = out / nb.name
-        _begin_manifest(out, keep=mode == "resume")
+        begin_manifest(out, keep=mode == "resume")
         register_written(out, nb.name, RUN_INFO)
         started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         result = NotebookResult(nb, out, "running", shown, started=started)
-        _write_status(out, "running")
+        write_status(out, "running")
         _write_info(result)
         secrets = secret_values(params)
         progress: dict[str, Any] = {}
@@ -607,8 +607,8 @@ def _finalise(result: NotebookResult) -> None:
     assert result.out_dir is not None
     _write_info(result)
     finish_nested(result.out_dir, result.status, result.error)
-    _finish_manifest(result.out_dir)
-    _write_status(result.out_dir, result.status, result.error)
+    finish_manifest(result.out_dir)
+    write_status(result.out_dir, result.status, result.error)
 
 
 def _write_info(result: NotebookResult) -> None:

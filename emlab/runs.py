@@ -55,6 +55,11 @@ from typing import IO, Any
 
 __all__ = [
     "REDACTED",
+    "begin_manifest",
+    "finish_manifest",
+    "git_state",
+    "read_json_safe",
+    "write_status",
     "Run",
     "RunExistsError",
     "RunLockedError",
@@ -311,7 +316,8 @@ class RunStatus:
         return self.status + (f": {self.reason}" if self.reason else "")
 
 
-def _read_json_safe(path: Path) -> Any:
+def read_json_safe(path: Path) -> Any:
+    """The JSON in ``path``, or None when it is missing or unreadable (a run folder's optional files)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -357,7 +363,7 @@ def run_status(dir: str | os.PathLike) -> RunStatus:
     RunStatus(status='ok', reason=None, started='2025-01-01T12:00:00+00:00', finished='...')
     """
     d = Path(dir)
-    info = _read_json_safe(d / STATUS_FILE)
+    info = read_json_safe(d / STATUS_FILE)
     if isinstance(info, dict) and info.get("status"):
         status, reason = str(info["status"]), info.get("reason")
         if status == "running":
@@ -366,7 +372,7 @@ def run_status(dir: str | os.PathLike) -> RunStatus:
             status = "incomplete"
             reason = "it started but never finished (the process was killed or crashed)"
         return RunStatus(status, reason, info.get("started"), info.get("finished"))
-    nb = _read_json_safe(d / "notebook.json")
+    nb = read_json_safe(d / "notebook.json")
     if isinstance(nb, dict) and nb.get("status") in ("ok", "failed"):
         return RunStatus(nb["status"], nb.get("error"), nb.get("started"))
     if any((d / f).exists() for f in ("config.json", "env.json", "notebook.json")):
@@ -376,8 +382,9 @@ def run_status(dir: str | os.PathLike) -> RunStatus:
     return RunStatus("empty")
 
 
-def _write_status(d: Path, status: str, reason: str | None = None, *, started: str | None = None) -> None:
-    old = _read_json_safe(d / STATUS_FILE)
+def write_status(d: Path, status: str, reason: str | None = None, *, started: str | None = None) -> None:
+    """Write ``status.json`` of run folder ``d`` (running / finished / failed, with the reason and times)."""
+    old = read_json_safe(d / STATUS_FILE)
     old = old if isinstance(old, dict) else {}
     info = {
         "status": status,
@@ -400,9 +407,9 @@ def _files(d: Path) -> set[str]:
     return out
 
 
-def _begin_manifest(d: Path, *, keep: bool) -> None:
+def begin_manifest(d: Path, *, keep: bool) -> None:
     """Start the manifest: the files already in the folder are the user's (unless resuming)."""
-    old = _read_json_safe(d / MANIFEST_FILE)
+    old = read_json_safe(d / MANIFEST_FILE)
     if keep and isinstance(old, dict):
         return
     atomic_write_json(d / MANIFEST_FILE, {"preexisting": sorted(_files(d)), "written": [], "started": _now()})
@@ -417,7 +424,7 @@ def register_written(dir: str | os.PathLike, *names: str | os.PathLike) -> None:
     >>> register_written("runs/demo", "checkpoints/sft")  # doctest: +SKIP
     """
     d = Path(dir)
-    m = _read_json_safe(d / MANIFEST_FILE)
+    m = read_json_safe(d / MANIFEST_FILE)
     if not isinstance(m, dict):
         m = {"preexisting": [], "written": [], "started": _now()}
     written = set(m.get("written") or [])
@@ -432,9 +439,9 @@ def register_written(dir: str | os.PathLike, *names: str | os.PathLike) -> None:
     atomic_write_json(d / MANIFEST_FILE, m)
 
 
-def _finish_manifest(d: Path) -> None:
+def finish_manifest(d: Path) -> None:
     """At the end of a run: every file that appeared since it started is emlab's."""
-    m = _read_json_safe(d / MANIFEST_FILE)
+    m = read_json_safe(d / MANIFEST_FILE)
     if not isinstance(m, dict):
         return
     pre = set(m.get("preexisting") or [])
@@ -445,9 +452,9 @@ def _finish_manifest(d: Path) -> None:
 
 def _remove_emlab_files(d: Path) -> list[str]:
     """Delete what emlab wrote into ``d`` (see the module docstring); return the removed paths."""
-    m = _read_json_safe(d / MANIFEST_FILE)
+    m = read_json_safe(d / MANIFEST_FILE)
     if not isinstance(m, dict):  # a run from before the manifest: it was all emlab's
-        env = _read_json_safe(d / "env.json")
+        env = read_json_safe(d / "env.json")
         if not (isinstance(env, dict) and env.get("format") == RUN_FORMAT) and not (d / "notebook.json").exists():
             raise RunExistsError(f"{d} has a config.json but is not an emlab run folder; refusing to delete it")
         m = {"preexisting": [], "written": sorted(_files(d))}
@@ -519,7 +526,7 @@ def lock_run_dir(out: Path) -> Any:
     try:
         lock.acquire()
     except Timeout:
-        info = _read_json_safe(out / STATUS_FILE) or {}
+        info = read_json_safe(out / STATUS_FILE) or {}
         who = f" (pid {info.get('pid')} on {info.get('host')}, started {info.get('started')})" if info else ""
         raise RunLockedError(
             f"{out} is in use by a live run{who}; wait for it to finish or choose another out_dir"
@@ -578,7 +585,8 @@ def _package_versions() -> dict[str, str | None]:
     return versions
 
 
-def _git_state(folder: Path) -> dict[str, Any]:
+def git_state(folder: Path) -> dict[str, Any]:
+    """The git commit and dirty flag of the repository holding ``folder`` (None values outside one)."""
     def git(*args: str) -> str | None:
         try:
             res = subprocess.run(
@@ -629,7 +637,7 @@ def _environment(name: str, seed: int | None, config: dict) -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "packages": _package_versions(),
-        "git": _git_state(repo),
+        "git": git_state(repo),
         "argv": list(sys.argv),
         "notes": [],
     }
@@ -702,8 +710,8 @@ class Run:
         if status not in ("ok", "failed"):
             raise ValueError(f"finish status must be 'ok' or 'failed', got {status!r}")
         if self._owns_status:
-            _finish_manifest(self.dir)
-            _write_status(self.dir, status, scrub(reason, secret_values(self.config)) if reason else None)
+            finish_manifest(self.dir)
+            write_status(self.dir, status, scrub(reason, secret_values(self.config)) if reason else None)
             self._owns_status = False
             unlock_run_dir(self.dir)
 
@@ -934,8 +942,8 @@ def start_run(
     if not owned and not nested:
         lock_run_dir(out)
     try:
-        old_cfg = _read_json_safe(out / "config.json")
-        old_env = _read_json_safe(out / "env.json")
+        old_cfg = read_json_safe(out / "config.json")
+        old_env = read_json_safe(out / "env.json")
         if old_cfg is not None and not owned:
             is_run = (isinstance(old_env, dict) and old_env.get("format") == RUN_FORMAT) or (out / STATUS_FILE).exists()
             if not is_run:
@@ -954,8 +962,8 @@ def start_run(
         if mode == "resume":
             env["notes"].append(f"resumed an incomplete run on {env['started']}; its files were kept")
         if not owned:
-            _begin_manifest(out, keep=mode == "resume")
-            _write_status(out, "running")
+            begin_manifest(out, keep=mode == "resume")
+            write_status(out, "running")
         atomic_write_json(out / "config.json", cfg)
         atomic_write_json(out / "env.json", env)
         register_written(out, "config.json", "env.json")
@@ -963,7 +971,7 @@ def start_run(
         if not owned:
             unlock_run_dir(out)
         raise
-    run = Run(out, cfg, env, _read_json_safe(out / "metrics.json") if mode == "resume" else None)
+    run = Run(out, cfg, env, read_json_safe(out / "metrics.json") if mode == "resume" else None)
     run._owns_status = not owned
     return run
 
@@ -973,10 +981,10 @@ def finish_nested(out: str | os.PathLike, status: str, reason: str | None = None
     ``emlab run``, which owns ``out``) with the notebook's own status."""
     d = Path(out)
     for sf in d.glob(f"*/**/{STATUS_FILE}") if d.is_dir() else []:
-        info = _read_json_safe(sf)
+        info = read_json_safe(sf)
         if isinstance(info, dict) and info.get("status") == "running":
-            _finish_manifest(sf.parent)
-            _write_status(sf.parent, status, reason)
+            finish_manifest(sf.parent)
+            write_status(sf.parent, status, reason)
 
 
 def load_run(dir: str | os.PathLike) -> Run:

@@ -213,7 +213,7 @@ def code_version(notebook: str | os.PathLike) -> dict[str, Any]:
     >>> sorted(code_version("notebooks/01_quickstart.ipynb"))  # doctest: +SKIP
     ['emlab_sha256', 'git_commit', 'git_dirty', 'key', 'notebook_sha256']
     """
-    from emlab.runs import _git_state
+    from emlab.runs import git_state
 
     pkg = Path(__file__).resolve().parent
     h = hashlib.sha256()
@@ -222,7 +222,7 @@ def code_version(notebook: str | os.PathLike) -> dict[str, Any]:
             h.update(f.relative_to(pkg).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     emlab_sha = h.hexdigest()
     nb_sha = hashlib.sha256(_notebook_code(Path(notebook)).encode()).hexdigest()
-    git = _git_state(pkg.parent)
+    git = git_state(pkg.parent)
     return {
         "key": hashlib.sha256(f"{emlab_sha}:{nb_sha}".encode()).hexdigest()[:16],
         "emlab_sha256": emlab_sha,

@@ -1,4 +1,5 @@
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -122,11 +123,11 @@ def test_git_state_reports_commit_and_dirty(tmp_path):
     (tmp_path / "f.txt").write_text("1")
     subprocess.run([*git, "add", "f.txt"], check=True)
     subprocess.run([*git, "commit", "-qm", "x"], check=True)
-    state = runs._git_state(tmp_path)
+    state = runs.git_state(tmp_path)
     assert len(state["commit"]) == 40 and state["dirty"] is False
     (tmp_path / "f.txt").write_text("2")
-    assert runs._git_state(tmp_path)["dirty"] is True
-    assert runs._git_state(tmp_path / "nowhere") == {"commit": None, "dirty": None}
+    assert runs.git_state(tmp_path)["dirty"] is True
+    assert runs.git_state(tmp_path / "nowhere") == {"commit": None, "dirty": None}
 
 
 def test_metrics_records_round_trip(tmp_path):
@@ -223,3 +224,32 @@ def test_save_figure_writes_png_when_export_works(tmp_path, monkeypatch):
     assert not (run.dir / "html_only.png").exists()
     with pytest.raises(TypeError, match="plotly or matplotlib"):
         run.save_figure(object(), "x")
+
+
+def test_run_folder_bookkeeping_functions(tmp_path):
+    from emlab.runs import MANIFEST_FILE, STATUS_FILE, begin_manifest, finish_manifest, read_json_safe, write_status
+
+    assert read_json_safe(tmp_path / "missing.json") is None
+    (tmp_path / "bad.json").write_text("{oops")
+    assert read_json_safe(tmp_path / "bad.json") is None
+    (tmp_path / "ok.json").write_text('{"a": 1}')
+    assert read_json_safe(tmp_path / "ok.json") == {"a": 1}
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "user.txt").write_text("mine")
+    write_status(run, "running")
+    st = read_json_safe(run / STATUS_FILE)
+    assert st["status"] == "running" and st["finished"] is None and st["started"] and st["pid"] == os.getpid()
+    write_status(run, "failed", "killed")
+    st2 = read_json_safe(run / STATUS_FILE)
+    assert st2["status"] == "failed" and st2["reason"] == "killed" and st2["started"] == st["started"] and st2["finished"]
+
+    begin_manifest(run, keep=False)
+    (run / "metrics.json").write_text("{}")
+    (run / "figures").mkdir()
+    (run / "figures" / "a.html").write_text("x")
+    begin_manifest(run, keep=True)  # resuming keeps the first start: the new files stay emlab's
+    finish_manifest(run)
+    m = read_json_safe(run / MANIFEST_FILE)
+    assert m["preexisting"] == ["user.txt"] and m["written"] == ["figures/a.html", "metrics.json"] and m["finished"]
