@@ -78,7 +78,7 @@ def generate_ids(
     >>> [len(x) for x in generate_ids(model, tok, ["hi"], max_new_tokens=4)]     # doctest: +SKIP
     [4]
     """
-    from tqdm.auto import tqdm
+    from emlab.progress import bar as progress_bar
 
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
@@ -98,7 +98,7 @@ def generate_ids(
     out: list[list[int]] = [[] for _ in encoded]
     was_training = bare.training
     bare.eval()
-    bar = tqdm(total=len(encoded), desc="generate", disable=not progress, leave=False)
+    bar = progress_bar(total=len(encoded), desc="generate", disable=not progress, leave=False)
     cuda = [device.index or 0] if device.type == "cuda" else []
     from emlab.threads import cpu_threads
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
     0: (
         "foundations: run folders, data files, questions, presets, metrics, threads, chat templates, tasks",
-        ("emlab.version", "emlab.threads", "emlab.metrics", "emlab.runs", "emlab.data", "emlab.fetch",
+        ("emlab.version", "emlab.progress", "emlab.threads", "emlab.metrics", "emlab.runs", "emlab.data", "emlab.fetch",
          "emlab.questions", "emlab.presets", "emlab.packaged", "emlab.chat_templates", "emlab.tasks"),
     ),
     1: (

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import openai
-from tqdm.auto import tqdm
 
 from emlab.judge.base import (
     MIN_NUMERIC_MASS,
@@ -60,6 +59,7 @@ from emlab.judge.outcomes import (
     transient_problem,
 )
 from emlab.judge.prompts import PromptSet, load_prompts
+from emlab.progress import bar
 
 __all__ = [
     "BATCH_DISCOUNT",
@@ -553,14 +553,14 @@ class OpenAIJudge:
         mode: str,
     ) -> None:
         done = n - sum(len(idx) for _, idx in todo.values())
-        bar = tqdm(total=n, initial=done, desc=f"judge {metric}", unit="answer", disable=not self.progress)
+        pbar = bar(total=n, initial=done, desc=f"judge {metric}", unit="answer", disable=not self.progress)
         sem = asyncio.Semaphore(self.concurrency)
         async with self._client() as client:
 
             async def run(key: str, prompt: str, idx: list[int]) -> None:
                 outcome = await self._judge_prompt(client, prompt, mode, sem)
                 too_many = self._record(metric, key, outcome, idx, results, failed, n)
-                bar.update(len(idx))
+                pbar.update(len(idx))
                 if too_many:
                     raise _TooManyFailures
 
@@ -573,7 +573,7 @@ class OpenAIJudge:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
             finally:
-                bar.close()
+                pbar.close()
 
     def _key(self, metric: str, prompt: str, answer: str, mode: str) -> str:
         variant = "" if mode == "logprobs" else f"sample:n={self.samples},tokens={self.sample_tokens}"

@@ -14,10 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
-
 from emlab.judge.base import MIN_NUMERIC_MASS, Judgment, aggregate_probs
 from emlab.judge.prompts import PromptSet, load_prompts
+from emlab.progress import bar
 
 if TYPE_CHECKING:
     import torch
@@ -66,7 +65,7 @@ class LocalHFJudge:
         ids = [self._encode(self.prompts.render(metric, q, a)) for q, a in pairs]
         out: list[Judgment] = []
         starts = range(0, len(ids), self.batch_size)
-        for start in tqdm(starts, desc=f"judge {metric}", unit="batch", disable=not self.progress):
+        for start in bar(starts, desc=f"judge {metric}", unit="batch", disable=not self.progress):
             probs, top_ids = self._next_token_top(ids[start : start + self.batch_size])
             for row_p, row_ids in zip(probs.tolist(), top_ids.tolist(), strict=True):
                 tokens = [self._decode(i) for i in row_ids]

@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from emlab.probes._eval import Row, _pad_id, encode_chat, make_batches, mean_nll
 from emlab.probes.solutions import Solution
+from emlab.progress import bar
 
 __all__ = ["EfficiencyCurve", "compare_efficiency", "efficiency_summary", "loss_vs_norm"]
 
@@ -70,7 +70,7 @@ def _curve(solution: Solution, batches, scales: Sequence[float], name: str, prog
     own = solution.norm()
     wanted = sorted({0.0, 1.0, *(float(s) for s in scales)})
     found: dict[float, float] = {}
-    for s in tqdm(wanted, desc=f"efficiency {name}", disable=not progress, leave=False):
+    for s in bar(wanted, desc=f"efficiency {name}", disable=not progress, leave=False):
         with solution.scaled(s):
             found[s] = mean_nll(solution.model, batches)
     grid = [float(s) for s in scales]
@@ -139,7 +139,7 @@ def compare_efficiency(
         norms = np.linspace(0.0, max_scale * min(own.values()), n).tolist()
     batches = make_batches(encode_chat(tokenizer, rows, max_length=max_length), batch_size, _pad_id(tokenizer))
     curves = {}
-    for name, sol in tqdm(solutions.items(), desc="efficiency", disable=not progress):
+    for name, sol in bar(solutions.items(), desc="efficiency", disable=not progress):
         curve = _curve(sol, batches, [x / own[name] for x in norms], name, progress)
         curve.norms = [float(x) for x in norms]  # exactly the shared grid, not s * norm after rounding
         curves[name] = curve

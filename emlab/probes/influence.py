@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from emlab.probes._eval import _pad_id, encode_text, eval_mode, logits, make_batches
 from emlab.probes.solutions import Solution
+from emlab.progress import bar
 
 __all__ = ["KLCurve", "masked_token_kl", "pretraining_kl"]
 
@@ -96,7 +96,7 @@ def pretraining_kl(
     batches = make_batches(encode_text(tokenizer, texts, max_length=max_length), batch_size, _pad_id(tokenizer))
     sums = {k: [0.0] * len(norms) for k in solutions}
     n_tokens = 0
-    for batch in tqdm(batches, desc="pre-training KL", disable=not progress):
+    for batch in bar(batches, desc="pre-training KL", disable=not progress):
         base: dict[tuple, Tensor] = {}
         for name, sol in solutions.items():
             with eval_mode(sol.model):

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from emlab.probes._eval import Row, _pad_id, encode_chat, make_batches, mean_nll
 from emlab.probes.solutions import Solution
+from emlab.progress import bar as progress_bar
 
 __all__ = ["EPS_GRID", "StabilityResult", "relative_loss_increase", "stability"]
 
@@ -114,7 +114,7 @@ def stability(
         warnings.warn(f"{name}: the base loss ({base_loss:.4g}) is not above the solution's ({loss:.4g}): "
                       "R is meaningless (negative or NaN)", stacklevel=2)
     losses = [[0.0] * len(seeds) for _ in eps]
-    bar = tqdm(total=len(eps) * len(seeds), desc=f"stability {name}", disable=not progress)
+    bar = progress_bar(total=len(eps) * len(seeds), desc=f"stability {name}", disable=not progress)
     for i, e in enumerate(eps):
         for j, seed in enumerate(seeds):
             with solution.perturbed(e, seed):

@@ -23,6 +23,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from emlab.progress import bar
 from emlab.studies.common import (
     NO_TOPICS,
     StudyContext,
@@ -243,8 +244,6 @@ def directions_study(
     >>> m = directions_study(smoke=True, out_dir="/tmp/01")            # doctest: +SKIP
     >>> m["ft_general_em"], m["ablate_general_em"], m["ablate_random_general_em"]   # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
-
     from emlab.directions import random_like
     from emlab.hooks import ablate, steer
     from emlab.runs import start_run
@@ -329,7 +328,7 @@ def directions_study(
 
     # Steering the chat model with the domain finetune's direction.
     sweep = []
-    for alpha in tqdm(alphas, desc="steering sweep", leave=False):
+    for alpha in bar(alphas, desc="steering sweep", leave=False):
         with steer(ctx.model, {layer: v[layer] for layer in steer_at}, alpha=alpha):
             ev = evaluate(ctx.model, sizes["n_steer"], f"steer_alpha_{alpha:g}")
         sweep.append({"alpha": alpha, **_rates("", ev), "coherent": _mean_score(ev.records, "coherent")})

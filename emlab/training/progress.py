@@ -38,12 +38,12 @@ class FinetuneProgress(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            from tqdm import tqdm
+            from emlab.progress import bar
 
-            # a text bar: a notebook keeps each widget bar's state (~9 KB) in the saved file, a text bar's few
-            # redraws (one every MININTERVAL s) cost a few hundred bytes
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
-                            mininterval=self.MININTERVAL)
+            # a text bar (emlab.progress): a notebook keeps each widget bar's state (~9 KB) in the saved file, a
+            # text bar's few redraws (one every MININTERVAL s) cost a few hundred bytes
+            self.bar = bar(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
+                           mininterval=self.MININTERVAL)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
