@@ -94,9 +94,9 @@ def _pooled(
 ) -> tuple[dict[int, Tensor], Tensor]:
     """Per-conversation sums of the selected tokens' block outputs ({layer: [n, d]}) and token counts [n]."""
     import nnsight
-    from tqdm.auto import tqdm
 
     from emlab.hooks import record
+    from emlab.progress import bar as progress_bar
 
     if tokens not in TOKENS:
         raise ValueError(f"tokens must be one of {TOKENS}, not {tokens!r}")
@@ -123,7 +123,7 @@ def _pooled(
     lpath = layer_path(bare, path)
     was_training = bare.training
     bare.eval()
-    bar = tqdm(total=len(encoded), desc="capture", disable=not progress, leave=False)
+    bar = progress_bar(total=len(encoded), desc="capture", disable=not progress, leave=False)
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
