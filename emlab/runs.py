@@ -48,7 +48,7 @@ import subprocess
 import sys
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
@@ -56,6 +56,7 @@ from typing import IO, Any
 __all__ = [
     "REDACTED",
     "begin_manifest",
+    "package_versions",
     "finish_manifest",
     "git_state",
     "read_json_safe",
@@ -78,7 +79,8 @@ __all__ = [
 
 REDACTED = "<redacted>"
 RUN_FORMAT = "emlab-run/1"
-_PACKAGES = ("torch", "transformers", "peft", "trl", "nnsight", "openai", "emlab")
+#: The packages whose versions a run's env.json records (:func:`package_versions`).
+PACKAGES = ("torch", "transformers", "peft", "trl", "nnsight", "openai", "emlab")
 _CHROMIUM_HINT = (
     "static figure export (PNG through kaleido) failed, so only the HTML was written; kaleido needs "
     "Chromium: install it with `apt-get install -y chromium` (or run `plotly_get_chrome`)"
@@ -571,14 +573,19 @@ def prepare_run_dir(out: Path, *, overwrite: bool, same: Callable[[], bool], wha
 # Environment
 
 
-def _package_versions() -> dict[str, str | None]:
+def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
+    """Installed versions of ``names`` (None where not installed; emlab from its source when not installed).
+
+    >>> package_versions(["emlab"])["emlab"] is not None
+    True
+    """
     versions: dict[str, str | None] = {}
-    for name in _PACKAGES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    if versions["emlab"] is None:
+    if "emlab" in versions and versions["emlab"] is None:
         from emlab.version import __version__
 
         versions["emlab"] = __version__
@@ -636,7 +643,7 @@ def _environment(name: str, seed: int | None, config: dict) -> dict[str, Any]:
         "executable": sys.executable,
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "packages": _package_versions(),
+        "packages": package_versions(),
         "git": git_state(repo),
         "argv": list(sys.argv),
         "notes": [],

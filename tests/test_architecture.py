@@ -248,9 +248,6 @@ KNOWN_PRIVATE: set[str] = {
     'emlab/claims.py: from emlab.plots import _find_repo_root',
     'emlab/notebooks.py: from emlab.plots import _flatten',
     'emlab/toy/datasets.py: from emlab.toy.world import _fill',
-    'emlab/training/grpo.py: from emlab.training.runner import _messages_only',
-    'emlab/training/grpo.py: from emlab.training.runner import _resume_arg',
-    'emlab/training/grpo.py: from emlab.training.runner import _versions',
     'emlab/widgets.py: from emlab.plots import _flatten',
     'emlab/widgets.py: from emlab.plots import _is_number',
 }

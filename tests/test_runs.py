@@ -253,3 +253,14 @@ def test_run_folder_bookkeeping_functions(tmp_path):
     finish_manifest(run)
     m = read_json_safe(run / MANIFEST_FILE)
     assert m["preexisting"] == ["user.txt"] and m["written"] == ["figures/a.html", "metrics.json"] and m["finished"]
+
+
+def test_package_versions_names_and_fallbacks():
+    from emlab.runs import PACKAGES, package_versions
+    from emlab.version import __version__
+
+    v = package_versions()
+    assert list(v) == list(PACKAGES) and v["torch"] and v["emlab"]
+    assert package_versions(["no-such-package-xyz", "emlab"]) == {"no-such-package-xyz": None,
+                                                                  "emlab": v["emlab"]}
+    assert v["emlab"] in (__version__, package_versions(["emlab"])["emlab"])

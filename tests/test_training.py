@@ -455,3 +455,22 @@ def test_finetune_keeps_nnsight_working_on_a_model_it_traced(tok, tmp_path):
         warnings.simplefilter("error")
         acts = capture(res.model, tok, conversations, [0], progress=False)
     assert acts
+
+
+def test_messages_only_and_resume_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from emlab.training.runner import messages_only, resume_checkpoint
+
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "extra": 1}]
+    assert messages_only(rows, "train") == [{"messages": rows[0]["messages"]}]
+    assert messages_only(None, "kl") == []
+    with pytest.raises(ValueError, match="train"):
+        messages_only([{"text": "not a chat"}], "train")
+    cfg = lambda value, out=None: SimpleNamespace(resume_from_checkpoint=value, output_dir=out,  # noqa: E731
+                                                  should_save=True, save_only_model=False)
+    assert resume_checkpoint(cfg(None)) is None and resume_checkpoint(cfg("false")) is None
+    assert resume_checkpoint(cfg(True, str(tmp_path / "missing"))) is None  # nothing to resume from
+    assert resume_checkpoint(cfg(True, str(tmp_path))) is None  # a folder without checkpoints
+    with pytest.raises(Exception, match="not a complete checkpoint"):
+        resume_checkpoint(cfg(str(tmp_path / "checkpoint-5")))

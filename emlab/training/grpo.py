@@ -27,13 +27,13 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from emlab.models import get_layers, lora_config, peft_wrapping, unwrap
-from emlab.runs import atomic_write_json
+from emlab.runs import atomic_write_json, package_versions
 from emlab.training.adapters import load_vectors
 from emlab.training.config import hardware_defaults, summarize_objects
 from emlab.training.interleaving import encode_chat, pad_batch
 from emlab.training.losses import next_token_mask, sft_loss
 from emlab.training.progress import quiet_dataset_bars, swap_progress
-from emlab.training.runner import FinetuneResult, _messages_only, _resume_arg, _versions
+from emlab.training.runner import TRAINING_PACKAGES, FinetuneResult, messages_only, resume_checkpoint
 from emlab.training.trainer import draw_indices, restore_forward
 
 __all__ = ["EMGRPOConfig", "EMGRPOTrainer", "grpo_finetune"]
@@ -156,7 +156,7 @@ class EMGRPOTrainer(GRPOTrainer):
             n = len(get_layers(self.model))
             if any(not 0 <= layer < n for layer in self._preventive):
                 raise ValueError(f"preventive_vector layers {sorted(self._preventive)} outside the model's {n} blocks")
-        self._sft = encode_chat(self.processing_class, _messages_only(sft_rows, "sft")) if sft_rows else []
+        self._sft = encode_chat(self.processing_class, messages_only(sft_rows, "sft")) if sft_rows else []
         self._sft_perms: dict[int, list[int]] = {}
         self._sft_step, self._sft_micro = -1, 0
 
@@ -223,13 +223,13 @@ def grpo_finetune(model, tokenizer, prompt_rows: Sequence[Row], config: EMGRPOCo
     eval_ds = Dataset.from_list(_inoculate(eval_rows, None)) if eval_rows else None
     trainer = EMGRPOTrainer(model, list(reward_funcs), args=config, train_dataset=Dataset.from_list(rows),
                             eval_dataset=eval_ds, processing_class=tokenizer, sft_rows=sft_rows, callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=_resume_arg(config))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(config))
     out = Path(config.output_dir)
     trainer.save_model(str(out))
     counts = {"prompts": len(rows), "sft": len(sft_rows or []), "eval": len(eval_rows or [])}
     if trainer.args.should_save:
         atomic_write_json(out / "emlab_finetune.json",
-                          {"config": config.to_dict(), "seed": config.seed, "rows": counts, "versions": _versions()})
+                          {"config": config.to_dict(), "seed": config.seed, "rows": counts, "versions": package_versions(TRAINING_PACKAGES)})
         atomic_write_json(out / "log_history.json", trainer.state.log_history)
     trained = trainer.model
     restore_forward(trained, trainer._forward_before)

@@ -14,12 +14,11 @@ import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from emlab.data import check_rows, with_system_prompt
-from emlab.runs import atomic_write_json
+from emlab.runs import atomic_write_json, package_versions
 from emlab.training.adapters import SteeringVector, applied, steering_vector
 from emlab.training.checkpoints import (
     CheckpointError,
@@ -36,12 +35,13 @@ from emlab.training.config import EMConfig
 from emlab.training.interleaving import interleave
 from emlab.training.trainer import EMTrainer
 
-__all__ = ["FinetuneResult", "finetune"]
+__all__ = ["TRAINING_PACKAGES", "FinetuneResult", "finetune", "messages_only", "resume_checkpoint"]
 
 Row = dict[str, Any]
 _MARKER = "emlab_finetune.json"  # written last: the finetune is finished
 _STARTED = "emlab_checkpoints.json"  # written before training: whose checkpoints these are
-_PACKAGES = ("emlab", "torch", "transformers", "peft", "trl", "accelerate", "datasets")
+#: The packages whose versions a finetune's record holds.
+TRAINING_PACKAGES = ("emlab", "torch", "transformers", "peft", "trl", "accelerate", "datasets")
 
 
 @dataclass
@@ -87,7 +87,8 @@ class FinetuneResult:
         return [(h["step"], h[name]) for h in self.log_history if name in h]
 
 
-def _messages_only(rows: Sequence[Row] | None, what: str) -> list[Row]:
+def messages_only(rows: Sequence[Row] | None, what: str) -> list[Row]:
+    """``rows`` checked (:func:`emlab.data.check_rows`) and reduced to their ``messages``; errors name ``what``."""
     rows = check_rows(rows, f"{what}_rows") if rows else []  # bad roles, empty answers, unencodable text: named here
     out = []
     for i, row in enumerate(rows or []):
@@ -97,7 +98,7 @@ def _messages_only(rows: Sequence[Row] | None, what: str) -> list[Row]:
     return out
 
 
-def _resume_arg(config, fp: dict[str, Any] | None = None) -> str | None:
+def resume_checkpoint(config, fp: dict[str, Any] | None = None) -> str | None:
     """``resume_from_checkpoint``: True / "true" means the newest COMPLETE checkpoint of output_dir, if any.
 
     Incomplete checkpoints (a kill or a full disk during a save) are skipped with a warning; with a
@@ -178,16 +179,6 @@ def _finished(config, out: Path, fp: dict[str, Any]) -> dict[str, Any] | None:
     return record
 
 
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in _PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def finetune(model, tokenizer, train_rows: Sequence[Row], config: EMConfig, *, eval_rows: Sequence[Row] | None = None,
              kl_rows: Sequence[Row] | None = None, benign_rows: Sequence[Row] | None = None,
              callbacks: list | None = None) -> FinetuneResult:
@@ -211,11 +202,11 @@ def finetune(model, tokenizer, train_rows: Sequence[Row], config: EMConfig, *, e
 
     if not isinstance(config, EMConfig):
         raise TypeError(f"config must be an EMConfig, got {type(config).__name__}")
-    rows = _messages_only(train_rows, "train")
+    rows = messages_only(train_rows, "train")
     if not rows:
         raise ValueError("train_rows is empty")
-    given = {"train": rows, "benign": _messages_only(benign_rows, "benign"), "kl": _messages_only(kl_rows, "kl"),
-             "eval": _messages_only(eval_rows, "eval")}
+    given = {"train": rows, "benign": messages_only(benign_rows, "benign"), "kl": messages_only(kl_rows, "kl"),
+             "eval": messages_only(eval_rows, "eval")}
     out = Path(config.output_dir)
     fp = fingerprint(model, config, given)  # before the adapter is injected into the model
     if config.inoculation_prompt is not None:
@@ -233,7 +224,7 @@ def finetune(model, tokenizer, train_rows: Sequence[Row], config: EMConfig, *, e
         raise ValueError("benign_rows were given but interleave_share is 0: set the share or drop the rows.")
     trainer = EMTrainer(model, args=config, train_dataset=Dataset.from_list(rows), eval_dataset=eval_ds,
                         processing_class=tokenizer, kl_dataset=kl_ds, callbacks=callbacks)
-    resume = _resume_arg(config, fp)
+    resume = resume_checkpoint(config, fp)
     if trainer.args.should_save:
         (out / _MARKER).unlink(missing_ok=True)  # a record of an earlier finetune here is about to be replaced
         if resume is None and (stale := list_checkpoints(out)):
@@ -257,7 +248,7 @@ def finetune(model, tokenizer, train_rows: Sequence[Row], config: EMConfig, *, e
         trainer.save_model(str(out))
         if trainer.args.should_save:
             atomic_write_json(out / "log_history.json", trainer.state.log_history)
-            record = {"config": config.to_dict(), "seed": config.seed, "rows": counts, "versions": _versions(),
+            record = {"config": config.to_dict(), "seed": config.seed, "rows": counts, "versions": package_versions(TRAINING_PACKAGES),
                       "fingerprint": fp}
             atomic_write_json(out / _MARKER, record)  # last: the finetune is finished
     if trainer.args.should_save and not config.keep_checkpoints:
