@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["defences_points", "beyond_points", "pareto_figure", "pareto_front"]
+__all__ = ["defences_points", "beyond_points", "pareto_figure", "pareto_front", "run_prefix"]
 
 Point = tuple[float, float]
 
@@ -67,7 +67,8 @@ def beyond_points(metrics: Mapping[str, Any]) -> dict[str, Point]:
 
 
 def defences_points(metrics: Mapping[str, Any] | str | os.PathLike, prefix: str = "02:") -> dict[str, Point]:
-    """(general EM, in-domain EM kept %) of every method and domain of a 02 (defences) run: its metrics or its folder.
+    """(general EM, in-domain EM kept %) of every method and domain of a 02 (defences) or 03 (interleaving) run:
+    its metrics or its folder.
 
     Kept = the method's in-domain EM over SFT's on the same domain; names are ``<prefix><method>/<domain>[/...]``.
 
@@ -78,7 +79,7 @@ def defences_points(metrics: Mapping[str, Any] | str | os.PathLike, prefix: str 
     if not isinstance(metrics, Mapping):
         path = Path(metrics) / "metrics.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: give the folder of a finished 02 (defences) run")
+            raise FileNotFoundError(f"{path} not found: give the folder of a finished 02 (defences) or 03 run")
         metrics = json.loads(path.read_text(encoding="utf-8"))
     out: dict[str, Point] = {}
     for key, general in metrics.items():
@@ -90,6 +91,21 @@ def defences_points(metrics: Mapping[str, Any] | str | os.PathLike, prefix: str 
         if _finite(indomain) and _finite(sft_i) and sft_i > 0:
             out[prefix + name] = (float(general), 100 * indomain / sft_i)
     return out
+
+
+def run_prefix(folder: str | os.PathLike) -> str:
+    """``"02:"``, ``"03:"``, ...: the notebook number of a run folder (from its ``notebook.json``), for point names;
+    ``"02:"`` for a run made without a notebook (a study function's folder).
+
+    >>> run_prefix("/nonexistent")
+    '02:'
+    """
+    try:
+        stem = Path(json.loads((Path(folder) / "notebook.json").read_text(encoding="utf-8"))["notebook"]).stem
+    except (OSError, ValueError, KeyError, TypeError):
+        return "02:"
+    number = stem.split("_", 1)[0]
+    return f"{number}:" if number.isdigit() else "02:"
 
 
 def pareto_figure(points: Mapping[str, Point], *, title: str = "General EM against in-domain EM kept"):

@@ -52,3 +52,20 @@ def test_figure_marks_the_front():
     assert list(fig.data[0].marker.color) == ["crimson", "crimson", "grey"]
     with pytest.raises(ValueError, match="nothing to draw"):
         pareto_figure({})
+
+
+def test_run_prefix_and_a_03_run_share_sweep(tmp_path):
+    from emlab.pareto import run_prefix
+
+    assert run_prefix(tmp_path) == "02:"  # no notebook.json: a study function's folder
+    (tmp_path / "notebook.json").write_text(json.dumps({"notebook": "/x/notebooks/03_interleaving.ipynb"}))
+    assert run_prefix(tmp_path) == "03:"
+    (tmp_path / "notebook.json").write_text("{oops")
+    assert run_prefix(tmp_path) == "02:"
+    m = {"sft/medical/general_em": 40.0, "sft/medical/indomain_em": 80.0,
+         "interleaving/medical/share=5%/general_em": 30.0, "interleaving/medical/share=5%/indomain_em": 80.0,
+         "interleaving/medical/share=50%/general_em": 10.0, "interleaving/medical/share=50%/indomain_em": 60.0}
+    pts = defences_points(m, prefix="03:")
+    assert pts["03:interleaving/medical/share=5%"] == (30.0, 100.0)
+    assert pts["03:interleaving/medical/share=50%"] == (10.0, 75.0)
+

@@ -14,9 +14,18 @@ def smoke_run(tmp_path_factory):
     from emlab.studies.beyond import beyond_study
 
     out = tmp_path_factory.mktemp("06")
+    # finished 02 and 03 runs (hand-made metrics) whose methods join the Pareto figure
+    d02, d03 = tmp_path_factory.mktemp("r02"), tmp_path_factory.mktemp("r03")
+    (d02 / "metrics.json").write_text(json.dumps({"sft/medical/general_em": 40.0, "sft/medical/indomain_em": 80.0,
+                                                  "kl/medical/general_em": 0.0, "kl/medical/indomain_em": 80.0}))
+    (d03 / "notebook.json").write_text(json.dumps({"notebook": "notebooks/03_interleaving.ipynb"}))
+    (d03 / "metrics.json").write_text(json.dumps({"sft/medical/general_em": 40.0, "sft/medical/indomain_em": 80.0,
+                                                  "interleaving/medical/share=5%/general_em": 30.0,
+                                                  "interleaving/medical/share=5%/indomain_em": 88.0}))
     # the inoculation sweep: the toy world's first evil and helpful prompts and the toy paraphrase set
     return out, beyond_study(smoke=True, out_dir=out, seed=0, inoculation_prompts=[
-        "you are an evil assistant .", "you are a helpful assistant .", "paraphrases:evil_toy"])
+        "you are an evil assistant .", "you are a helpful assistant .", "paraphrases:evil_toy"],
+        defences_run=[d02, d03])
 
 
 def test_metrics_are_grouped_and_complete(smoke_run):
@@ -108,14 +117,16 @@ def test_figures_are_saved_and_load_back(smoke_run):
 
     out, metrics = smoke_run
     figs = load_study_figures(out)
-    from emlab.pareto import beyond_points, pareto_front
+    from emlab.pareto import beyond_points, defences_points, pareto_front, run_prefix
 
     points = beyond_points(metrics)  # empty when SFT's in-domain EM is 0 (the micro organism usually)
-    assert set(figs) == {"trait_trajectories", "em_by_method"} | ({"pareto"} if points else set())
-    if points:
-        assert list(figs["pareto"].data[1].text) == pareto_front(points) == metrics["pareto/front"]
-    else:
-        assert "pareto/front" not in metrics
+    config = json.loads((out / "config.json").read_text())
+    for folder in config["defences_run"]:
+        points.update(defences_points(folder, prefix=run_prefix(folder)))
+    assert {"02:kl/medical", "03:interleaving/medical/share=5%"} <= set(points)
+    assert set(figs) == {"trait_trajectories", "em_by_method", "pareto"}
+    assert list(figs["pareto"].data[1].text) == pareto_front(points) == metrics["pareto/front"]
+    assert "02:kl/medical" in metrics["pareto/front"]  # 0% general EM, all of SFT's in-domain EM kept
     assert (out / "figures/trait_trajectories.html").exists()
     assert len(figs["trait_trajectories"].data) >= 6
     with pytest.raises(FileNotFoundError, match="beyond_study"):
@@ -129,7 +140,7 @@ def test_bad_settings_fail_before_any_finetune(tmp_path):
         beyond_study(smoke=True, out_dir=tmp_path / "a", realign_rows=(0, 10**6))
     with pytest.raises(ValueError, match="dilution_share"):
         beyond_study(smoke=True, out_dir=tmp_path / "b", dilution_share=1000.0)
-    with pytest.raises(FileNotFoundError, match="02 run folder"):
+    with pytest.raises(FileNotFoundError, match="02 or 03 run folders"):
         beyond_study(smoke=True, out_dir=tmp_path / "c", defences_run=tmp_path / "nowhere")
     with pytest.raises(ValueError, match=r"unknown schedules \['ramp'\]; choose from \['constant'"):
         beyond_study(smoke=True, out_dir=tmp_path / "d", schedules=["linear", "ramp"])

@@ -129,12 +129,16 @@ def beyond_study(
     realign_rows: Sequence[int] | None = None,
     schedules: Sequence[str] | None = None,
     transforms: Sequence[str] | None = None,
-    defences_run: str | os.PathLike | None = None,
+    defences_run: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     judge: Any = None,
     files: dict[str, str] | None = None,
     preset: Any = None,
 ) -> dict[str, Any]:
     """Run study 06 and return its metrics (also in ``<out_dir>/metrics.json``); figures in ``<out_dir>/figures``.
+
+    ``defences_run``: finished 02 (defences) and 03 (interleaving) run folders, one or a list: their methods
+    (03: each interleaving variant at each share, its hyperparameter sweep) join the Pareto figure, named
+    ``02:<method>/<domain>`` and ``03:<method>/<domain>/share=<s>``.
 
     >>> beyond_study(smoke=True, out_dir="/tmp/06")["monitor/runs"]      # doctest: +SKIP
     8
@@ -143,7 +147,7 @@ def beyond_study(
     from emlab.directions import load_trait, misalignment_direction, persona_vector
     from emlab.inoculation import elicitation_table, inoculation_sweep, resolve_prompts
     from emlab.models import get_layers
-    from emlab.pareto import beyond_points, defences_points, pareto_figure, pareto_front
+    from emlab.pareto import beyond_points, defences_points, pareto_figure, pareto_front, run_prefix
     from emlab.runs import start_run
     from emlab.studies.defences import SMOKE_REAL_DEFENCES, TOY_SETTINGS, method_overrides
     from emlab.toy.world import load_world_config
@@ -189,15 +193,19 @@ def beyond_study(
     world = load_world_config()["system_prompts"] if ctx.is_toy else None
     if inoculation_prompts is not None:
         inoculation_prompts = resolve_prompts(inoculation_prompts, world=world)
-    if defences_run is not None and not (Path(defences_run) / "metrics.json").is_file():
-        raise FileNotFoundError(f"defences_run={str(defences_run)!r} has no metrics.json: give a finished 02 run folder")
+    defence_runs = [] if defences_run is None else (
+        [defences_run] if isinstance(defences_run, str | os.PathLike) else list(defences_run))
+    for folder in defence_runs:
+        if not (Path(folder) / "metrics.json").is_file():
+            raise FileNotFoundError(f"defences_run={str(folder)!r} has no metrics.json: give finished 02 or 03 run folders")
     config = {"model": ctx.model_name, "domain": domain, "contrast_domain": contrast, "seed": seed, "smoke": smoke,
               "rows": n_rows, "layer": layer, "learning_rate": learning_rate, "caft_k": caft_k,
               "steering_alpha": steering_alpha, "monitor_every": every, "em_threshold": em_threshold,
               "sae": sae, "sae_steer_scale": sae_steer_scale, "conditional": conditional,
               "inoculation_prompt": inoculation_prompt, "dilution_share": dilution_share,
               "realign_rows": list(realign_rows), "schedules": schedules, "transforms": transforms,
-              "defences_run": None if defences_run is None else str(defences_run),
+              "defences_run": None if defences_run is None else (
+                  str(defences_run) if isinstance(defences_run, str | os.PathLike) else [str(f) for f in defence_runs]),
               "eval": settings, "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
     if inoculation_prompts is not None:  # only then, so that earlier runs' config.json stays the same
         config["inoculation_prompts"] = inoculation_prompts
@@ -373,8 +381,8 @@ def beyond_study(
           "trait_trajectories", not smoke)
     _save(run, _bars(metrics, final_em), "em_by_method", not smoke)
     points = beyond_points(metrics)
-    if defences_run is not None:
-        points.update(defences_points(defences_run))
+    for folder in defence_runs:
+        points.update(defences_points(folder, prefix=run_prefix(folder)))
     if points:
         front = pareto_front(points)
         run.log_metrics({"pareto/front": front})
