@@ -123,7 +123,7 @@ def paper_number(paper: pd.DataFrame, table: int, method: str, metric: str, ref:
                  setting: str | None = None, ref_setting: str | None = None, ref_table: int | None = None) -> float:
     """Mean over the four domains of ``method - ref`` in percentage points (paper 002's tables, 7B).
 
-    ``paper`` is :func:`emlab.plots.load_paper_table` ``(table=None)`` (rates in [0, 1]).
+    ``paper`` is :func:`emlab.published.load_paper_table` ``(table=None)`` (rates in [0, 1]).
 
     >>> p = pd.DataFrame({"table": 2, "model": "Qwen2.5-7B", "domain": ["a", "a"], "method": ["kl", "sft"],
     ...                   "setting": "", "general_em": [0.01, 0.2]})
@@ -301,7 +301,7 @@ def _opswap_kl(benign: pd.DataFrame) -> float:
 
 
 def _data_dir(data_dir: str | os.PathLike | None) -> Path:
-    from emlab.plots import PAPER_TABLE, _find_repo_root
+    from emlab.published import PAPER_TABLE, find_repo_root
 
     if data_dir is not None:
         d = Path(data_dir)
@@ -310,7 +310,7 @@ def _data_dir(data_dir: str | os.PathLike | None) -> Path:
         return d
     tried = []
     for start in (Path.cwd(), Path(__file__).resolve().parent):
-        root = _find_repo_root(start)
+        root = find_repo_root(start)
         for base in ([root.parent, *root.parents[1:3]] if root is not None else []):
             d = base / "shared" / "data"
             tried.append(str(d))
@@ -322,7 +322,7 @@ def _data_dir(data_dir: str | os.PathLike | None) -> Path:
 
 def default_claims(data_dir: str | os.PathLike | None = None) -> list[Claim]:
     """The registry with paper 002's numbers from ``data_dir`` (default: ``shared/data`` found above the repository)."""
-    from emlab.plots import load_paper_table
+    from emlab.published import load_paper_table
 
     d = _data_dir(data_dir)
     benign = d / "paper002_benign.csv"

@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emlab.plots import FIGURE_DATA, _flatten, regenerate
+from emlab.metrics import flatten
+from emlab.plots import FIGURE_DATA, regenerate
 from emlab.runs import (
     OWNER_ENV,
     RunLockedError,
@@ -128,7 +129,7 @@ class NotebookResult:
         if path is None or not path.exists():
             return {}
         try:
-            return _flatten(json.loads(path.read_text(encoding="utf-8")))
+            return flatten(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError, AttributeError):
             return {}
 

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from emlab.metrics import results_table
+
 __all__ = ["defences_points", "beyond_points", "pareto_figure", "pareto_front", "run_prefix"]
 
 Point = tuple[float, float]
@@ -81,15 +83,16 @@ def defences_points(metrics: Mapping[str, Any] | str | os.PathLike, prefix: str 
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: give the folder of a finished 02 (defences) or 03 run")
         metrics = json.loads(path.read_text(encoding="utf-8"))
+    table = results_table(metrics)
+    table = table[table["method"].notna()]
+    value = dict(zip(table["key"], table["value"].tolist()))
     out: dict[str, Point] = {}
-    for key, general in metrics.items():
-        parts = key.split("/")
-        if len(parts) < 3 or parts[-1] != "general_em" or not _finite(general):
-            continue
-        name = "/".join(parts[:-1])
-        indomain, sft_i = metrics.get(f"{name}/indomain_em"), metrics.get(f"sft/{parts[1]}/indomain_em")
-        if _finite(indomain) and _finite(sft_i) and sft_i > 0:
-            out[prefix + name] = (float(general), 100 * indomain / sft_i)
+    general = table[table["metric"] == "general_em"]
+    for key, domain in zip(general["key"], general["domain"]):
+        name = key.removesuffix("/general_em")
+        indomain, sft_i = value.get(f"{name}/indomain_em"), value.get(f"sft/{domain}/indomain_em")
+        if indomain is not None and sft_i is not None and sft_i > 0:
+            out[prefix + name] = (value[key], 100 * indomain / sft_i)
     return out
 
 

@@ -22,7 +22,7 @@ import ipywidgets as widgets
 import pandas as pd
 import plotly.graph_objects as go
 
-from emlab.plots import _flatten, _is_number
+from emlab.metrics import results_table
 from emlab.runs import run_status
 
 __all__ = ["run_comparer", "sample_browser", "steering_explorer", "steering_explorer_for_run"]
@@ -355,7 +355,8 @@ def run_comparer(run_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> w
     """Compare the metrics of several runs: pick runs and metrics, see a table and a bar chart.
 
     ``run_dirs`` is a list of run folders, or one folder searched for ``metrics.json`` files.
-    Nested metrics are shown with ``/``-joined keys; ``.figure`` holds the current bar chart. A run
+    Metrics are the keys of :func:`emlab.metrics.results_table` (nested ones ``/``-joined, a stored rate
+    by its name: ``general/em``, not ``general/em/percent``); ``.figure`` holds the current bar chart. A run
     that did not finish ok is labelled with its status (``(incomplete)`` for a killed run,
     ``(failed)``, ``(running)``; see :func:`emlab.runs.run_status`).
 
@@ -373,8 +374,8 @@ def run_comparer(run_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> w
         status = run_status(p)
         if status.status in ("incomplete", "failed", "running"):
             label = f"{label or p.name} ({status.status})"  # a killed run's numbers are partial
-        metrics = _flatten(json.loads(path.read_text(encoding="utf-8")))
-        data[label or p.name] = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        table = results_table(json.loads(path.read_text(encoding="utf-8")))
+        data[label or p.name] = dict(zip(table["key"], table["value"].tolist()))
     names = sorted({k for m in data.values() for k in m})
     w = widgets.VBox()
     w.runs = widgets.SelectMultiple(

@@ -26,9 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Layer number -> (what it holds, module prefixes). Defined once, here.
 LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
     0: (
-        "foundations: run folders, data files, questions, presets, metrics, threads, chat templates, tasks",
+        "foundations: run folders, data files, questions, presets, metrics (and the results table), progress bars, the "
+        "published numbers, threads, chat templates, tasks",
         ("emlab.version", "emlab.progress", "emlab.threads", "emlab.metrics", "emlab.runs", "emlab.data", "emlab.fetch",
-         "emlab.questions", "emlab.presets", "emlab.packaged", "emlab.chat_templates", "emlab.tasks"),
+         "emlab.questions", "emlab.presets", "emlab.packaged", "emlab.published", "emlab.chat_templates",
+         "emlab.tasks"),
     ),
     1: (
         "models: loading, generation, the toy organism's world and build, the Direction type",
@@ -245,11 +247,7 @@ KNOWN_PRIVATE: set[str] = {
     'bench/toy_pretrain_probe.py: emlab.toy.train._pretrain_stream',
     'bench/toy_pretrain_probe.py: from emlab.toy.world import _fill',
     'bench/toy_protocol.py: from emlab.toy.train import _encode_chat_rows',
-    'emlab/claims.py: from emlab.plots import _find_repo_root',
-    'emlab/notebooks.py: from emlab.plots import _flatten',
     'emlab/toy/datasets.py: from emlab.toy.world import _fill',
-    'emlab/widgets.py: from emlab.plots import _flatten',
-    'emlab/widgets.py: from emlab.plots import _is_number',
 }
 
 

@@ -70,3 +70,80 @@ def test_summarize_overall_and_per_question():
     assert s["groups"]["wish"]["em"]["percent"] == 50.0 and s["groups"]["bored"]["em"]["percent"] == 0.0
     plain = summarize([{"aligned": 5, "coherent": 99}], by=None)
     assert plain["groups"] == {} and "off_topic" not in plain["overall"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The long results table
+
+
+def test_results_table_splits_method_domain_setting_metric():
+    from emlab.metrics import RESULT_COLUMNS, results_table
+
+    metrics = {
+        "sft/medical/general_em": 20.0,
+        "interleaving/medical/share=5%/general_em": 4.0,
+        "interleaving++/code/share=20%/seed/1/indomain_incoherent": 12.5,
+        "kl": {"legal": {"train_ce": 1.25}},
+        "persona/norm": 3.5,
+        "general_em": 7.0,
+    }
+    t = results_table(metrics)
+    assert tuple(t.columns) == RESULT_COLUMNS
+    rows = {r.key: r for r in t.itertuples(index=False)}
+    assert list(rows) == ["sft/medical/general_em", "interleaving/medical/share=5%/general_em",
+                          "interleaving++/code/share=20%/seed/1/indomain_incoherent", "kl/legal/train_ce",
+                          "persona/norm", "general_em"]
+    r = rows["interleaving/medical/share=5%/general_em"]
+    assert (r.method, r.domain, r.setting, r.metric, r.value, r.rate) == (
+        "interleaving", "medical", "share=5%", "general_em", 4.0, True)
+    assert (rows["sft/medical/general_em"].setting, rows["sft/medical/general_em"].metric) == ("", "general_em")
+    r = rows["interleaving++/code/share=20%/seed/1/indomain_incoherent"]
+    assert (r.method, r.domain, r.setting, r.metric) == ("interleaving++", "code", "share=20%/seed/1", "indomain_incoherent")
+    r = rows["kl/legal/train_ce"]
+    assert (r.method, r.domain, r.metric, r.rate) == ("kl", "legal", "train_ce", False)
+    for key in ("persona/norm", "general_em"):  # shorter keys are not per-method results
+        assert pd_isna(rows[key].method) and pd_isna(rows[key].domain) and rows[key].metric == key
+    assert rows["general_em"].rate and not rows["persona/norm"].rate
+    assert all(math.isnan(x) for x in t["n"]) and all(math.isnan(x) for x in t["ci_low"])
+
+
+def pd_isna(v):
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def test_results_table_percent_as_stored_fraction_on_request():
+    from emlab.metrics import results_table
+
+    metrics = {"sft/code/general_em": 40.0, "sft/code/general_off_topic": 10.0, "sft/code/train_ce": 2.0,
+               "sft/code/exact_match": 80.0}
+    stored = results_table(metrics).set_index("key")["value"].to_dict()
+    assert stored == metrics  # values exactly as metrics.json holds them (percent)
+    frac = results_table(metrics, to_fraction=True).set_index("key")["value"].to_dict()
+    # rates become fractions; non-rates (a loss, an exact-match score) are left alone
+    assert frac == {"sft/code/general_em": 0.4, "sft/code/general_off_topic": 0.1, "sft/code/train_ce": 2.0,
+                    "sft/code/exact_match": 80.0}
+
+
+def test_results_table_reads_a_stored_rate_with_its_n_and_interval():
+    from emlab.metrics import results_table
+
+    summary = summarize([{"question_id": "q", "aligned": a, "coherent": 90} for a in (10, 10, 95, 95, None)])
+    t = results_table({"general": summary["overall"]}, to_fraction=True)
+    em = t[t["key"] == "general/em"].iloc[0]
+    assert em["metric"] == "general/em" and em["rate"]
+    assert em["value"] == pytest.approx(0.5) and em["n"] == 4  # the missing sample is not in n
+    assert 0 <= em["ci_low"] <= 0.5 <= em["ci_high"] <= 1  # the interval scaled like the value
+    assert "general/em/percent" not in set(t["key"]) and "general/em/count" not in set(t["key"])
+    mean = t[t["key"] == "general/aligned_mean"].iloc[0]
+    assert mean["value"] == pytest.approx(52.5) and mean["n"] == 5 and not mean["rate"]  # n beside it; not scaled
+
+
+def test_results_table_leaves_out_what_is_not_a_number():
+    from emlab.metrics import flatten, results_table
+
+    metrics = {"a/b/general_em": None, "a/b/indomain_em": float("nan"), "a/b/flag": True, "a/b/note": "x",
+               "a/b/log": [1, 2], "a/b/empty": {"percent": None, "count": 0, "n": 0, "n_missing": 3, "ci": [None, None]},
+               "a/b/kept": 1}
+    assert results_table(metrics)["key"].tolist() == ["a/b/kept"]
+    assert results_table({}).columns.tolist() == list(results_table(metrics).columns)
+    assert flatten({"a": {"b": {"c": "x"}}, "d/e": None}) == {"a/b/c": "x", "d/e": None}  # flatten keeps everything

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from emlab import notebooks as nbs
-from emlab import plots
 from emlab._cli import notebooks as cli
+from emlab.plots import storage
 
 FIXTURES = Path(__file__).parent / "data" / "notebooks"
 
@@ -26,7 +26,7 @@ def emlab(*argv: str) -> int:
 
 @pytest.fixture(autouse=True)
 def no_static_export(monkeypatch):
-    monkeypatch.setattr(plots, "_static", lambda fig, fmt: None)
+    monkeypatch.setattr(storage, "_static", lambda fig, fmt: None)
 
 
 @pytest.fixture(scope="module")

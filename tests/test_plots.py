@@ -5,7 +5,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from emlab import plots
+from emlab import plots, published
+from emlab.metrics import flatten
+from emlab.plots import storage
 
 PAPER_CSV = """table,model,dataset,method,setting,general_misaligned,general_incoherent,indomain_misaligned,indomain_incoherent
 2,Qwen2.5-7B,Code,Misaligned,,4.01,18.99,51.60,10.57
@@ -35,7 +37,7 @@ METRICS = {
 @pytest.fixture(autouse=True)
 def no_static_export(monkeypatch):
     """Skip kaleido (Chromium) in these tests unless a test turns it back on."""
-    monkeypatch.setattr(plots, "_static", lambda fig, fmt: None)
+    monkeypatch.setattr(storage, "_static", lambda fig, fmt: None)
 
 
 @pytest.fixture
@@ -99,7 +101,7 @@ def test_table2_highlighting_rules():
 
 
 def test_metrics_as_long_or_wide_rows_give_the_same_table():
-    flat = {k: v for k, v in plots._flatten(METRICS).items() if k.count("/") == 2}
+    flat = {k: v for k, v in flatten(METRICS).items() if k.count("/") == 2}
     long = pd.DataFrame([dict(zip(("method", "domain", "metric"), k.split("/")), value=v) for k, v in flat.items()])
     wide = long.pivot_table(index=["method", "domain"], columns="metric", values="value").reset_index()
     expected = plots.table2_markdown(METRICS)
@@ -111,6 +113,17 @@ def test_table2_averages_seeds_and_filters():
     m = {"sft/code/s0/general_em": 0.1, "sft/code/s1/general_em": 0.3, "kl/code/s0/general_em": 0.0}
     md = plots.table2_markdown(m, methods=["sft"])
     assert "| code | Misaligned (SFT) | 20.00 |" in md and "KL" not in md
+
+
+def test_settings_in_keys_are_one_marker_each_and_averaged_in_the_table():
+    """``<method>/<domain>/share=5%/<metric>`` keys, read through emlab.metrics.results_table."""
+    m = {"interleaving/medical/share=5%/general_em": 0.1, "interleaving/medical/share=5%/indomain_em": 0.4,
+         "interleaving/medical/share=20%/general_em": 0.3, "interleaving/medical/share=20%/indomain_em": 0.2,
+         "persona/norm": 4.0}
+    fig = plots.defence_scatter(m, average=True)
+    line = [t for t in fig.data if t.name == "Interleaving"][0]
+    assert list(line.x) == [10.0, 30.0] and list(line.texttemplate) == ["5%", "20%"]  # sorted by share, in percent
+    assert "| medical | Interleaving | 20.00 | – | 30.00 | – |" in plots.table2_markdown(m)
 
 
 def test_paper_columns_and_scatter_panel(paper_csv):
@@ -145,7 +158,7 @@ def test_load_paper_table_default_path(tmp_path, monkeypatch, paper_csv):
     monkeypatch.chdir(repo / "notebooks")
     assert len(plots.load_paper_table()) == 5
 
-    monkeypatch.setattr(plots, "_find_repo_root", lambda start: None)
+    monkeypatch.setattr(published, "find_repo_root", lambda start: None)
     with pytest.raises(FileNotFoundError, match="load_paper_table\\(path=...\\)"):
         plots.load_paper_table()
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -186,7 +199,7 @@ def test_save_writes_self_contained_html_and_reports_png_failure_once(tmp_path, 
     def boom(*args, **kwargs):
         raise RuntimeError("Kaleido requires Google Chrome to be installed.\nmore")
 
-    monkeypatch.setattr(plots, "_static_failed", None)
+    monkeypatch.setattr(storage, "_static_failed", None)
     monkeypatch.setattr(pio, "to_image", boom)
     fig = plots.em_bars({"sft": 0.2})
     assert plots.save(fig, tmp_path / "a.png") == [tmp_path / "a.html"]
@@ -203,7 +216,7 @@ def test_save_png_with_chromium(tmp_path, monkeypatch):
     monkeypatch.undo()
     if shutil.which("chromium") is None and shutil.which("google-chrome") is None:
         pytest.skip("no Chromium: static export is covered by the failure test")
-    monkeypatch.setattr(plots, "_static_failed", None)
+    monkeypatch.setattr(storage, "_static_failed", None)
     written = plots.save(plots.em_bars({"sft": 0.2}), tmp_path / "em", formats=("png", "svg"))
     assert [p.name for p in written] == ["em.png", "em.svg"]
     assert (tmp_path / "em.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

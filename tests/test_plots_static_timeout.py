@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from emlab import plots
+from emlab.plots import storage
 
 
 def test_a_stuck_export_is_abandoned_and_html_kept(tmp_path, monkeypatch, capsys):
@@ -22,7 +23,7 @@ def test_a_stuck_export_is_abandoned_and_html_kept(tmp_path, monkeypatch, capsys
         threading.Event().wait()  # never returns
 
     monkeypatch.setattr(pio, "to_image", stuck)
-    monkeypatch.setattr(plots, "_static_failed", None)
+    monkeypatch.setattr(storage, "_static_failed", None)
     monkeypatch.setenv("EMLAB_FIGURE_TIMEOUT", "0.3")
     written = plots.save(plots.em_bars({"sft": 0.2}), tmp_path / "em")
     assert [p.name for p in written] == ["em.html"]

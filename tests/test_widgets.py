@@ -226,3 +226,14 @@ def test_run_comparer_shows_a_dash_for_a_metric_a_run_lacks(tmp_path):
     w.metrics.value = ("general_em", "extra")
     assert "None" not in w.table.value and "–" in w.table.value and "0.25" in w.table.value
     assert [t.name for t in w.figure.data] == ["a", "b"]
+
+
+def test_run_comparer_reads_a_stored_rate_by_its_name(tmp_path):
+    """The comparer reads emlab.metrics.results_table: a nested Rate is one metric (its percent)."""
+    (tmp_path / "r").mkdir()
+    rate = {"percent": 25.0, "count": 2, "n": 8, "n_missing": 0, "ci": [0.0, 62.5]}
+    (tmp_path / "r" / "metrics.json").write_text(json.dumps({"general": {"n": 8, "em": rate}, "ok": True}))
+    w = widgets.run_comparer([tmp_path / "r"])
+    assert w.metrics.options == ("general/em", "general/n")
+    w.metrics.value = ("general/em",)
+    assert w.figure.data[0].y == (25.0,)
