@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from emlab import notebooks as nbs
 from emlab import runs
@@ -73,6 +74,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     figs.add_argument("--runs-dir", default="runs", metavar="DIR", help="default: runs")
     figs.add_argument("--figures-dir", default="figures", metavar="DIR", help="default: figures")
+    figs.add_argument("--sweep", nargs="+", metavar="DIR", default=None,
+                      help="instead: draw the figures of these sweep folders (every finished cell's points on one "
+                           "figure per name) into DIR/figures/")
+    figs.add_argument("--png", action="store_true", help="with --sweep: also write PNG (needs Chromium)")
     figs.set_defaults(func=figures_command)
 
 
@@ -167,6 +172,17 @@ def reproduce_command(args: argparse.Namespace) -> int:
 
 def figures_command(args: argparse.Namespace) -> int:
     """``emlab figures``: 0 when every stored figure was redrawn, 1 on an error."""
+    if args.sweep:
+        from emlab.plots.sweep import save_sweep_figures
+
+        try:
+            for sweep in args.sweep:
+                files = save_sweep_figures(sweep, formats=("html", "png") if args.png else ("html",))
+                print(f"{sweep}: {len(files)} files in {Path(sweep) / 'figures'}")
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            print(f"emlab figures: error: {e}", file=sys.stderr)
+            return 1
+        return 0
     try:
         nbs.rebuild_figures(args.runs_dir, args.figures_dir)
     except (FileNotFoundError, KeyError, RuntimeError) as e:

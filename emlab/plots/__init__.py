@@ -9,7 +9,8 @@ converts. Metrics of the defences use ``metrics.json`` keys ``<method>/<domain>[
 
 The package: :mod:`emlab.plots.defences` (Figure 1 and Table 2 of the defences paper),
 :mod:`emlab.plots.figures` (every other figure), :mod:`emlab.plots.storage` (:func:`save`, static
-export, :func:`record`, :func:`regenerate`, :func:`load_figures`, ``figure_data.json``); the published
+export, :func:`record`, :func:`regenerate`, :func:`load_figures`, ``figure_data.json``),
+:mod:`emlab.plots.sweep` (every figure of a sweep's runs on one figure: ``emlab figures --sweep``); the published
 numbers are in :mod:`emlab.published`. Every public name is importable from ``emlab.plots``.
 
 >>> fig = em_bars({"sft": 0.21, "kl": 0.02})
