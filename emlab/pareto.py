@@ -19,7 +19,7 @@ from typing import Any
 
 from emlab.metrics import results_table
 
-__all__ = ["defences_points", "beyond_points", "pareto_figure", "pareto_front", "run_prefix"]
+__all__ = ["defences_points", "beyond_points", "pareto_figure", "pareto_front", "pareto_seeds", "run_prefix"]
 
 Point = tuple[float, float]
 
@@ -132,3 +132,29 @@ def pareto_figure(points: Mapping[str, Point], *, title: str = "General EM again
     fig.update_layout(title=title, xaxis_title="general EM (%) - lower is better",
                       yaxis_title="in-domain EM kept (% of SFT's) - higher is better", template="plotly_white")
     return fig
+
+
+def pareto_seeds(points_per_seed: Mapping[str, Mapping[str, Point]]) -> list[dict[str, Any]]:
+    """Pareto points over seeds: per name, n seeds, mean and sd of general EM and of in-domain EM kept, whether
+    the name is on the front of the means, and on how many seeds' own fronts it is. Sorted by mean general EM.
+
+    >>> rows = pareto_seeds({"0": {"a": (10.0, 90.0), "b": (20.0, 80.0)}, "1": {"a": (12.0, 70.0), "b": (8.0, 85.0)}})
+    >>> [(r["name"], r["general_em"], r["kept"], r["front"], r["on_seed_fronts"]) for r in rows]
+    [('a', 11.0, 80.0, True, 1), ('b', 14.0, 82.5, True, 1)]
+    """
+    import statistics
+
+    fronts = {seed: set(pareto_front(pts)) for seed, pts in points_per_seed.items()}
+    names = list(dict.fromkeys(n for pts in points_per_seed.values() for n in pts))
+    rows = []
+    for name in names:
+        vals = [pts[name] for pts in points_per_seed.values() if name in pts]
+        xs, ys = [v[0] for v in vals], [v[1] for v in vals]
+        rows.append({"name": name, "n": len(vals), "general_em": statistics.fmean(xs), "kept": statistics.fmean(ys),
+                     "general_em_sd": statistics.stdev(xs) if len(xs) > 1 else math.nan,
+                     "kept_sd": statistics.stdev(ys) if len(ys) > 1 else math.nan,
+                     "on_seed_fronts": sum(name in f for f in fronts.values())})
+    front = set(pareto_front({r["name"]: (r["general_em"], r["kept"]) for r in rows}))
+    for r in rows:
+        r["front"] = r["name"] in front
+    return sorted(rows, key=lambda r: r["general_em"])

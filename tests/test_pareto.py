@@ -69,3 +69,21 @@ def test_run_prefix_and_a_03_run_share_sweep(tmp_path):
     assert pts["03:interleaving/medical/share=5%"] == (30.0, 100.0)
     assert pts["03:interleaving/medical/share=50%"] == (10.0, 75.0)
 
+
+
+def test_pareto_seeds_means_sds_and_fronts():
+    import math
+
+    from emlab.pareto import pareto_seeds
+
+    per_seed = {"0": {"a": (10.0, 90.0), "b": (20.0, 80.0), "c": (50.0, 100.0)},
+                "1": {"a": (12.0, 70.0), "b": (8.0, 85.0), "c": (60.0, 100.0)},
+                "2": {"a": (11.0, 80.0)}}
+    rows = {r["name"]: r for r in pareto_seeds(per_seed)}
+    assert [r["name"] for r in pareto_seeds(per_seed)] == ["a", "b", "c"]
+    assert rows["a"]["n"] == 3 and rows["a"]["general_em"] == 11.0 and rows["a"]["kept"] == 80.0
+    assert rows["a"]["general_em_sd"] == 1.0 and rows["b"]["n"] == 2 and rows["b"]["kept"] == 82.5
+    assert rows["a"]["on_seed_fronts"] == 2 and rows["b"]["on_seed_fronts"] == 1 and rows["c"]["on_seed_fronts"] == 2
+    assert rows["a"]["front"] and rows["b"]["front"] and rows["c"]["front"]  # means: a (11, 80), b (14, 82.5), c (55, 100)
+    single = pareto_seeds({"0": {"x": (1.0, 2.0)}})
+    assert math.isnan(single[0]["general_em_sd"]) and single[0]["front"]
