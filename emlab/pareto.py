@@ -123,8 +123,11 @@ def pareto_figure(points: Mapping[str, Point], *, title: str = "General EM again
         raise ValueError("no method has both a general EM and an in-domain EM kept: nothing to draw")
     front = pareto_front(points)
     names = list(points)
+    # names written beside the front's points only (the rest overlap where many methods cluster); every point
+    # names itself on hover
     fig = go.Figure(go.Scatter(x=[points[n][0] for n in names], y=[points[n][1] for n in names], mode="markers+text",
-                               text=names, textposition="top center", name="methods",
+                               text=[n if n in front else "" for n in names], hovertext=names,
+                               textposition="top center", name="methods",
                                marker={"size": 9, "color": ["crimson" if n in front else "grey" for n in names]}))
     fig.add_trace(go.Scatter(x=[points[n][0] for n in front], y=[points[n][1] for n in front], mode="lines+markers",
                              name="Pareto front", line={"color": "crimson", "dash": "dash"},
