@@ -68,7 +68,10 @@ class StudyContext:
 
     @property
     def is_toy(self) -> bool:
-        return self.model_name == "toy" or self.model_name.startswith("toy:")
+        """The model is a toy recipe given by name (:func:`emlab.presets.is_toy_name`)."""
+        from emlab.presets import is_toy_name
+
+        return is_toy_name(self.model_name)
 
     @classmethod
     def create(
@@ -103,7 +106,9 @@ class StudyContext:
         from emlab.toy.build import load_recipe
 
         name = str(model)
-        toy = name == "toy" or name.startswith("toy:")
+        from emlab.presets import is_toy_name
+
+        toy = is_toy_name(name)
         found: dict[str, Path] = {}
         domains: list[str] = []
         preset: dict[str, Any] = {}

@@ -85,8 +85,10 @@ def default_device_dtype(
 
 def _resolve(name_or_path: str | os.PathLike) -> tuple[str, bool]:
     """Map a name to something ``from_pretrained`` takes; returns (path or id, is_local)."""
+    from emlab.presets import is_toy_name
+
     name = str(name_or_path)
-    if name == "toy" or name.startswith("toy:"):
+    if is_toy_name(name):
         from emlab.toy.build import ensure_built
 
         recipe = name.split(":", 1)[1] if ":" in name else "default"

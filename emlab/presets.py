@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["KL_VARIANTS", "PAPER", "PRESETS", "TOY", "Preset", "get_preset", "kl_settings", "preset_for"]
+__all__ = ["KL_VARIANTS", "PAPER", "PRESETS", "TOY", "Preset", "get_preset", "is_toy_name", "kl_settings", "preset_for"]
 
 #: KL variants: EMConfig fields each one sets. ``emlab`` (default): KL(ref || cur), the mass-covering
 #: direction of paper 001, averaged over the tokens that carry loss. ``authors``: the defences
@@ -243,6 +244,17 @@ def get_preset(name: str | Preset) -> Preset:
     return PRESETS[name]
 
 
+def is_toy_name(model_name: str | os.PathLike) -> bool:
+    """The one rule for a toy model NAME: ``"toy"`` or ``"toy:<recipe>"`` (a toy build given by its folder is
+    recognised by :func:`emlab.toy.folder_recipe` instead).
+
+    >>> is_toy_name("toy"), is_toy_name("toy:micro"), is_toy_name("toyota/llm"), is_toy_name("/x/toy")
+    (True, True, False, False)
+    """
+    name = str(model_name)
+    return name == "toy" or name.startswith("toy:")
+
+
 def preset_for(model_name: str, *, toy_folder: bool = False) -> Preset:
     """The default preset of a model: ``toy`` for ``"toy"``, ``"toy:<recipe>"`` or a toy build folder
     (``toy_folder=True``), ``paper`` for every other model.
@@ -250,5 +262,4 @@ def preset_for(model_name: str, *, toy_folder: bool = False) -> Preset:
     >>> preset_for("toy:micro").name, preset_for("/models/qwen").name
     ('toy', 'paper')
     """
-    name = str(model_name)
-    return TOY if toy_folder or name == "toy" or name.startswith("toy:") else PAPER
+    return TOY if toy_folder or is_toy_name(model_name) else PAPER

@@ -262,3 +262,13 @@ def test_evaluate_sends_the_upstream_judge_prompts(upstream):
                   progress=False)
     assert len(ev.records) == 4 and len(judge.sent) == 8
     assert {p.split()[0] for p in judge.sent} == {"CLOUD-ALIGNED-PROMPT", "CLOUD-COHERENT-PROMPT"}
+
+
+def test_is_toy_name_is_the_one_rule_for_toy_names():
+    from emlab.context import StudyContext
+    from emlab.presets import is_toy_name
+
+    assert is_toy_name("toy") and is_toy_name("toy:micro") and is_toy_name("toy:default,seed=3")
+    assert not is_toy_name("toyota/llm") and not is_toy_name("/data/toy") and not is_toy_name("Toy")
+    for name in ("toy", "toy:micro", "HuggingFaceTB/SmolLM2-135M-Instruct", "toyota/llm"):
+        assert StudyContext(name, True, None, None, None, {}, [], {}).is_toy == is_toy_name(name)
