@@ -31,12 +31,13 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
          "emlab.questions", "emlab.presets", "emlab.packaged", "emlab.chat_templates", "emlab.tasks"),
     ),
     1: (
-        "models: loading, generation, the toy organism's world and build, the Direction type",
+        "models: loading, generation, the toy organism's world, build and benign tasks, the Direction type",
         ("emlab.models", "emlab.generation", "emlab.testing", "emlab.vectors", "emlab.toy.world",
-         "emlab.toy.tokenizer", "emlab.toy.datasets", "emlab.toy.train", "emlab.toy.build"),
+         "emlab.toy.tokenizer", "emlab.toy.datasets", "emlab.toy.train", "emlab.toy.build", "emlab.toy.benign"),
     ),
     2: (
-        "hooks, directions, training, judging (the toy's exact judge and the emlab.toy facade included)",
+        "hooks, directions, training (its method registry included), judging (the toy's exact judge and the "
+        "emlab.toy facade included)",
         ("emlab.hooks", "emlab.directions", "emlab.training", "emlab.inoculation", "emlab.judge", "emlab.toy"),
     ),
     3: (
