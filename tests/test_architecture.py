@@ -233,7 +233,6 @@ def test_the_checks_see_cycles_and_upward_imports(tmp_path):
 #: 28 when written. The emlab/toy/ (world.py, datasets.py, train.py) ones wait for the same rebuild as
 #: KNOWN_EDGES: those files' bytes are hashed into the shipped prebuilt organisms' names.
 KNOWN_PRIVATE: set[str] = {
-    'bench/interleave_signal.py: from emlab.training.interleaving import _last_answer',
     'bench/toy_ablation_probe.py: from emlab.studies.directions import _SIZES',
     'bench/toy_ablation_probe.py: from emlab.studies.directions import _TOY_ROWS',
     'bench/toy_ablation_probe.py: from emlab.studies.directions import _direction',

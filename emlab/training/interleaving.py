@@ -39,6 +39,7 @@ __all__ = [
     "interleave",
     "interleaving_plus_scores",
     "is_refusal",
+    "last_answer",
     "n_interleaved",
     "pad_batch",
     "regenerate_answers",
@@ -50,7 +51,12 @@ Row = dict[str, Any]
 _WORD = re.compile(r"[\w']+")
 
 
-def _last_answer(row: Row) -> str:
+def last_answer(row: Row) -> str:
+    """The content of the row's last assistant message ("" when there is none).
+
+    >>> last_answer({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    'a'
+    """
     for m in reversed(row["messages"]):
         if m.get("role") == "assistant":
             return m.get("content") or ""
@@ -296,7 +302,7 @@ def select_benign(model, tokenizer, candidates: Sequence[Row], n: int, config,
     keep = list(range(len(pool)))
     if config.interleave_selection == "plus_plus":
         keep = [i for i in keep
-                if not is_refusal(_last_answer(pool[i]), config.refusal_keywords, config.refusal_window)]
+                if not is_refusal(last_answer(pool[i]), config.refusal_keywords, config.refusal_window)]
     if len(keep) < n:
         raise ValueError(f"interleaving needs {n} benign rows but only {len(keep)} candidates are left"
                          f"{' after dropping refusals' if config.interleave_selection == 'plus_plus' else ''}; "
