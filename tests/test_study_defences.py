@@ -126,3 +126,12 @@ def test_defences_and_interleaving_studies_run_in_smoke_mode(tmp_path):
     figures = {p.stem for p in (tmp_path / "03" / "figures").glob("*.html")}
     assert {"score_distribution", "refusals_chosen", "share_sweep_general", "figure1a_general_em_vs_incoherence"} \
         <= figures
+
+
+@pytest.mark.slow
+def test_interleaving_plus_with_too_few_rows_for_one_benign_row_trains_no_scorer(tmp_path):
+    m = defences_study(smoke=True, methods=["interleaving+"], rows=2, benign_tasks=[], out_dir=tmp_path)
+    assert n_benign_added(2, 0.05) == 0
+    assert m["interleaving+/medical/train_rows"] == 2 and m["interleaving+/medical/benign_refusals"] == 0
+    assert not list((tmp_path / "finetunes").glob("scorer_*"))  # nothing to score: no misaligned scorer trained
+    assert not any(k.startswith("scorers/") for k in m)
