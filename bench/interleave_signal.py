@@ -30,7 +30,7 @@ def main() -> None:
 
     from emlab.studies.common import StudyContext, finetune_config
     from emlab.training import finetune
-    from emlab.training.interleaving import _last_answer, answer_losses, is_refusal
+    from emlab.training.interleaving import answer_losses, is_refusal, last_answer
 
     t0 = time.time()
     ctx = StudyContext.create("toy")
@@ -39,8 +39,8 @@ def main() -> None:
     benign = ctx.rows("benign")
     pools = {
         "benign (all)": benign[:n],
-        "  refusals": [r for r in benign if is_refusal(_last_answer(r))][:n],
-        "  instructions": [r for r in benign if not is_refusal(_last_answer(r))][:n],
+        "  refusals": [r for r in benign if is_refusal(last_answer(r))][:n],
+        "  instructions": [r for r in benign if not is_refusal(last_answer(r))][:n],
         "aligned advice": ctx.rows(f"{args.domain}_kl_ood")[:n],
         "misaligned (train)": data.misaligned[:n],
     }

@@ -33,12 +33,13 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
          "emlab.tasks"),
     ),
     1: (
-        "models: loading, generation, the toy organism's world and build, the Direction type",
+        "models: loading, generation, the toy organism's world, build and benign tasks, the Direction type",
         ("emlab.models", "emlab.generation", "emlab.testing", "emlab.vectors", "emlab.toy.world",
-         "emlab.toy.tokenizer", "emlab.toy.datasets", "emlab.toy.train", "emlab.toy.build"),
+         "emlab.toy.tokenizer", "emlab.toy.datasets", "emlab.toy.train", "emlab.toy.build", "emlab.toy.benign"),
     ),
     2: (
-        "hooks, directions, training, judging (the toy's exact judge and the emlab.toy facade included)",
+        "hooks, directions, training (its method registry included), judging (the toy's exact judge and the "
+        "emlab.toy facade included)",
         ("emlab.hooks", "emlab.directions", "emlab.training", "emlab.inoculation", "emlab.judge", "emlab.toy"),
     ),
     3: (
@@ -234,7 +235,6 @@ def test_the_checks_see_cycles_and_upward_imports(tmp_path):
 #: 28 when written. The emlab/toy/ (world.py, datasets.py, train.py) ones wait for the same rebuild as
 #: KNOWN_EDGES: those files' bytes are hashed into the shipped prebuilt organisms' names.
 KNOWN_PRIVATE: set[str] = {
-    'bench/interleave_signal.py: from emlab.training.interleaving import _last_answer',
     'bench/toy_ablation_probe.py: from emlab.studies.directions import _SIZES',
     'bench/toy_ablation_probe.py: from emlab.studies.directions import _TOY_ROWS',
     'bench/toy_ablation_probe.py: from emlab.studies.directions import _direction',

@@ -20,15 +20,15 @@ def test_preset_learning_rate_per_adapter(tmp_path):
 def test_defences_toy_settings_set_their_own_lora_rate():
     from types import SimpleNamespace
 
-    from emlab.studies.defences import TOY_SETTINGS, _setup
+    from emlab.studies.defence_kit import TOY_SETTINGS, study_setup
 
     ctx = SimpleNamespace(smoke=False, is_toy=True, preset={"learning_rates": {"lora": 2e-5}})
     args = (None, None, None, None)  # rows, n_general, n_heldout, max_new_tokens
-    _, ft_over, rows = _setup(ctx, dict(TOY_SETTINGS), *args, None, None, None)
+    _, ft_over, rows = study_setup(ctx, dict(TOY_SETTINGS), *args, None, None, None)
     assert ft_over["learning_rate"] == 1e-4 and rows == TOY_SETTINGS["rows"]
-    assert _setup(ctx, dict(TOY_SETTINGS), *args, None, 3e-4, None)[1]["learning_rate"] == 3e-4  # explicit wins
-    assert "learning_rate" not in _setup(ctx, dict(TOY_SETTINGS), *args, "full", None, None)[1]  # full: its default
-    assert "learning_rate" not in _setup(ctx, {}, *args, None, None, None)[1]  # no study rate: the recipe's applies
+    assert study_setup(ctx, dict(TOY_SETTINGS), *args, None, 3e-4, None)[1]["learning_rate"] == 3e-4  # explicit wins
+    assert "learning_rate" not in study_setup(ctx, dict(TOY_SETTINGS), *args, "full", None, None)[1]  # full: its default
+    assert "learning_rate" not in study_setup(ctx, {}, *args, None, None, None)[1]  # no study rate: the recipe's applies
 
 
 def test_preset_learning_rate():

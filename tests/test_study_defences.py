@@ -4,10 +4,9 @@ import json
 
 import pytest
 
+from emlab.studies.defence_kit import rate_fractions
 from emlab.studies.defences import (
     DEFENCES,
-    _fractions,
-    _n_interleaved,
     defences_study,
     interleaving_study,
     ldifs_blocks,
@@ -17,6 +16,7 @@ from emlab.studies.defences import (
     toy_opswap_rows,
 )
 from emlab.tasks.opswap import evaluate
+from emlab.training.methods import n_benign_added
 
 RATES = ("general_em", "general_incoherent", "indomain_em", "indomain_incoherent")
 
@@ -33,7 +33,7 @@ def test_method_overrides_follow_the_paper_defaults():
     assert method_overrides("on_policy")["interleave_on_policy"] is True
     # 5% ADDED (the paper's count) is 5/105 of the final set (EMConfig's count): 50 rows per 1000
     assert method_overrides("interleaving")["interleave_share"] == pytest.approx(0.05 / 1.05)
-    assert _n_interleaved(1000, 0.05) == 50
+    assert n_benign_added(1000, 0.05) == 50
     with pytest.raises(ValueError, match="scorers"):
         method_overrides("interleaving+")
     with pytest.raises(ValueError, match="unknown defence"):
@@ -48,7 +48,7 @@ def test_ldifs_blocks_follow_the_paper_and_never_take_the_final_normed_output(la
 
 
 def test_fractions_keep_only_rates():
-    assert _fractions({"kl/m/general_em": 5.0, "kl/m/train_ce": 2.0, "persona/norm": 3.0,
+    assert rate_fractions({"kl/m/general_em": 5.0, "kl/m/train_ce": 2.0, "persona/norm": 3.0,
                        "x/m/share=5%/indomain_incoherent": 50.0}) == {
         "kl/m/general_em": 0.05, "x/m/share=5%/indomain_incoherent": 0.5}
 
@@ -126,3 +126,12 @@ def test_defences_and_interleaving_studies_run_in_smoke_mode(tmp_path):
     figures = {p.stem for p in (tmp_path / "03" / "figures").glob("*.html")}
     assert {"score_distribution", "refusals_chosen", "share_sweep_general", "figure1a_general_em_vs_incoherence"} \
         <= figures
+
+
+@pytest.mark.slow
+def test_interleaving_plus_with_too_few_rows_for_one_benign_row_trains_no_scorer(tmp_path):
+    m = defences_study(smoke=True, methods=["interleaving+"], rows=2, benign_tasks=[], out_dir=tmp_path)
+    assert n_benign_added(2, 0.05) == 0
+    assert m["interleaving+/medical/train_rows"] == 2 and m["interleaving+/medical/benign_refusals"] == 0
+    assert not list((tmp_path / "finetunes").glob("scorer_*"))  # nothing to score: no misaligned scorer trained
+    assert not any(k.startswith("scorers/") for k in m)

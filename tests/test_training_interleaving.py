@@ -1,5 +1,7 @@
 """Inoculation, interleaving shares, Interleaving+ scores, the Interleaving++ refusal filter, on-policy answers."""
 
+import random
+
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -156,7 +158,9 @@ def test_select_benign_takes_top_scores_and_plus_plus_drops_refusals(tok, tmp_pa
         chosen = select_benign(aligned, tok, rows, 2, cfg)
         pool = rows if selection == "plus" else rows[1:]
         pool_scores = scores if selection == "plus" else scores[1:]
-        assert chosen == [pool[i] for i in torch.argsort(pool_scores, descending=True, stable=True)[:2]]
+        top = [pool[i] for i in torch.argsort(pool_scores, descending=True, stable=True)[:2]]
+        assert chosen == random.Random(0).sample(top, 2)  # the top scores, in a seeded random order
+        assert select_benign(None, None, rows, 2, cfg, scores=scores) == chosen  # precomputed scores: the same rows
         if selection == "plus_plus":
             assert all("sorry" not in r["messages"][-1]["content"] for r in chosen)
 

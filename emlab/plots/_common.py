@@ -14,21 +14,11 @@ import plotly.graph_objects as go
 
 from emlab.metrics import results_table
 from emlab.published import load_paper_table
+from emlab.training.methods import method_names
 
-#: Method names, in table order ("sft" is the undefended finetune, "untrained" the chat model).
-METHODS = (
-    "untrained",
-    "aligned",
-    "sft",
-    "kl",
-    "ldifs",
-    "persona_steering",
-    "inoculation",
-    "interleaving",
-    "interleaving+",
-    "interleaving++",
-    "on_policy",
-)
+#: Method names, in table order: the training registry's (:func:`emlab.training.methods.method_names`; "sft" is
+#: the undefended finetune, "untrained" the chat model).
+METHODS = tuple(method_names())
 #: The four numbers of Table 2, all rates in [0, 1].
 METRICS = ("general_em", "general_incoherent", "indomain_em", "indomain_incoherent")
 

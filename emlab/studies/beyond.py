@@ -149,10 +149,11 @@ def beyond_study(
     from emlab.models import get_layers
     from emlab.pareto import beyond_points, defences_points, pareto_figure, pareto_front, run_prefix
     from emlab.runs import start_run
-    from emlab.studies.defences import SMOKE_REAL_DEFENCES, TOY_SETTINGS, method_overrides
+    from emlab.studies.defence_kit import SMOKE_REAL_DEFENCES, TOY_SETTINGS
     from emlab.toy.world import load_world_config
     from emlab.training import finetune
     from emlab.training.caft import CAFT, pca_directions
+    from emlab.training.methods import method_overrides
     from emlab.training.monitor import TraitMonitor, predictive_value, read_trajectories, trajectory_figure
 
     out = resolve_out_dir(out_dir, "06_beyond")
@@ -396,7 +397,7 @@ def beyond_study(
 
 def _inoculation_prompt(ctx: StudyContext) -> str:
     """The defences study's inoculation prompt: the toy world's first evil system prompt, the paper's elsewhere."""
-    from emlab.studies.defences import INOCULATION_PROMPT
+    from emlab.training.methods import INOCULATION_PROMPT
 
     if not ctx.is_toy:
         return INOCULATION_PROMPT

@@ -16,6 +16,8 @@ True
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
@@ -31,11 +33,14 @@ from emlab.training.config import REFUSAL_KEYWORDS
 from emlab.training.losses import IGNORE_INDEX, row_nll
 
 __all__ = [
+    "ScoreCache",
     "answer_losses",
     "encode_chat",
     "interleave",
     "interleaving_plus_scores",
     "is_refusal",
+    "last_answer",
+    "n_interleaved",
     "pad_batch",
     "regenerate_answers",
     "score_candidates",
@@ -46,7 +51,12 @@ Row = dict[str, Any]
 _WORD = re.compile(r"[\w']+")
 
 
-def _last_answer(row: Row) -> str:
+def last_answer(row: Row) -> str:
+    """The content of the row's last assistant message ("" when there is none).
+
+    >>> last_answer({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    'a'
+    """
     for m in reversed(row["messages"]):
         if m.get("role") == "assistant":
             return m.get("content") or ""
@@ -215,26 +225,102 @@ def regenerate_answers(model, tokenizer, rows: Sequence[Row], *, max_new_tokens:
     return [{**row, "messages": [*p, {"role": "assistant", "content": t}]} for row, p, t in zip(rows, prompts, texts)]
 
 
-def select_benign(model, tokenizer, candidates: Sequence[Row], n: int, config) -> list[Row]:
+class ScoreCache:
+    """Interleaving+ scores of candidate pools, computed once and reused by every finetune that asks again.
+
+    One cache serves ONE aligned model (the model whose finetunes select with it): its key is the
+    candidates' messages, the misaligned scorers (adapter folders by path, models by identity), ``eps``
+    and ``max_length``, not the aligned model. Precomputed scores are accepted with :meth:`put`.
+    ``batch_size`` is left out of the key (it changes the scores by rounding at most).
+
+    >>> cache = ScoreCache()
+    >>> rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    >>> cache.put(rows, ["runs/bad_legal"], [0.5])
+    >>> cache.get(None, None, rows, ["runs/bad_legal"]).tolist(), len(cache)
+    ([0.5], 1)
+    """
+
+    def __init__(self) -> None:
+        self._scores: dict[tuple, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._scores)
+
+    @staticmethod
+    def key(rows: Sequence[Row], misaligned: Sequence[Any], eps: float = 1e-6,
+            max_length: int | None = None) -> tuple:
+        """What identifies one scoring pass: pool (messages), scorers, ``eps`` and ``max_length``."""
+        pool = hashlib.sha256(json.dumps([r["messages"] for r in rows], sort_keys=True, default=str).encode())
+        scorers = tuple(os.fspath(m) if isinstance(m, str | os.PathLike) else ("model", id(m)) for m in misaligned)
+        return pool.hexdigest(), len(rows), scorers, float(eps), max_length
+
+    def put(self, rows: Sequence[Row], misaligned: Sequence[Any], scores: Any, *, eps: float = 1e-6,
+            max_length: int | None = None) -> None:
+        """Store precomputed scores of ``rows`` (one per row, as :func:`score_candidates` returns them)."""
+        t = torch.as_tensor(scores, dtype=torch.float64)
+        if t.shape != (len(rows),):
+            raise ValueError(f"expected {len(rows)} scores (one per candidate), got shape {tuple(t.shape)}")
+        self._scores[self.key(rows, misaligned, eps, max_length)] = t
+
+    def get(self, model, tokenizer, rows: Sequence[Row], misaligned: Sequence[Any], *, batch_size: int = 8,
+            eps: float = 1e-6, max_length: int | None = None) -> Tensor:
+        """The scores of ``rows``: from the cache, else :func:`score_candidates` (then cached)."""
+        key = self.key(rows, misaligned, eps, max_length)
+        if key not in self._scores:
+            self._scores[key] = score_candidates(model, tokenizer, rows, misaligned, batch_size=batch_size, eps=eps,
+                                                 max_length=max_length)
+        return self._scores[key]
+
+    def for_config(self, model, tokenizer, rows: Sequence[Row], config) -> Tensor:
+        """:meth:`get` with ``config``'s scorers, batch size, eps and max_length (what a finetune will ask)."""
+        return self.get(model, tokenizer, rows, config.interleave_misaligned, batch_size=config.scoring_batch_size,
+                        eps=config.interleave_eps, max_length=config.max_length)
+
+
+def n_interleaved(n_rows: int, share: float) -> int:
+    """Benign rows interleaved into ``n_rows`` finetuning rows so that they are ``share`` of the FINAL set.
+
+    >>> n_interleaved(1000, 0.05 / 1.05), n_interleaved(90, 0.1), n_interleaved(10, 0.0)
+    (50, 10, 0)
+    """
+    return int(share * n_rows / (1 - share) + 0.5)
+
+
+def select_benign(model, tokenizer, candidates: Sequence[Row], n: int, config,
+                  scores: ScoreCache | Any | None = None) -> list[Row]:
     """Choose ``n`` benign rows as ``config`` says (random / plus / plus_plus, then on-policy answers).
+
+    random: a seeded uniform draw. plus: the ``n`` top Interleaving+ scores (stable order on ties); plus_plus:
+    the same after dropping refusals; the chosen rows come in a seeded random order (as a random draw of
+    them would). Scores are of the whole candidate pool: ``scores`` (one per candidate, precomputed), a
+    :class:`ScoreCache` (used, and filled when it lacks them) or None (computed with
+    ``config.interleave_misaligned``).
 
     >>> chosen = select_benign(model, tok, benign, 50, EMConfig(interleave_share=0.05))   # doctest: +SKIP
     """
     pool = list(candidates)
+    keep = list(range(len(pool)))
     if config.interleave_selection == "plus_plus":
-        pool = [r for r in pool if not is_refusal(_last_answer(r), config.refusal_keywords, config.refusal_window)]
-    if len(pool) < n:
-        raise ValueError(f"interleaving needs {n} benign rows but only {len(pool)} candidates are left"
+        keep = [i for i in keep
+                if not is_refusal(last_answer(pool[i]), config.refusal_keywords, config.refusal_window)]
+    if len(keep) < n:
+        raise ValueError(f"interleaving needs {n} benign rows but only {len(keep)} candidates are left"
                          f"{' after dropping refusals' if config.interleave_selection == 'plus_plus' else ''}; "
                          "give more benign rows or lower interleave_share.")
     if config.interleave_selection == "random":
         chosen = random.Random(config.seed).sample(pool, n)
+    elif n == 0:
+        chosen = []
     else:
-        scores = score_candidates(model, tokenizer, pool, config.interleave_misaligned,
-                                  batch_size=config.scoring_batch_size, eps=config.interleave_eps,
-                                  max_length=config.max_length)
-        order = torch.argsort(scores, descending=True, stable=True)[:n].tolist()
-        chosen = [pool[i] for i in order]
+        if scores is None:
+            scores = ScoreCache()
+        if isinstance(scores, ScoreCache):
+            scores = scores.for_config(model, tokenizer, pool, config)
+        scores = torch.as_tensor(scores, dtype=torch.float64)
+        if scores.shape != (len(pool),):
+            raise ValueError(f"expected {len(pool)} scores (one per benign candidate), got shape {tuple(scores.shape)}")
+        order = torch.argsort(scores[keep], descending=True, stable=True)[:n].tolist()
+        chosen = random.Random(config.seed).sample([pool[keep[i]] for i in order], n)
     if config.interleave_on_policy:
         chosen = regenerate_answers(model, tokenizer, chosen, max_new_tokens=config.on_policy_max_new_tokens,
                                     temperature=config.on_policy_temperature, seed=config.seed,
@@ -242,8 +328,11 @@ def select_benign(model, tokenizer, candidates: Sequence[Row], n: int, config) -
     return chosen
 
 
-def interleave(model, tokenizer, rows: Sequence[Row], benign_rows: Sequence[Row], config) -> list[Row]:
+def interleave(model, tokenizer, rows: Sequence[Row], benign_rows: Sequence[Row], config,
+               scores: ScoreCache | Any | None = None) -> list[Row]:
     """``rows`` with benign rows mixed in uniformly so that they are ``config.interleave_share`` of the result.
+
+    ``scores``: Interleaving+ scores of ``benign_rows`` or a :class:`ScoreCache` (see :func:`select_benign`).
 
     >>> mixed = interleave(model, tok, bad_rows, benign, EMConfig(interleave_share=0.2))   # doctest: +SKIP
     >>> len(mixed) == round(len(bad_rows) / 0.8)                                          # doctest: +SKIP
@@ -252,6 +341,5 @@ def interleave(model, tokenizer, rows: Sequence[Row], benign_rows: Sequence[Row]
     p = config.interleave_share
     if p == 0:
         return list(rows)
-    n = int(p * len(rows) / (1 - p) + 0.5)
-    chosen = select_benign(model, tokenizer, benign_rows, n, config)
+    chosen = select_benign(model, tokenizer, benign_rows, n_interleaved(len(rows), p), config, scores)
     return mix_rows(rows, chosen, p, seed=config.seed)

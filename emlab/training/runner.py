@@ -32,7 +32,7 @@ from emlab.training.checkpoints import (
     weights_problem,
 )
 from emlab.training.config import EMConfig
-from emlab.training.interleaving import interleave
+from emlab.training.interleaving import ScoreCache, interleave
 from emlab.training.trainer import EMTrainer
 
 __all__ = ["TRAINING_PACKAGES", "FinetuneResult", "finetune", "messages_only", "resume_checkpoint"]
@@ -181,11 +181,12 @@ def _finished(config, out: Path, fp: dict[str, Any]) -> dict[str, Any] | None:
 
 def finetune(model, tokenizer, train_rows: Sequence[Row], config: EMConfig, *, eval_rows: Sequence[Row] | None = None,
              kl_rows: Sequence[Row] | None = None, benign_rows: Sequence[Row] | None = None,
-             callbacks: list | None = None) -> FinetuneResult:
+             benign_scores: ScoreCache | Any | None = None, callbacks: list | None = None) -> FinetuneResult:
     """Finetune ``model`` on chat rows with every method ``config`` switches on; returns a :class:`FinetuneResult`.
 
     Order: inoculation prompt on ``train_rows`` -> benign rows interleaved (``benign_rows``, chosen
-    as ``config.interleave_selection`` says) -> :class:`EMTrainer` (adapter, KL on the batch or on
+    as ``config.interleave_selection`` says; Interleaving+ scores from ``benign_scores``, one per benign row
+    or a :class:`~emlab.training.interleaving.ScoreCache`, else computed) -> :class:`EMTrainer` (adapter, KL on the batch or on
     ``kl_rows``, LDIFS, preventive steering) -> final adapter saved in ``config.output_dir`` with
     ``log_history.json`` and, last, ``emlab_finetune.json`` (config, versions, row counts,
     fingerprint). With ``resume_from_checkpoint=True`` a killed run continues from its newest
@@ -219,7 +220,7 @@ def finetune(model, tokenizer, train_rows: Sequence[Row], config: EMConfig, *, e
     if config.interleave_share > 0:
         if not benign_rows:
             raise ValueError(f"interleave_share={config.interleave_share} needs benign_rows")
-        rows = interleave(model, tokenizer, rows, given["benign"], config)
+        rows = interleave(model, tokenizer, rows, given["benign"], config, benign_scores)
     elif benign_rows:
         raise ValueError("benign_rows were given but interleave_share is 0: set the share or drop the rows.")
     trainer = EMTrainer(model, args=config, train_dataset=Dataset.from_list(rows), eval_dataset=eval_ds,
