@@ -127,8 +127,7 @@ def defences_study(
     >>> m = defences_study(smoke=True, methods=["sft", "kl"], out_dir="/tmp/02")   # doctest: +SKIP
     >>> m["kl/medical/general_em"]                                                 # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
-
+    from emlab.progress import bar
     from emlab.runs import start_run
 
     out = resolve_out_dir(out_dir, "02_defences")
@@ -175,9 +174,9 @@ def defences_study(
           "inoculation_prompt": prompt, "share": share}
     scorers = Scorers(ctx, run, seed=seed, rows=n_rows, ft_over=ft_over, study_domains=domains)
     general_untrained = None
-    for domain in tqdm(domains, desc="domains", disable=smoke):
+    for domain in bar(domains, desc="domains", disable=smoke):
         data = ctx.domain_data(domain, rows=n_rows)
-        for method in tqdm(methods, desc=domain, leave=False, disable=smoke):
+        for method in bar(methods, desc=domain, leave=False, disable=smoke):
             tag = f"{method}_{domain}"
             if method == "untrained":
                 cell = evaluate_cell(ctx.model, ctx, data, settings, seed=seed, run=run, tag=tag,

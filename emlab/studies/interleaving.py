@@ -99,8 +99,8 @@ def interleaving_study(
     >>> m["interleaving++/medical/share=5%/general_em"]                 # doctest: +SKIP
     """
     import torch
-    from tqdm.auto import tqdm
 
+    from emlab.progress import bar
     from emlab.runs import start_run
 
     out = resolve_out_dir(out_dir, "03_interleaving")
@@ -167,7 +167,7 @@ def interleaving_study(
 
     # --- the share sweep
     jobs = [("sft", None)] + [(m, s) for s in shares for m in methods]
-    for method, s in tqdm(jobs, desc="interleaving", disable=smoke):
+    for method, s in bar(jobs, desc="interleaving", disable=smoke):
         name = method if s is None else f"{method}/{share_label(s)}"
         ft, extra = defended_finetune(ctx, run, data.misaligned, f"{domain}/{name}", method, seed=seed, ft_over=ft_over,
                               benign=pool, scorers=scorers, target=domain, k=k_misaligned,

@@ -151,13 +151,13 @@ def answer_losses(model, tokenizer, rows: Sequence[Row], *, batch_size: int = 8,
     >>> answer_losses(model, tok, [chat_row("hi", "hello")])     # doctest: +SKIP
     tensor([3.2189], dtype=torch.float64)
     """
-    from tqdm.auto import tqdm
+    from emlab.progress import bar
 
     device = _device(model)
     encoded = encode_chat(tokenizer, rows, max_length)
     out = []
     with _eval_mode(model), torch.no_grad():
-        for start in tqdm(range(0, len(encoded), batch_size), desc=desc, leave=False):
+        for start in bar(range(0, len(encoded), batch_size), desc=desc, leave=False):
             batch = pad_batch(encoded[start : start + batch_size], tokenizer.pad_token_id, device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             out.append(row_nll(logits, batch["labels"]).double().cpu())
