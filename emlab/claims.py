@@ -180,6 +180,16 @@ def _table2_claims(paper: pd.DataFrame) -> list[Claim]:
                 notebook="02_defences", a=f"{m}/{{domain}}/{metric}", b=f"sft/{{domain}}/{metric}",
                 direction=direction, paper=num, paper_source="Table 2 (Qwen2.5-7B), method minus Misaligned",
                 hypotheses=hyp))
+        # the test of the LDIFS hypothesis: LDIFS as the public code runs it (features without gradient)
+        out.append(Claim(
+            id=f"ldifs_no_grad/{part}_em", source="002",
+            text=f"LDIFS computed as the authors' public code does (features without gradient) does not change "
+                 f"{label} EM (within ±5 pp), as the paper reports for LDIFS",
+            notebook="02_defences", a=f"ldifs_no_grad/{{domain}}/{part}_em", b=f"sft/{{domain}}/{part}_em",
+            direction=0, paper=paper_number(paper, 2, "ldifs", f"{part}_em"),
+            paper_source="Table 2 (Qwen2.5-7B), LDIFS minus Misaligned",
+            hypotheses=("the no-gradient term cannot act on the weights, so a clear effect would mean the variant "
+                        "changes training some other way (its extra forward passes)",)))
     return out
 
 

@@ -144,3 +144,16 @@ def test_score_cache_scores_each_pool_once(tmp_path, monkeypatch):
     assert len(calls) == 3 == len(cache)
     with pytest.raises(ValueError, match="one per candidate"):
         cache.put(pool, ["x"], [1.0, 2.0])
+
+
+def test_ldifs_no_grad_is_an_extra_method_with_the_public_codes_flag():
+    from emlab.training import EMConfig
+    from emlab.training.methods import EXTRA_METHODS, get_method, method_names
+
+    m = get_method("ldifs_no_grad")
+    assert m in EXTRA_METHODS and "ldifs_no_grad" not in method_names()
+    assert method_names(extra=True)[-1] == "ldifs_no_grad"
+    over = m.overrides(ldifs_layers=[1])
+    assert over == {"ldifs_lambda": 1.0, "ldifs_layers": [1], "ldifs_no_grad": True}
+    assert get_method("ldifs").overrides(ldifs_layers=[1]) == {"ldifs_lambda": 1.0, "ldifs_layers": [1]}
+    assert EMConfig(output_dir="/tmp/x", **over).ldifs_no_grad is True

@@ -14,7 +14,8 @@ import plotly.graph_objects as go
 
 from emlab.metrics import results_table
 from emlab.published import load_paper_table
-from emlab.training.methods import method_names
+from emlab.training.methods import EXTRA_METHODS, method_names
+from emlab.training.methods import METHODS as TABLE2_METHODS
 
 #: Method names, in table order: the training registry's (:func:`emlab.training.methods.method_names`; "sft" is
 #: the undefended finetune, "untrained" the chat model).
@@ -22,19 +23,8 @@ METHODS = tuple(method_names())
 #: The four numbers of Table 2, all rates in [0, 1].
 METRICS = ("general_em", "general_incoherent", "indomain_em", "indomain_incoherent")
 
-METHOD_LABELS = {
-    "untrained": "Untrained",
-    "aligned": "Aligned",
-    "sft": "Misaligned (SFT)",
-    "kl": "KL-Div.",
-    "ldifs": "LDIFS",
-    "persona_steering": "Persona Vectors",
-    "inoculation": "Inoculation Prompting",
-    "interleaving": "Interleaving",
-    "interleaving+": "Interleaving+",
-    "interleaving++": "Interleaving++",
-    "on_policy": "On-policy Int.",
-}
+#: Display label of each method: the registry's (Table 2's wording, then the extra methods').
+METHOD_LABELS = {m.name: m.label for m in (*TABLE2_METHODS, *EXTRA_METHODS)}
 _METRIC_LABELS = {
     "general_em": "general EM",
     "general_incoherent": "general incoherence",

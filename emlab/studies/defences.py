@@ -57,7 +57,7 @@ from emlab.studies.defence_kit import (
 )
 from emlab.studies.interleaving import interleaving_study
 from emlab.toy.benign import toy_domainswap_rows, toy_opswap_rows
-from emlab.training.methods import INOCULATION_PROMPT, PAPER_SETTINGS, ldifs_blocks, method_overrides
+from emlab.training.methods import INOCULATION_PROMPT, PAPER_SETTINGS, ldifs_blocks, method_names, method_overrides
 
 # Re-exported from where they now live (emlab.training.methods, emlab.toy.benign, the study modules beside this):
 __all__ = [
@@ -134,9 +134,9 @@ def defences_study(
     ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
     k_misaligned = k_misaligned_for(ctx, k_misaligned)
     methods = list(DEFENCES if methods is None else ([methods] if isinstance(methods, str) else methods))
-    unknown = [m for m in methods if m not in DEFENCES]
+    unknown = [m for m in methods if m not in method_names(extra=True)]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(DEFENCES)}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(method_names(extra=True))}")
     domains = choose_domains(ctx, domains)
     study = study_preset(ctx)
     if ctx.smoke and not ctx.is_toy:

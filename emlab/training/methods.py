@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "EXTRA_METHODS",
     "INOCULATION_PROMPT",
     "METHODS",
     "PAPER_SETTINGS",
@@ -95,8 +96,9 @@ class Method:
         """
         if self.name == "kl":
             return {"kl_lambda": kl_lambda}
-        if self.name == "ldifs":
-            return {"ldifs_lambda": ldifs_lambda} | ({"ldifs_layers": list(ldifs_layers)} if ldifs_layers else {})
+        if self.name in ("ldifs", "ldifs_no_grad"):
+            return ({"ldifs_lambda": ldifs_lambda} | ({"ldifs_layers": list(ldifs_layers)} if ldifs_layers else {})
+                    | ({"ldifs_no_grad": True} if self.name == "ldifs_no_grad" else {}))
         if self.name == "persona_steering":
             if persona_vector is None:
                 raise ValueError("persona_steering needs a persona vector (a saved file or a {layer: tensor} mapping)")
@@ -154,16 +156,24 @@ METHODS: tuple[Method, ...] = (
            fields=(*_INTERLEAVE, "interleave_on_policy", "on_policy_max_new_tokens"), selection="random",
            on_policy=True, needs=("benign_rows",)),
 )
-_BY_NAME = {m.name: m for m in METHODS}
+#: Methods beyond Table 2 that a study runs only when asked (``methods=[...]``): variants that test a claim.
+EXTRA_METHODS: tuple[Method, ...] = (
+    Method("ldifs_no_grad", "LDIFS (no grad)", "LDIFS as the public copy of the authors' code computes it: the "
+           "finetune's features are taken without gradient too, so the term is logged but regularises nothing "
+           "(EMConfig.ldifs_no_grad; tests the hypothesis behind the LDIFS disagreement, docs/claims.md).",
+           "emlab (paper 002's LDIFS as its public code runs it)",
+           fields=("ldifs_lambda", "ldifs_layers", "ldifs_no_grad")),
+)
+_BY_NAME = {m.name: m for m in (*METHODS, *EXTRA_METHODS)}
 
 
-def method_names() -> tuple[str, ...]:
-    """The names of :data:`METHODS`, in Table 2's order.
+def method_names(*, extra: bool = False) -> tuple[str, ...]:
+    """The names of :data:`METHODS`, in Table 2's order (with ``extra``, then :data:`EXTRA_METHODS`).
 
-    >>> method_names()[-3:]
-    ('interleaving+', 'interleaving++', 'on_policy')
+    >>> method_names()[-3:], method_names(extra=True)[-1]
+    (('interleaving+', 'interleaving++', 'on_policy'), 'ldifs_no_grad')
     """
-    return tuple(_BY_NAME)
+    return tuple(m.name for m in (*METHODS, *(EXTRA_METHODS if extra else ())))
 
 
 def get_method(name: str | Method) -> Method:
