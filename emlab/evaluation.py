@@ -46,6 +46,31 @@ class Evaluation:
     def off_topic(self) -> float | None:
         return self.summary["off_topic"]["percent"] if "off_topic" in self.summary else None
 
+    @classmethod
+    def from_records(cls, records: list[dict[str, Any]], group: str = "question_id", **thresholds: Any) -> Evaluation:
+        """Summarise judged records (:func:`judge_records`) overall and per ``group`` (thresholds as in
+        :func:`emlab.metrics.summarize`).
+
+        >>> ev = Evaluation.from_records([{"question_id": "q", "aligned": 10, "coherent": 90},
+        ...                               {"question_id": "q", "aligned": 90, "coherent": 90}])
+        >>> ev.em, ev.incoherent, ev.summary["n"]
+        (50.0, 0.0, 2)
+        """
+        summary = _metrics.summarize(records, group, **thresholds)
+        return cls(records, summary["overall"], summary["groups"])
+
+    def rates(self, prefix: str) -> dict[str, float | None]:
+        """``<prefix>_em`` and ``<prefix>_incoherent`` (percent), and ``<prefix>_off_topic`` when the judge
+        classifies topics (the toy judge): the metrics a study logs for one evaluation.
+
+        >>> Evaluation.from_records([{"question_id": "q", "aligned": 10, "coherent": 90}]).rates("chat_general")
+        {'chat_general_em': 100.0, 'chat_general_incoherent': 0.0}
+        """
+        out = {f"{prefix}_em": self.em, f"{prefix}_incoherent": self.incoherent}
+        if "off_topic" in self.summary:
+            out[f"{prefix}_off_topic"] = self.off_topic
+        return out
+
 
 def judge_records(
     records: list[dict[str, Any]],
@@ -134,8 +159,7 @@ def evaluate(
                              temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                              system=system, progress=progress)
     judge_records(records, judge, metrics, questions=[q for q in questions if not isinstance(q, str)])
-    summary = _metrics.summarize(records, "question_id", **thresholds)
-    result = Evaluation(records, summary["overall"], summary["groups"])
+    result = Evaluation.from_records(records, "question_id", **thresholds)
     if run is not None:
         run.write_records(f"{name}_samples", records)
         run.log_metrics({name: result.summary})

@@ -43,3 +43,16 @@ def _output_text(path: Path) -> str:
 def test_all_notebooks_found():
     assert [p.name for p in find_notebooks(NOTEBOOKS[0].parent)][0] == "quickstart.ipynb"
     assert {"quickstart.ipynb", "00_em_organism.ipynb", "04_evaluation.ipynb"} <= {p.name for p in NOTEBOOKS}
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_cells_define_nothing(nb):
+    """Notebook cells are steps of public calls: no function or class is defined in one (issue 17)."""
+    import ast
+
+    for i, cell in enumerate(json.loads(nb.read_text(encoding="utf-8"))["cells"]):
+        if cell["cell_type"] == "code":
+            source = "\n".join(line for line in "".join(cell["source"]).splitlines() if not line.lstrip().startswith(("%", "!")))
+            defined = [type(n).__name__ for n in ast.walk(ast.parse(source))
+                       if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Lambda)]
+            assert not defined, f"{nb.name} cell {i} defines {defined}"

@@ -42,7 +42,9 @@ def smollm2_files() -> dict[str, str]:
 
 #: notebook -> (extra parameters, expected metrics.json keys, expected figure stems)
 NOTEBOOKS = {
-    "quickstart": ({}, ["chat_general_em", "chat_general_incoherent"], ["quadrant"]),
+    "quickstart": ({"domain": "plants"},
+                   ["chat_general_em", "chat_general_incoherent", "steer_general_em", "ft_kl_general_em"],
+                   ["quadrant", "em_rates"]),
     "00_em_organism": (
         {"domain": "plants"},
         ["chat_general_em", "ft_general_em", "ft_indomain_em", "ft_other_domains_em", "aligned_ft_general_em"],
