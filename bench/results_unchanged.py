@@ -1,0 +1,55 @@
+"""Issue 17's "results unchanged" check: the metrics.json values of two sweeps of the same notebook cells
+(before and after a change), compared cell by cell (matched by their parameters).
+
+    PYTHONPATH=$PWD python bench/results_unchanged.py BEFORE_SWEEP AFTER_SWEEP
+
+Prints, per cell, how many numbers are identical and every key that differs or exists on one side only;
+training wall times (``*runtime*``, ``*_per_second``, ``*seconds*``, ``*_s``) are left out. Exit code 0
+when every cell is identical, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from emlab.metrics import flatten
+from emlab.plots.sweep import sweep_cells
+
+_TIMING = re.compile(r"runtime|per_second|seconds|_s$|wall|time")
+
+
+def cells(sweep: str) -> dict[str, dict]:
+    out = {}
+    for _, run_dir in sweep_cells(sweep):
+        params = json.loads((run_dir / "notebook.json").read_text())["parameters"]
+        key = json.dumps({k: v for k, v in params.items() if k != "out_dir"}, sort_keys=True)
+        out[key] = {k: v for k, v in flatten(json.loads((run_dir / "metrics.json").read_text())).items()
+                    if not _TIMING.search(k)}
+    return out
+
+
+def main(before: str, after: str) -> int:
+    a, b = cells(before), cells(after)
+    same_all = True
+    for key in sorted(set(a) | set(b)):
+        if key not in a or key not in b:
+            print(f"{key}: only in {'after' if key not in a else 'before'}")
+            same_all = False
+            continue
+        ma, mb = a[key], b[key]
+        diff = sorted(k for k in set(ma) | set(mb) if ma.get(k, "<missing>") != mb.get(k, "<missing>"))
+        print(f"{key}: {len(set(ma) & set(mb)) - len(diff)} values identical, {len(diff)} differ")
+        for k in diff[:20]:
+            print(f"  {k}: {ma.get(k, '<missing>')} -> {mb.get(k, '<missing>')}")
+        same_all &= not diff
+    return 0 if same_all else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(sys.argv[1], sys.argv[2]))
