@@ -21,18 +21,25 @@ from emlab.plots.sweep import sweep_cells
 _TIMING = re.compile(r"runtime|per_second|seconds|_s$|wall|time")
 
 
-def cells(sweep: str) -> dict[str, dict]:
-    out = {}
+def cells(sweep: str) -> list[tuple[dict, dict]]:
+    out = []
     for _, run_dir in sweep_cells(sweep):
         params = json.loads((run_dir / "notebook.json").read_text())["parameters"]
-        key = json.dumps({k: v for k, v in params.items() if k != "out_dir"}, sort_keys=True)
-        out[key] = {k: v for k, v in flatten(json.loads((run_dir / "metrics.json").read_text())).items()
-                    if not _TIMING.search(k)}
+        metrics = {k: v for k, v in flatten(json.loads((run_dir / "metrics.json").read_text())).items()
+                   if not _TIMING.search(k)}
+        out.append(({k: v for k, v in params.items() if k != "out_dir"}, metrics))
     return out
 
 
+def keyed(cells_: list[tuple[dict, dict]], names: set[str]) -> dict[str, dict]:
+    return {json.dumps({k: v for k, v in p.items() if k in names}, sort_keys=True): m for p, m in cells_}
+
+
 def main(before: str, after: str) -> int:
-    a, b = cells(before), cells(after)
+    ca, cb = cells(before), cells(after)
+    # cells match on the parameters both sweeps set (a parameter one sweep leaves at its default is not compared)
+    names = set.intersection(*[set(p) for p, _ in ca + cb]) if ca and cb else set()
+    a, b = keyed(ca, names), keyed(cb, names)
     same_all = True
     for key in sorted(set(a) | set(b)):
         if key not in a or key not in b:
