@@ -28,9 +28,9 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
     0: (
         "foundations: run folders, data files, questions, presets, metrics (and the results table), progress bars, the "
         "published numbers, threads, chat templates, tasks",
-        ("emlab.version", "emlab.progress", "emlab.threads", "emlab.metrics", "emlab.runs", "emlab.data", "emlab.fetch",
-         "emlab.questions", "emlab.presets", "emlab.packaged", "emlab.published", "emlab.chat_templates",
-         "emlab.tasks"),
+        ("emlab.version", "emlab.progress", "emlab.threads", "emlab.metrics", "emlab.runs", "emlab.rows", "emlab.data",
+         "emlab.download", "emlab.fetch", "emlab.questions", "emlab.presets", "emlab.packaged", "emlab.published",
+         "emlab.chat_templates", "emlab.tasks"),
     ),
     1: (
         "models: loading, generation, the toy organism's world, build and benign tasks, the Direction type",

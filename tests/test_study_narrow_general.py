@@ -7,11 +7,11 @@ import pytest
 
 from emlab.studies.narrow_general import (
     KINDS,
-    _put,
     narrow_general_study,
     summarize_seeds,
     technical_style_study,
 )
+from emlab.studies.narrow_probes import put_metric
 
 REQUIRED = (
     "general_em_general", "general_em_narrow", "indomain_em_general", "indomain_em_narrow",
@@ -85,9 +85,9 @@ def test_unknown_kind_is_refused():
 
 def test_put_keeps_finite_values_and_explains_the_rest():
     m: dict = {}
-    _put(m, "a", 1.5, "unused")
-    _put(m, "b", float("nan"), "R undefined")
-    _put(m, "c", None, "not measured")
+    put_metric(m, "a", 1.5, "unused")
+    put_metric(m, "b", float("nan"), "R undefined")
+    put_metric(m, "c", None, "not measured")
     assert m["a"] == 1.5 and m["b"] is None and m["c"] is None
     assert m["none_reasons"] == {"b": "R undefined (got nan)", "c": "not measured"}
 

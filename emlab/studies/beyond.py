@@ -40,10 +40,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from emlab.studies.beyond_steps import (
+    conditional_cells,
+    em_by_method_figure,
+    load_study_figures,
+    realign_part,
+    sae_part,
+    save_figure,
+)
 from emlab.studies.common import StudyContext, finetune_config, preset_learning_rate, resolve_out_dir, smoke_trait
 from emlab.studies.organism import eval_model, eval_settings
 
@@ -294,11 +302,11 @@ def beyond_study(
     resembling = resembling_transforms(inoculation_prompt, data.misaligned, transforms) if conditional else {}
     if conditional:
         with sft.active():
-            metrics.update(_conditional_cells(sft.model, "sft", cell, resembling, ctx, run, data, settings, seed))
+            metrics.update(conditional_cells(sft.model, "sft", cell, resembling, ctx, run, data, settings, seed))
 
     if sae:
         with sft.active():
-            metrics.update(_sae_part(ctx, run, data, sft.model, directions, layer, evaluate, neutral, seed=seed,
+            metrics.update(sae_part(ctx, run, data, sft.model, directions, layer, evaluate, neutral, seed=seed,
                                      scale=sae_steer_scale, smoke=smoke))
 
     pcs = pca_directions(ctx.model, sft.model, ctx.tokenizer, data.misaligned[: min(len(data.misaligned), 256)],
@@ -306,7 +314,7 @@ def beyond_study(
     metrics["caft/pca/explained"] = sum(p.meta["explained"][layer] for p in pcs)
     metrics["caft/pca/cosine_misalignment"] = max(abs(p.cosine(misdir)[layer]) for p in pcs)
     if realign_rows:
-        metrics.update(_realign_part(ctx, run, data, sft, cell, realign_rows, settings, seed, over))
+        metrics.update(realign_part(ctx, run, data, sft, cell, realign_rows, settings, seed, over))
     del sft
     variants: dict[str, Any] = {"misalignment": misdir, "pca": pcs}
     if "persona" in directions:
@@ -343,7 +351,7 @@ def beyond_study(
             with ft.active():
                 cell = evaluate(ft.model, f"conditional_{name}")
                 final_em[f"conditional_{name}"] = cell["general_em"]
-                metrics.update(_conditional_cells(ft.model, name, cell, resembling, ctx, run, data, settings, seed))
+                metrics.update(conditional_cells(ft.model, name, cell, resembling, ctx, run, data, settings, seed))
             del ft
     if inoculation_prompts is not None:
         sweep = inoculation_sweep(ctx.model, ctx.tokenizer, data.misaligned, inoculation_prompts,
@@ -378,16 +386,16 @@ def beyond_study(
                 metrics[f"monitor/{short}/{frac}/{stat}"] = pv[frac][stat]
         metrics[f"monitor/{short}/n_above_threshold"] = pv["n_above"]
     run.log_metrics({k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()})
-    _save(run, trajectory_figure(trajectories, title=f"Trait trajectories ({ctx.model_name}, {domain}, seed {seed})"),
+    save_figure(run, trajectory_figure(trajectories, title=f"Trait trajectories ({ctx.model_name}, {domain}, seed {seed})"),
           "trait_trajectories", not smoke)
-    _save(run, _bars(metrics, final_em), "em_by_method", not smoke)
+    save_figure(run, em_by_method_figure(metrics, final_em), "em_by_method", not smoke)
     points = beyond_points(metrics)
     for folder in defence_runs:
         points.update(defences_points(folder, prefix=run_prefix(folder)))
     if points:
         front = pareto_front(points)
         run.log_metrics({"pareto/front": front})
-        _save(run, pareto_figure(points, title=f"General EM against in-domain EM kept ({ctx.model_name}, {domain})"),
+        save_figure(run, pareto_figure(points, title=f"General EM against in-domain EM kept ({ctx.model_name}, {domain})"),
               "pareto", not smoke)
     else:
         run.note("pareto: no method has both a general EM and an in-domain EM kept (SFT's in-domain EM is 0 or "
@@ -410,131 +418,3 @@ def _n_benign(n_rows: int, share: float) -> int:
     """Benign rows interleaved into ``n_rows`` at ``share`` ADDED (as the defences study and EMConfig count)."""
     p = share / (1 + share)
     return int(p * n_rows / (1 - p) + 0.5)
-
-
-def _conditional_cells(model, name: str, cell: Mapping[str, Any], transforms: Mapping[str, Any], ctx: StudyContext,
-                       run, data, settings: Mapping[str, Any], seed: int) -> dict[str, Any]:
-    """General EM of ``model`` without (``cell``, already measured) and with each transform; ``conditional/<name>/...``."""
-    out: dict[str, Any] = {f"conditional/{name}/none/general_em": cell["general_em"],
-                           f"conditional/{name}/none/general_incoherent": cell["general_incoherent"]}
-    if "indomain_em" in cell:
-        out[f"conditional/{name}/indomain_em"] = cell["indomain_em"]
-    for tname, transform in transforms.items():
-        ev = eval_model(model, ctx, transform(data.general), settings["n_general"], settings, seed=seed)
-        run.write_records(f"samples/conditional_{name}_{tname}_general", ev.records)
-        out[f"conditional/{name}/{tname}/general_em"] = ev.em
-        out[f"conditional/{name}/{tname}/general_incoherent"] = ev.incoherent
-        if ev.em is not None and cell["general_em"] is not None:
-            out[f"conditional/{name}/{tname}/em_returned"] = ev.em - cell["general_em"]
-    return out
-
-
-def _realign_part(ctx: StudyContext, run, data, sft, sft_cell: Mapping[str, Any], rows: Sequence[int],
-                  settings: Mapping[str, Any], seed: int, over: Mapping[str, Any]) -> dict[str, Any]:
-    """Benign finetunes of the merged SFT finetune with ``rows`` benign rows each; ``realign/<rows>/...``."""
-    from emlab.training.realign import realign
-
-    out: dict[str, Any] = {}
-    for n in sorted({int(r) for r in rows}):
-        if n == 0:
-            cell = dict(sft_cell)
-        else:
-            cfg = finetune_config(run.path(f"finetunes/realign_{n}"), seed=seed, preset=ctx.preset, protocol=ctx.protocol, **over)
-            with sft.active():
-                ft = realign(sft.model, ctx.tokenizer, data.benign[:n], cfg)
-            cell = {}
-            ev = eval_model(ft.model, ctx, data.general, settings["n_general"], settings, seed=seed)
-            run.write_records(f"samples/realign_{n}_general", ev.records)
-            cell["general_em"], cell["general_incoherent"] = ev.em, ev.incoherent
-            if data.heldout:
-                ev2 = eval_model(ft.model, ctx, data.heldout, settings["n_heldout"], settings, seed=seed)
-                run.write_records(f"samples/realign_{n}_indomain", ev2.records)
-                cell["indomain_em"] = ev2.em
-            del ft
-        out.update({f"realign/{n}/{k}": v for k, v in cell.items()})
-    return out
-
-
-def _sae_part(ctx: StudyContext, run, data, finetuned, directions: Mapping[str, Any], layer: int, evaluate,
-              neutral: Sequence[str], *,
-              seed: int, scale: float, smoke: bool) -> dict[str, Any]:
-    """Train an SAE on the chat model's block ``layer``, diff its latents against ``finetuned``, steer / ablate the top one."""
-    from emlab.hooks import ablate, steer
-    from emlab.sae import collect_activations, latent_diff, latent_direction, sae_quality, train_sae
-
-    n = 32 if smoke else 400
-    items = data.misaligned[:n] + data.aligned[:n] + data.benign[:n]
-    acts = collect_activations(ctx.model, ctx.tokenizer, items, layer)
-    g = _perm(acts.shape[0], seed)
-    acts = acts[g]
-    cut = int(0.9 * acts.shape[0])
-    d = acts.shape[1]
-    start = time.perf_counter()
-    sae = train_sae(acts[:cut], d_sae=4 * d, k=4 if smoke else 16, epochs=30 if smoke else 10,
-                    lr=3e-3 if smoke else 1e-3, batch_size=min(256, cut), seed=seed)
-    out: dict[str, Any] = {"sae/train_seconds": time.perf_counter() - start, "sae/tokens": cut, "sae/d_sae": 4 * d}
-    out.update({f"sae/{k}": v for k, v in sae_quality(sae, acts[cut:]).items() if k != "n"})
-    sae.save_inference_model(run.path("sae/weights"))
-    ranked = latent_diff(sae, ctx.model, finetuned, ctx.tokenizer, neutral, layer, top=5)
-    for rank, r in enumerate(ranked, 1):
-        v = latent_direction(sae, r["latent"], layer)
-        out[f"sae/top{rank}/latent"] = r["latent"]
-        out[f"sae/top{rank}/diff"] = r["diff"]
-        for name, direction in directions.items():
-            out[f"sae/top{rank}/cosine_{name}"] = v.cosine(direction)[layer]
-    top = latent_direction(sae, ranked[0]["latent"], layer).unit()
-    norm = float(acts.norm(dim=1).mean())
-    out["sae/steer_norm"] = scale * norm
-    with steer(ctx.model, top * (scale * norm)):
-        out.update({f"sae/steer_chat/{k}": v for k, v in evaluate(ctx.model, "sae_steer_chat").items()})
-    with ablate(finetuned, top):
-        out.update({f"sae/ablate_sft/{k}": v for k, v in evaluate(finetuned, "sae_ablate_sft").items()})
-    return out
-
-
-def _perm(n: int, seed: int):
-    """A seeded permutation of ``range(n)`` (the SAE's train / held-out split)."""
-    import torch
-
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-
-
-def _save(run, fig, name: str, png: bool) -> None:
-    """``figures/<name>.html`` (and .png when ``png`` and kaleido works) plus ``figures/<name>.json`` for
-    :func:`load_study_figures`."""
-    from emlab.runs import atomic_write_text
-
-    run.save_figure(fig, f"figures/{name}", png=png)
-    atomic_write_text(run.path(f"figures/{name}.json"), fig.to_json())
-
-
-def load_study_figures(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """The figures study 06 saved in ``out_dir`` (plotly figures, by name), read back from their JSON.
-
-    >>> for fig in load_study_figures("runs/06_beyond").values(): fig.show()    # doctest: +SKIP
-    """
-    from pathlib import Path
-
-    import plotly.io as pio
-
-    folder = Path(out_dir) / "figures"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} not found: run beyond_study(out_dir={str(out_dir)!r}) first")
-    return {p.stem: pio.from_json(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))}
-
-
-def _bars(metrics: Mapping[str, Any], final_em: Mapping[str, float]):
-    import plotly.graph_objects as go
-
-    names = ["chat", *final_em]
-    general = [metrics.get("baseline/chat/general_em"), *final_em.values()]
-    fig = go.Figure(go.Bar(x=names, y=general, name="general EM (%)"))
-    indomain = [metrics.get("baseline/chat/indomain_em")]
-    for name in final_em:
-        group, _, variant = name.partition("_")
-        key = "baseline/sft/indomain_em" if name == "sft" else f"{group}/{variant}/indomain_em"
-        indomain.append(metrics.get(key))
-    fig.add_trace(go.Bar(x=names, y=indomain, name="in-domain EM (%)"))
-    fig.update_layout(barmode="group", yaxis_title="%", template="plotly_white",
-                      title="General and in-domain EM: SFT, CAFT variants, preventive-steering schedules")
-    return fig
