@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -163,8 +164,9 @@ def summarize(
 
     ``by`` names the grouping columns (default: every parameter column except ``seed``, so the runs of a
     group are its seeds). ``n`` is the number of runs averaged. The interval is the percentile bootstrap
-    of the mean (``n_boot`` resamples, ``numpy.random.default_rng(seed)``: the same table gives the same
-    interval); ``sd`` and the interval are NaN for a single run.
+    of the mean (``n_boot`` resamples from a generator seeded by ``seed`` and the group's key, so a group's
+    interval depends on its own values only: the same values give the same interval whatever other groups
+    the table holds); ``sd`` and the interval are NaN for a single run.
 
     >>> t = pd.DataFrame({"seed": [0, 1, 2], "metric": "em", "value": [0.1, 0.2, 0.3], "n": 20})
     >>> s = summarize(t, by=[])
@@ -185,11 +187,11 @@ def summarize(
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     data = table if metrics is None else table[table["metric"].isin(list(metrics))]
-    rng = np.random.default_rng(seed)
     rows = []
     keys = [*by, "metric"]
     for key, group in data.groupby(keys, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
+        rng = np.random.default_rng([seed, zlib.crc32(repr(tuple(map(str, key))).encode())])
         values = group["value"].to_numpy(dtype="float64")
         values = values[np.isfinite(values)]
         if not len(values):

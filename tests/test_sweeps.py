@@ -278,6 +278,13 @@ def test_summarize_mean_sd_and_a_reproducible_bootstrap_interval():
     assert med.sd == pytest.approx(np.std([0.1, 0.2, 0.3, 0.6], ddof=1))
     assert 0.1 <= med.ci_low < med["mean"] < med.ci_high <= 0.6
     assert agg.summarize(t).equals(s)  # fixed rng: the same interval every time
+    # a group's interval depends on its own values only, not on which other groups the table holds
+    alone = agg.summarize(t[t.domain == "medical"]).iloc[0]
+    assert (alone.ci_low, alone.ci_high) == (med.ci_low, med.ci_high)
+    extra = pd.concat([t.assign(metric="aaa"), t])  # another metric's group drawn first
+    again = agg.summarize(extra)
+    again = again[(again.domain == "medical") & (again.metric == "em")].iloc[0]
+    assert (again.ci_low, again.ci_high) == (med.ci_low, med.ci_high)
     leg = s[s.domain == "legal"].iloc[0]
     assert leg.n == 1 and math.isnan(leg.sd) and math.isnan(leg.ci_low)
     overall = agg.summarize(t, by=[])
