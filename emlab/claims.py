@@ -148,8 +148,8 @@ _TOY = ("the toy organism is a small transformer on a synthetic world with an ex
         "with an LLM judge: the effect may need scale or the real data's diversity")
 _LDIFS = ("the public copy of the authors' code computes LDIFS's features without gradient (both sides under "
           "no_grad), so its penalty never reaches the weights and has 'almost no effect' by construction; "
-          "emlab computes the finetune's features with gradient. Test: a sweep with EMConfig(ldifs_no_grad=True) "
-          "(see docs/sweeps.md)")
+          "emlab computes the finetune's features with gradient. Test: the method ldifs_no_grad (LDIFS as the public "
+          "code runs it), scored by the claims ldifs_no_grad/* of this page when its sweep is given")
 _RANDOM_DIR = ("the toy's residual stream is small, so a same-norm random direction overlaps the misalignment "
                "direction more than in a 7B model (issue 18 saw a random ablation cut general EM by a third of "
                "the real direction's effect on one seed)")
