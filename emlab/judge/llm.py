@@ -184,7 +184,7 @@ class OpenAIJudge(JudgeRequests):
 
     @property
     def resolved_mode(self) -> str | None:
-        """ "logprobs" or "sample"; None in auto mode until :meth:`check` has asked the endpoint."""
+        """"logprobs" or "sample"; None in auto mode until :meth:`check` has asked the endpoint."""
         return self._mode
 
     # -- preflight --------------------------------------------------------------------------------------
