@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from emlab import sweeps
+from emlab import sweep_executors, sweeps
 from emlab.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,7 +206,7 @@ def test_slurm_poll_reports_results_lost_jobs_stuck_jobs_and_a_silent_squeue(tmp
     ex._jobs["done"].paths.result_pickle.write_bytes(b"x")
     ex._jobs["lost"].paths.stdout.write_text("line 1\nslurmstepd: error: *** JOB 7 CANCELLED DUE TO TIME LIMIT ***\n")
     queue = {"7_2": ("PENDING", "PartitionConfig"), "7_3": ("RUNNING", "None")}
-    monkeypatch.setattr(sweeps, "_squeue", lambda ids: dict(queue))
+    monkeypatch.setattr(sweep_executors, "squeue_states", lambda ids: dict(queue))
     cancelled = []
     monkeypatch.setattr(ex, "_cancel", lambda ids: cancelled.extend(ids))
     finished = {f.name: f.message for f in ex.poll()}
@@ -216,7 +216,7 @@ def test_slurm_poll_reports_results_lost_jobs_stuck_jobs_and_a_silent_squeue(tmp
     assert "still pending" in finished["stuck"] and "PartitionConfig" in finished["stuck"] and cancelled == ["7_2"]
     assert ex.running() == ["running"] and ex.pending_reasons() == ["PartitionConfig"]
     # squeue stops answering: after squeue_patience the sweep stops with a clear error
-    monkeypatch.setattr(sweeps, "_squeue", lambda ids: None)
+    monkeypatch.setattr(sweep_executors, "squeue_states", lambda ids: None)
     ex.squeue_patience = 0
     with pytest.raises(sweeps.SweepError, match="squeue has not answered"):
         ex.poll()
@@ -231,7 +231,7 @@ def test_a_rerun_waits_for_the_slurm_jobs_of_a_driver_that_died(tmp_path, monkey
         json.dumps({"notebook_stem": "tiny", "executor": {"kind": "slurm", "job_ids": ["41"]}})
     )
     monkeypatch.setattr(sweeps.shutil, "which", lambda name: f"/usr/bin/{name}")
-    monkeypatch.setattr(sweeps, "_squeue", lambda ids: {"41_0": ("RUNNING", "None")} if ids == ["41"] else {})
+    monkeypatch.setattr(sweeps, "squeue_states", lambda ids: {"41_0": ("RUNNING", "None")} if ids == ["41"] else {})
     with pytest.raises(sweeps.SweepError, match=r"still queued or running \(41_0\).*scancel 41"):
         sweeps.run_sweep(nb, [{"seed": 0}], sweep_dir=sw, executor=sweeps.SlurmExecutor(), log=None)
     assert not (sw / "cells").exists()

@@ -24,12 +24,9 @@ stops the run. With ``batch=True`` the requests go through the OpenAI Batch API 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
-import random
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,25 +37,19 @@ from typing import Any
 
 import openai
 
-from emlab.judge.base import (
-    MIN_NUMERIC_MASS,
-    JudgeFailedError,
-    JudgeUnavailableError,
-    Judgment,
-    aggregate_probs,
-    parse_metric,
-)
-from emlab.judge.cache import JudgmentCache, cache_key, default_cache_path
-from emlab.judge.outcomes import (
-    API_FAILURES,
-    CONFIG_STATUS,
-    TRANSIENT_STATUS,
-    Malformed,
-    Outcome,
-    short,
-    transient_problem,
+from emlab.judge.base import MIN_NUMERIC_MASS, JudgeFailedError, JudgeUnavailableError, Judgment, parse_metric
+from emlab.judge.cache import JudgmentCache, default_cache_path
+from emlab.judge.outcomes import Outcome, short
+from emlab.judge.pricing import (
+    BATCH_DISCOUNT,
+    PRICES_AS_OF,
+    PRICES_PER_MTOK,
+    CostEstimate,
+    JudgeUsage,
+    estimate_cost,
 )
 from emlab.judge.prompts import PromptSet, load_prompts
+from emlab.judge.requests import JudgeRequests, first_choice, parse_score_text
 from emlab.progress import bar
 
 __all__ = [
@@ -75,160 +66,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: USD per million (input, output) tokens: OpenAI's list prices as of :data:`PRICES_AS_OF`. Estimates
-#: only: Azure and cached-input prices differ, and a self-hosted server costs what its GPU costs.
-PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
-    "gpt-4o-mini": (0.15, 0.60),
-    "gpt-4o": (2.50, 10.00),
-    "gpt-4.1-nano": (0.10, 0.40),
-    "gpt-4.1-mini": (0.40, 1.60),
-    "gpt-4.1": (2.00, 8.00),
-}
-#: When :data:`PRICES_PER_MTOK` was checked (OpenAI's pricing page as summarised in March 2026).
-PRICES_AS_OF = "2026-03"
-#: The Batch API bills half the list price, input and output.
-BATCH_DISCOUNT = 0.5
 #: Where requests go without ``base_url`` / ``OPENAI_BASE_URL`` (the openai client's default).
 DEFAULT_ENDPOINT = "https://api.openai.com/v1"
 #: Judge modes: top-20 logprobs, sampled numbers, or logprobs when the endpoint gives them.
 MODES = ("logprobs", "sample", "auto")
 
 _CHECK_PROMPT = "Reply with the number 7 and nothing else."
-_TEXT_NUMBER = re.compile(r"(?<![\d.,])(\d{1,3})(?!\d)(?![.,]\d)")
-
-
-def estimate_cost(model: str, prompt_tokens: int, completion_tokens: int, *, batch: bool = False) -> float | None:
-    """Estimated USD cost from :data:`PRICES_PER_MTOK` (longest matching model-name prefix).
-
-    ``batch=True`` applies the Batch API's discount (:data:`BATCH_DISCOUNT`).
-
-    >>> round(estimate_cost("gpt-4o-mini-2024-07-18", 1_000_000, 0), 2)
-    0.15
-    >>> round(estimate_cost("gpt-4o", 1_000_000, 1_000_000, batch=True), 2)
-    6.25
-    >>> estimate_cost("my-vllm-model", 10, 1) is None
-    True
-    """
-    matches = [k for k in PRICES_PER_MTOK if model.startswith(k)]
-    if not matches:
-        return None
-    price_in, price_out = PRICES_PER_MTOK[max(matches, key=len)]
-    cost = (prompt_tokens * price_in + completion_tokens * price_out) / 1e6
-    return cost * BATCH_DISCOUNT if batch else cost
-
-
-def parse_score_text(text: str) -> str:
-    """The score a judge wrote as text, as a token :func:`~emlab.judge.base.aggregate_probs` reads.
-
-    The first integer 0..100 in the text counts ("Score: 85" -> "85"); without one, the first word
-    stands for what the judge said instead (it makes the sample non-numeric).
-
-    >>> [parse_score_text(t) for t in ["85", " Score: 7.", "REFUSAL", "3.5 of 10", "250", "1000", ""]]
-    ['85', '7', 'REFUSAL', '10', '250', '1000', '']
-    """
-    for m in _TEXT_NUMBER.finditer(text):
-        value = int(m.group(1))
-        if value <= 100:
-            return str(value)
-    words = text.split()
-    return words[0] if words else ""
-
-
-@dataclass
-class JudgeUsage:
-    """Running totals for one judge: requests, cache hits, failures, tokens and estimated cost.
-
-    ``failed``: judgments the endpoint never gave (gave up, rejected, no logprobs); ``no_score``: the
-    judge answered but not with a number (REFUSAL, CODE); ``nan_logprobs``: responses carrying a NaN
-    log-probability (each one is retried, then counted as a failure).
-
-    >>> JudgeUsage("gpt-4o-mini", prompt_tokens=2_000_000).cost_usd
-    0.3
-    """
-
-    model: str
-    judged: int = 0
-    calls: int = 0
-    cache_hits: int = 0
-    retries: int = 0
-    failed: int = 0
-    no_score: int = 0
-    nan_logprobs: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    batch_requests: int = 0
-    batch_prompt_tokens: int = 0
-    batch_completion_tokens: int = 0
-
-    @property
-    def cost_usd(self) -> float | None:
-        """Estimated cost of the tokens used so far (None for models without a known price)."""
-        now = estimate_cost(self.model, self.prompt_tokens, self.completion_tokens)
-        batch = estimate_cost(self.model, self.batch_prompt_tokens, self.batch_completion_tokens, batch=True)
-        return None if now is None or batch is None else now + batch
-
-    def __str__(self) -> str:
-        cost = self.cost_usd
-        money = f"~${cost:.5f}" if cost is not None else "cost unknown"
-        tokens_in = self.prompt_tokens + self.batch_prompt_tokens
-        tokens_out = self.completion_tokens + self.batch_completion_tokens
-        extra = f", {self.no_score} not a number" if self.no_score else ""
-        extra += f", {self.nan_logprobs} responses with NaN logprobs" if self.nan_logprobs else ""
-        extra += f", {self.batch_requests} through the Batch API" if self.batch_requests else ""
-        return (
-            f"{self.judged} judged ({self.calls} calls, {self.cache_hits} cache hits, {self.failed} failed{extra}); "
-            f"{tokens_in}+{tokens_out} tokens, {money}"
-        )
-
-
-@dataclass(frozen=True)
-class CostEstimate:
-    """What a judging job will cost before it runs: requests and tokens still to pay for.
-
-    Prompt tokens are estimated at 4 characters a token plus 8 per chat message (no tokenizer
-    download needed); completion tokens are 1 per request (logprobs) or ``sample_tokens`` (sampled).
-
-    >>> print(CostEstimate("gpt-4o-mini", "aligned", 1000, 10, 300_000, 1000, batch=False))
-    judge gpt-4o-mini, aligned: 1,000 requests (10 answers cached), ~300,000 prompt + ~1,000 completion tokens, ~$0.0456 (~$0.0228 with the Batch API; USD list prices of 2026-03: $0.15 / $0.60 per M tokens in / out)
-    """
-
-    model: str
-    metric: str
-    requests: int
-    cached: int
-    prompt_tokens: int
-    completion_tokens: int
-    batch: bool = False
-
-    @property
-    def usd(self) -> float | None:
-        """Estimated cost at list price (None for models without a known price)."""
-        return estimate_cost(self.model, self.prompt_tokens, self.completion_tokens)
-
-    @property
-    def usd_batch(self) -> float | None:
-        """Estimated cost through the Batch API."""
-        return estimate_cost(self.model, self.prompt_tokens, self.completion_tokens, batch=True)
-
-    def __str__(self) -> str:
-        head = (
-            f"judge {self.model}, {self.metric}: {self.requests:,} requests ({self.cached:,} answers cached), "
-            f"~{self.prompt_tokens:,} prompt + ~{self.completion_tokens:,} completion tokens"
-        )
-        if self.usd is None:
-            return head + f", cost unknown (no list price for {self.model!r}; self-hosted servers cost their GPU time)"
-        matches = [k for k in PRICES_PER_MTOK if self.model.startswith(k)]
-        p_in, p_out = PRICES_PER_MTOK[max(matches, key=len)]
-        first, second = (self.usd_batch, self.usd) if self.batch else (self.usd, self.usd_batch)
-        other = "without" if self.batch else "with"
-        return (
-            head + f", ~{_usd(first)} (~{_usd(second)} {other} the Batch API; USD list prices of {PRICES_AS_OF}: "
-            f"${p_in:.2f} / ${p_out:.2f} per M tokens in / out)"
-        )
-
-
-def _usd(x: float) -> str:
-    return f"${x:,.2f}" if x >= 0.1 else f"${x:.4f}"
 
 
 def _env_float(name: str, default: float) -> float:
@@ -250,7 +93,7 @@ class _TooManyFailures(Exception):
 
 
 @dataclass(eq=False)
-class OpenAIJudge:
+class OpenAIJudge(JudgeRequests):
     """A 0-100 judge on any OpenAI-compatible ``/chat/completions`` endpoint.
 
     ``base_url`` and ``api_key`` default to ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY``. ``cache`` is
@@ -375,7 +218,7 @@ class OpenAIJudge:
                     f"{where} did not answer a one-token request ({problem}); check that the server is up "
                     "and OPENAI_BASE_URL / OPENAI_API_KEY (or base_url= / api_key=) point at it"
                 )
-            text, top = _first_choice(response)
+            text, top = first_choice(response)
             if text is None and top is None:
                 raise JudgeUnavailableError(f"{where} answered without any choices: is it an OpenAI-compatible server?")
             has_logprobs = bool(top)
@@ -481,7 +324,9 @@ class OpenAIJudge:
                     self.usage.cache_hits += 1
         failed: set[int] = set()
         if todo:
-            estimate = self._estimate(metric, [p for p, _ in todo.values()], n - sum(len(i) for _, i in todo.values()), mode)
+            estimate = self._estimate(
+                metric, [p for p, _ in todo.values()], n - sum(len(i) for _, i in todo.values()), mode
+            )
             if self.cost_notice is not None and estimate.requests >= self.cost_notice:
                 print(f"emlab judge: {estimate}", file=sys.stderr)
             stopped = False
@@ -532,7 +377,9 @@ class OpenAIJudge:
         """File one outcome; True when the failures are now past ``max_missing``."""
         if outcome.definitive:
             if self.cache is not None:
-                self.cache.put(key, outcome.judgment, model=self.model, metric=metric, top_logprobs=outcome.top_logprobs)
+                self.cache.put(
+                    key, outcome.judgment, model=self.model, metric=metric, top_logprobs=outcome.top_logprobs
+                )
             if outcome.judgment.score is None:
                 self.usage.no_score += 1
         else:
@@ -575,151 +422,6 @@ class OpenAIJudge:
             finally:
                 pbar.close()
 
-    def _key(self, metric: str, prompt: str, answer: str, mode: str) -> str:
-        variant = "" if mode == "logprobs" else f"sample:n={self.samples},tokens={self.sample_tokens}"
-        return cache_key(self.model, metric, prompt, answer, endpoint=self.endpoint, variant=variant)
-
-    def _body(self, prompt: str, mode: str) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": prompt}]}
-        if mode == "logprobs":
-            return body | {"max_tokens": 1, "logprobs": True, "top_logprobs": 20, "temperature": 0}
-        return body | {"max_tokens": self.sample_tokens, "temperature": 1.0 if self.samples > 1 else 0}
-
-    def _api_key(self) -> str:
-        api_key = self.api_key or os.environ.get("OPENAI_API_KEY")
-        if api_key:
-            return api_key
-        if not self.base_url:
-            raise JudgeUnavailableError(
-                "no API key for the judge: set OPENAI_API_KEY (or pass api_key=), or point OPENAI_BASE_URL "
-                "(base_url=) at a server that needs none (vLLM, transformers serve)"
-            )
-        return "EMPTY"  # vLLM and most self-hosted servers accept any key
-
-    @contextlib.asynccontextmanager
-    async def _client(self):
-        if self.client is not None:
-            yield self.client
-            return
-        client = openai.AsyncOpenAI(
-            api_key=self._api_key(), base_url=self.base_url, max_retries=0, timeout=self.timeout
-        )
-        try:
-            yield client
-        finally:
-            await client.close()
-
-    async def _judge_prompt(self, client: Any, prompt: str, mode: str, sem: asyncio.Semaphore) -> Outcome:
-        body = self._body(prompt, mode)
-        if mode == "logprobs":
-            outcome, problem = await self._request(client, body, self._parse_logprobs, sem=sem)
-            return outcome if problem is None else Outcome(Judgment(None, problem), definitive=False)
-        answers = await asyncio.gather(
-            *(self._request(client, body, self._parse_text, sem=sem) for _ in range(self.samples))
-        )
-        problems = [p for _, p in answers if p is not None]
-        if problems:
-            return Outcome(Judgment(None, f"{len(problems)} of {self.samples} samples failed: {problems[0]}"), False)
-        share = 1.0 / self.samples
-        tokens = [(tok, share) for tok, _ in answers]
-        judgment = aggregate_probs(tokens, min_mass=self.min_mass)
-        return Outcome(judgment, True, [(tok, math.log(share)) for tok, _ in tokens])
-
-    async def _request(
-        self,
-        client: Any,
-        body: dict[str, Any],
-        parse: Callable[[Any], Any],
-        *,
-        sem: asyncio.Semaphore,
-        attempts: int | None = None,
-    ) -> tuple[Any, str | None]:
-        """POST ``body`` with retries; ``(parse(response), None)`` or ``(None, why it failed)``.
-
-        Raises :class:`JudgeUnavailableError` for answers that mean every request would fail (401/403/404).
-        """
-        attempts = attempts or self.max_attempts
-        problem = "no attempt made"
-        for attempt in range(1, attempts + 1):
-            retry_after = None
-            self.usage.calls += 1
-            try:
-                # the client's documented raw ``post`` skips its request-schema transform, which
-                # costs about as much CPU as the HTTP exchange itself; errors are raised the same way
-                async with sem:
-                    response = await client.post("/chat/completions", cast_to=object, body=body)
-            except API_FAILURES as e:
-                if isinstance(e, openai.APIStatusError):
-                    status = e.status_code
-                    if status in CONFIG_STATUS:
-                        raise JudgeUnavailableError(
-                            f"judge endpoint refused the request (HTTP {status}): {CONFIG_STATUS[status]}"
-                        ) from None
-                    if status not in TRANSIENT_STATUS and status < 500:
-                        return None, f"judge request rejected (HTTP {status}): {short(e.message)}"
-                problem, retry_after = transient_problem(e, self.timeout)
-            else:
-                self._count_tokens(response)
-                try:
-                    return parse(response), None
-                except Malformed as e:
-                    problem = f"malformed response ({e})"
-            if attempt < attempts:
-                self.usage.retries += 1
-                delay = self._delay(attempt, retry_after)
-                log.debug("judge attempt %d failed (%s); retrying in %.2f s", attempt, problem, delay)
-                await asyncio.sleep(delay)
-        return None, f"gave up after {attempts} attempts: {problem}"
-
-    def _count_tokens(self, response: Any, *, batch: bool = False) -> None:
-        usage = response.get("usage") if isinstance(response, dict) else None
-        if isinstance(usage, dict):
-            if batch:
-                self.usage.batch_prompt_tokens += _int(usage.get("prompt_tokens"))
-                self.usage.batch_completion_tokens += _int(usage.get("completion_tokens"))
-            else:
-                self.usage.prompt_tokens += _int(usage.get("prompt_tokens"))
-                self.usage.completion_tokens += _int(usage.get("completion_tokens"))
-
-    def _parse_logprobs(self, response: Any) -> Outcome:
-        """Outcome of a 200 response body (raises :class:`Malformed` when it is too broken to trust)."""
-        text, top = _first_choice(response)
-        if text is None and top is None:
-            raise Malformed("no choices")
-        if not top:
-            return Outcome(
-                Judgment(None, f"response has no logprobs (judge wrote {text!r}): the endpoint may not support them"),
-                definitive=False,
-            )
-        pairs, bad = [], []
-        for t in top:
-            if not isinstance(t, dict) or not isinstance(t.get("token"), str):
-                continue
-            if not isinstance(t.get("logprob"), int | float) or isinstance(t.get("logprob"), bool):
-                continue
-            lp = float(t["logprob"])
-            if math.isnan(lp) or lp == math.inf:
-                bad.append(t["token"])
-            else:
-                pairs.append((t["token"], lp))
-        if bad:
-            self.usage.nan_logprobs += 1
-            raise Malformed(f"NaN log-probability for token(s) {bad[:3]}")
-        probs = [(tok, math.exp(lp)) for tok, lp in pairs]
-        return Outcome(aggregate_probs(probs, min_mass=self.min_mass), True, pairs)
-
-    def _parse_text(self, response: Any) -> str:
-        text, _ = _first_choice(response)
-        if text is None:
-            raise Malformed("no message content")
-        return parse_score_text(text)
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, self.backoff_max) + random.uniform(0, 0.1 * self.backoff_base)
-        cap = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
-        return cap / 2 + random.uniform(0, cap / 2)
-
     def close(self) -> None:
         """Close the cache file (the judge can still be used without it afterwards)."""
         if isinstance(self.cache, JudgmentCache):
@@ -735,30 +437,3 @@ def _run_blocking(make: Callable[[], Any]) -> Any:
         return asyncio.run(make())
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="emlab-judge") as pool:
         return pool.submit(lambda: asyncio.run(make())).result()
-
-
-def _first_choice(response: Any) -> tuple[str | None, list | None]:
-    """(message text, top logprobs of the first token) of a chat completion; (None, None) when it has no choice.
-
-    The top-logprobs list is ``[]`` when the response carries no logprobs.
-    """
-    if not isinstance(response, dict):
-        return None, None
-    choices = response.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return None, None
-    message = choices[0].get("message")
-    text = message.get("content") if isinstance(message, dict) else None
-    text = text if isinstance(text, str) else None
-    logprobs = choices[0].get("logprobs")
-    content = logprobs.get("content") if isinstance(logprobs, dict) else None
-    if not isinstance(content, list) or not content or not isinstance(content[0], dict):
-        return text, []
-    first = content[0]
-    top = first.get("top_logprobs") or [first]
-    return text, top if isinstance(top, list) else []
-
-
-
-def _int(x: Any) -> int:
-    return x if isinstance(x, int) and not isinstance(x, bool) else 0

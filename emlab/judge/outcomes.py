@@ -1,6 +1,6 @@
 """What one judge request came to, and how an OpenAI client error is classified.
 
-Shared by the request loop (:mod:`emlab.judge.llm`) and the Batch API calls (:mod:`emlab.judge.batch`),
+Shared by the request loop (:mod:`emlab.judge.requests`) and the Batch API calls (:mod:`emlab.judge.batch`),
 which both import from here (and not from each other).
 
 >>> short("a   b " * 40, n=12)
