@@ -4,6 +4,8 @@ A notebook starts with a cell tagged ``parameters`` (with an ``out_dir`` paramet
 numbers to ``<out_dir>/metrics.json`` and its figures through :func:`emlab.plots.record`.
 :func:`run_notebook` executes one into ``runs/<stem>/<timestamp>/``, :func:`reproduce` runs every
 notebook of a folder and writes a summary, :func:`rebuild_figures` redraws the figures of stored runs.
+The papermill engine and time limits are in :mod:`emlab.notebook_engine`, the result record and the
+summary pages in :mod:`emlab.notebook_results`; their public names are re-exported here.
 
 >>> result = run_notebook("notebooks/01_quickstart.ipynb", {"n_samples": 8})  # doctest: +SKIP
 >>> result.out_dir, result.metrics  # doctest: +SKIP
@@ -15,24 +17,27 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import difflib
-import json
-import math
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from emlab.metrics import flatten
-from emlab.plots import FIGURE_DATA, regenerate
+from emlab.notebook_engine import CELL_TIMEOUT_ENV as CELL_TIMEOUT_ENV
+from emlab.notebook_engine import DEFAULT_CELL_TIMEOUT as DEFAULT_CELL_TIMEOUT
+from emlab.notebook_engine import DEFAULT_NOTEBOOK_TIMEOUT as DEFAULT_NOTEBOOK_TIMEOUT
+from emlab.notebook_engine import ENGINE, describe_failure, register_engine, time_limits
+from emlab.notebook_engine import NOTEBOOK_TIMEOUT_ENV as NOTEBOOK_TIMEOUT_ENV
+from emlab.notebook_results import FIGURE_SUFFIXES as FIGURE_SUFFIXES
+from emlab.notebook_results import RUN_INFO, NotebookFailed, NotebookResult, collect_figures, load_result, write_summary
+from emlab.notebook_results import latest_run as latest_run
+from emlab.plots import regenerate
 from emlab.runs import (
     OWNER_ENV,
     RunLockedError,
     atomic_write_json,
-    atomic_write_text,
     begin_manifest,
     check_run_dir,
     finish_manifest,
@@ -42,7 +47,6 @@ from emlab.runs import (
     read_json_safe,
     redact,
     register_written,
-    run_status,
     scrub,
     secret_parameter_warnings,
     secret_values,
@@ -65,8 +69,6 @@ __all__ = [
     "time_limits",
 ]
 
-RUN_INFO = "notebook.json"  # written by run_notebook into each run folder
-FIGURE_SUFFIXES = (".png", ".svg", ".html", ".pdf", ".jpg", ".jpeg", ".webp")
 QUICKSTART = "quickstart"
 
 #: Extra figure builders by notebook stem: ``fn(run_dir) -> list[Path]``, called by ``emlab figures``
@@ -92,68 +94,8 @@ def figure_builder(stem: str) -> Callable[[Callable[[Path], list[Path]]], Callab
     return register
 
 
-# ---------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass
-class NotebookResult:
-    """What happened to one notebook: ``status`` is ``"ok"``, ``"failed"``, ``"not run"``, ``"running"``
-    (while it runs) or ``"incomplete"`` (read back from a run that was killed).
-
-    ``cell`` is the failing cell's 1-based position in the source notebook (all cells counted).
-    """
-
-    notebook: Path
-    out_dir: Path | None
-    status: str
-    parameters: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    cell: int | None = None
-    seconds: float = 0.0
-    started: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    @property
-    def output(self) -> Path | None:
-        """The executed copy of the notebook (with outputs and tracebacks)."""
-        return None if self.out_dir is None else self.out_dir / self.notebook.name
-
-    @property
-    def metrics(self) -> dict[str, Any]:
-        """Every metric of the run's ``metrics.json``, nested keys joined by ``/``."""
-        path = None if self.out_dir is None else self.out_dir / "metrics.json"
-        if path is None or not path.exists():
-            return {}
-        try:
-            return flatten(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, AttributeError):
-            return {}
-
-    def describe(self) -> str:
-        """One or two lines for a terminal."""
-        if self.ok:
-            return f"ok      {self.notebook} -> {self.out_dir} ({self.seconds:.1f} s)"
-        if self.status != "failed":
-            return f"{self.status:<8}{self.notebook}"
-        if self.output is None or not self.output.exists():
-            return f"FAILED  {self.error}"
-        return f"FAILED  {self.error}\n        executed copy with the full traceback: {self.output}"
-
-
 class ParameterError(ValueError):
     """A ``-p`` parameter name that the notebook(s) do not declare (the message suggests close names)."""
-
-
-class NotebookFailed(RuntimeError):
-    """A notebook raised; ``.result`` names the notebook, the cell and the exception."""
-
-    def __init__(self, result: NotebookResult):
-        super().__init__(result.error)
-        self.result = result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,222 +219,9 @@ def _new_run_dir(runs_dir: Path, stem: str, stamp: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# The papermill engine: atomic saves with secrets scrubbed, time limits, no Output-widget echo
-
-ENGINE = "emlab"
-#: Default time limits in seconds (``None``: no limit); the environment variables override them and
-#: ``--cell-timeout`` / ``--notebook-timeout`` override both. A cell that runs longer fails and names itself.
-CELL_TIMEOUT_ENV = "EMLAB_CELL_TIMEOUT"
-NOTEBOOK_TIMEOUT_ENV = "EMLAB_NOTEBOOK_TIMEOUT"
-DEFAULT_CELL_TIMEOUT = 6 * 3600.0
-DEFAULT_NOTEBOOK_TIMEOUT = 24 * 3600.0
-
-
-def _limit_from_env(name: str, default: float | None) -> float | None:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{name}={text!r} is not a number of seconds (0 or 'none': no limit)") from None
-    return value if value > 0 else None
-
-
-def time_limits(cell: float | None = None, notebook: float | None = None) -> tuple[float | None, float | None]:
-    """The per-cell and per-notebook time limits: the arguments, else the environment variables
-    ``EMLAB_CELL_TIMEOUT`` / ``EMLAB_NOTEBOOK_TIMEOUT``, else 6 h and 24 h. ``0`` or less: no limit.
-
-    >>> time_limits(60, None)  # doctest: +SKIP
-    (60.0, 86400.0)
-    """
-    c = _limit_from_env(CELL_TIMEOUT_ENV, DEFAULT_CELL_TIMEOUT) if cell is None else (float(cell) if cell > 0 else None)
-    n = (
-        _limit_from_env(NOTEBOOK_TIMEOUT_ENV, DEFAULT_NOTEBOOK_TIMEOUT)
-        if notebook is None
-        else (float(notebook) if notebook > 0 else None)
-    )
-    return c, n
-
-
-_ENGINE_READY = False
-
-
-def _register_engine() -> None:
-    """Register emlab's papermill engine (once per process)."""
-    global _ENGINE_READY
-    if _ENGINE_READY:
-        return
-    import nbformat
-    from nbclient.output_widget import OutputWidget
-    from papermill.clientwrap import PapermillNotebookClient
-    from papermill.engines import NBClientEngine, NotebookExecutionManager, catch_nb_assignment, papermill_engines
-    from papermill.log import logger
-
-    class HeadlessOutputWidget(OutputWidget):
-        """nbclient's Output-widget mimic, minus the state echo it sends to the kernel.
-
-        Upstream, every output captured by ``with out: display(...)`` makes nbclient send a
-        ``comm_msg`` on the shell socket from its iopub task while another task awaits the cell's
-        ``execute_reply`` on that same socket; the reply's wake-up can then be lost (13 of 80 cells
-        in the reproduction in docs/failures.md), and with no time limit the run waits forever. The
-        kernel gets nothing useful from the echo (nbclient drops the kernel's answers to it), so it
-        is not sent.
-        """
-
-        def _publish_msg(self, *args: Any, **kwargs: Any) -> None:  # noqa: D401 - see the class
-            return None
-
-    class Client(PapermillNotebookClient):
-        def __init__(self, nb_man: Any, **kw: Any):
-            super().__init__(nb_man, **kw)
-            self.widget_registry = {"@jupyter-widgets/output": {"OutputModel": HeadlessOutputWidget}}
-
-    class Manager(NotebookExecutionManager):
-        """Saves the executed notebook atomically, with the secret parameter values scrubbed."""
-
-        save_to: str | None = None
-        secrets: tuple[str, ...] = ()
-        progress: dict[str, Any] | None = None
-
-        @catch_nb_assignment
-        def save(self, **kwargs: Any) -> None:
-            if self.save_to:
-                atomic_write_text(self.save_to, scrub(nbformat.writes(self.nb), self.secrets))
-            self.last_save_time = self.now()
-
-        @catch_nb_assignment
-        def cell_start(self, cell: Any, cell_index: int | None = None, **kwargs: Any) -> None:
-            if self.progress is not None:
-                self.progress["cell"] = cell_index
-            super().cell_start(cell, cell_index, **kwargs)
-
-    class Engine(NBClientEngine):
-        @classmethod
-        def execute_notebook(
-            cls,
-            nb: Any,
-            kernel_name: str,
-            output_path: str | None = None,
-            progress_bar: bool = True,
-            log_output: bool = False,
-            autosave_cell_every: int = 30,
-            save_to: str | None = None,
-            secrets: Sequence[str] = (),
-            progress: dict[str, Any] | None = None,
-            **kwargs: Any,
-        ) -> Any:
-            nb_man = Manager(
-                nb, output_path=None, progress_bar=progress_bar, log_output=log_output,
-                autosave_cell_every=autosave_cell_every,
-            )  # fmt: skip
-            nb_man.save_to, nb_man.secrets, nb_man.progress = save_to, tuple(secrets), progress
-            nb_man.notebook_start()
-            try:
-                cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kwargs)
-            finally:
-                nb_man.cleanup_pbar()
-                nb_man.notebook_complete()
-            return nb_man.nb
-
-        @classmethod
-        def execute_managed_notebook(
-            cls,
-            nb_man: Any,
-            kernel_name: str,
-            log_output: bool = False,
-            stdout_file: Any = None,
-            stderr_file: Any = None,
-            start_timeout: int = 60,
-            execution_timeout: Any = None,
-            cell_timeout: float | None = None,
-            notebook_timeout: float | None = None,
-            **kwargs: Any,
-        ) -> Any:
-            deadline: list[float] = []  # the notebook's clock starts with its first cell (kernel started)
-
-            def limit(cell: Any) -> int | None:
-                if notebook_timeout is not None and not deadline:
-                    deadline.append(time.monotonic() + notebook_timeout)
-                left = None if notebook_timeout is None else max(1.0, deadline[0] - time.monotonic())
-                if nb_man.progress is not None:
-                    nb_man.progress["limit"] = "notebook" if left is not None and (
-                        cell_timeout is None or left < cell_timeout) else "cell"
-                vals = [v for v in (cell_timeout, left) if v is not None]
-                return math.ceil(min(vals)) if vals else None
-
-            kwargs.pop("input_path", None)
-            kwargs.pop("timeout", None)
-            client = Client(
-                nb_man, kernel_name=kernel_name, timeout_func=limit, startup_timeout=start_timeout, log=logger,
-                log_output=log_output, stdout_file=stdout_file, stderr_file=stderr_file, **kwargs,
-            )  # fmt: skip
-            return client.execute()
-
-    papermill_engines.register(ENGINE, Engine)
-    _ENGINE_READY = True
-
-
-# ---------------------------------------------------------------------------------------------
 # Running
 
 
-def _cell_at(index: int | None, output: Path) -> tuple[int | None, str]:
-    """1-based position in the source notebook of the executed copy's cell ``index``, and its first line."""
-    if index is None:
-        return None, ""
-    source = ""
-    try:
-        import nbformat
-
-        cells = [  # papermill may add error banner cells to a saved copy after a failure
-            c
-            for c in nbformat.read(str(output), as_version=4).cells
-            if "papermill-error-cell-tag" not in c.get("metadata", {}).get("tags", [])
-        ]
-        injected = sum("injected-parameters" in c.get("metadata", {}).get("tags", []) for c in cells[:index])
-        source = cells[index].source
-    except Exception:  # noqa: BLE001 - the position is a convenience
-        injected = 0
-    first = next((line.strip() for line in source.splitlines() if line.strip()), "")
-    return index - injected + 1, first
-
-
-def _failed_cell(err: Exception, output: Path) -> tuple[int | None, str]:
-    """1-based position of the failing cell in the source notebook and its first source line."""
-    index = getattr(err, "cell_index", None)
-    cell, first = _cell_at(index, output)
-    if not first:
-        source = str(getattr(err, "source", "") or "")
-        first = next((line.strip() for line in source.splitlines() if line.strip()), "")
-    return cell, first
-
-
-def _describe_failure(e: BaseException, nb: Path, output: Path, progress: dict[str, Any],
-                      limits: tuple[float | None, float | None]) -> tuple[int | None, str]:
-    """The failing cell and a one-line message for an exception raised while executing ``nb``."""
-    from nbclient.exceptions import CellTimeoutError, DeadKernelError
-
-    if isinstance(e, CellTimeoutError | DeadKernelError | KeyboardInterrupt) or getattr(e, "cell_index", None) is None:
-        cell, first = _cell_at(progress.get("cell"), output)
-    else:
-        cell, first = _failed_cell(e, output)  # type: ignore[arg-type]
-    where = f" in cell {cell} (`{first[:80]}`)" if cell is not None else ""
-    if isinstance(e, CellTimeoutError):
-        if progress.get("limit") == "notebook":
-            what = f"the notebook time limit ({limits[1]:.0f} s; --notebook-timeout, EMLAB_NOTEBOOK_TIMEOUT) ran out"
-        else:
-            what = f"the cell ran past its time limit ({limits[0]:.0f} s; --cell-timeout, EMLAB_CELL_TIMEOUT)"
-        return cell, f"{nb} stopped{where}: {what}; the kernel was shut down"
-    if isinstance(e, DeadKernelError):
-        return cell, f"{nb} failed{where}: the kernel died (killed, out of memory, or a crash in native code)"
-    if isinstance(e, KeyboardInterrupt):
-        return cell, f"{nb} interrupted{where}"
-    ename = getattr(e, "ename", None) or type(e).__name__
-    evalue = getattr(e, "evalue", None)
-    if evalue is None:
-        evalue = (str(e).strip().splitlines() or [""])[-1]
-    return cell, f"{nb} failed{where}: {ename}: {evalue}"
 
 
 def run_notebook(
@@ -567,7 +296,7 @@ def run_notebook(
         _write_info(result)
         secrets = secret_values(params)
         progress: dict[str, Any] = {}
-        _register_engine()
+        register_engine()
         t0 = time.perf_counter()
         try:
             with _owner_env(out):
@@ -589,7 +318,7 @@ def run_notebook(
                 )
             result.status = "ok"
         except (Exception, KeyboardInterrupt) as e:  # reported with the cell, re-raised as NotebookFailed
-            cell, message = _describe_failure(e, nb, output, progress, (cell_limit, nb_limit))
+            cell, message = describe_failure(e, nb, output, progress, (cell_limit, nb_limit))
             result.status, result.cell, result.error = "failed", cell, scrub(message, secrets)
             if isinstance(e, KeyboardInterrupt):
                 result.seconds = time.perf_counter() - t0
@@ -631,25 +360,6 @@ def find_notebooks(folder: str | os.PathLike = "notebooks") -> list[Path]:
         raise FileNotFoundError(f"notebook folder {d} does not exist")
     nbs = sorted(p for p in d.glob("*.ipynb") if not p.name.startswith(("_", ".")))
     return sorted(nbs, key=lambda p: QUICKSTART not in p.stem.lower())  # stable: quickstart first
-
-
-def collect_figures(run_dir: Path, dest: Path) -> list[Path]:
-    """Copy the figure files a run wrote (in its folder or its ``figures/`` folder) to ``dest``."""
-    files = [p for p in run_dir.iterdir() if p.is_file() and p.suffix.lower() in FIGURE_SUFFIXES]
-    if (run_dir / "figures").is_dir():
-        files += [p for p in (run_dir / "figures").rglob("*") if p.is_file() and p.suffix.lower() in FIGURE_SUFFIXES]
-    if dest.is_dir():  # stale figures of an older run would mislead
-        for old in dest.rglob("*"):
-            if old.is_file() and old.suffix.lower() in FIGURE_SUFFIXES:
-                old.unlink()
-    copied = []
-    for f in sorted(files):
-        rel = f.relative_to(run_dir / "figures") if f.parent != run_dir else Path(f.name)
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, target)
-        copied.append(target)
-    return copied
 
 
 def reproduce(
@@ -732,117 +442,9 @@ def reproduce(
 
 
 # ---------------------------------------------------------------------------------------------
-# Summary
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, list | tuple) and any(isinstance(x, dict) for x in v):  # a log or table: too long for a cell
-        return f"{len(v)} rows (in the run's metrics.json)"
-    if isinstance(v, float):
-        return f"{v:.4g}" if math.isfinite(v) else str(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_fmt(x) for x in v) + "]"
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def _rel(path: Path | None, start: Path) -> str:
-    if path is None:
-        return "–"
-    try:
-        return Path(os.path.relpath(Path(path).resolve(), start.resolve())).as_posix()
-    except ValueError:  # another drive
-        return str(path)
-
-
-def write_summary(
-    results: Sequence[NotebookResult], path: str | os.PathLike, *, figures_dir: str | os.PathLike = "figures"
-) -> Path:
-    """Write a Markdown page listing each notebook, its status, run folder, metrics and figures."""
-    page = Path(path)
-    here = page.parent
-    figs = Path(figures_dir)
-    n_ok = sum(r.ok for r in results)
-    lines = [
-        "# Notebook runs",
-        "",
-        f"Written {_dt.datetime.now().isoformat(timespec='seconds')}: {n_ok} of {len(results)} notebooks ran.",
-        "",
-        "| notebook | status | run folder | time |",
-        "|---|---|---|---:|",
-    ]
-    for r in results:
-        status = r.status if r.status != "failed" else f"**failed** (cell {r.cell})"
-        if r.status == "incomplete":
-            status = "**incomplete** (killed before it finished)"
-        secs = f"{r.seconds:.0f} s" if r.out_dir is not None else ""
-        lines.append(f"| {r.notebook.stem} | {status} | {_rel(r.out_dir, here)} | {secs} |")
-    for r in results:
-        lines += ["", f"## {r.notebook.stem}", ""]
-        if r.error:
-            lines += [f"Error: {r.error.replace(chr(10), ' ')}", ""]
-        if r.status == "not run":
-            lines += ["Not run: an earlier notebook failed (`emlab reproduce` without --stop-on-failure runs the rest).", ""]
-        if r.status in ("incomplete", "running"):
-            lines += [f"Status {r.status}: its numbers below are partial.", ""]
-        if r.parameters:
-            shown = {k: v for k, v in redact(r.parameters).items() if k != "out_dir"}
-            if shown:
-                lines += ["Parameters: " + ", ".join(f"`{k}={_fmt(v)}`" for k, v in shown.items()), ""]
-        metrics = r.metrics
-        if metrics:
-            lines += ["| metric | value |", "|---|---:|"]
-            lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
-            lines.append("")
-        elif r.out_dir is not None:
-            lines += ["No metrics.json.", ""]
-        fdir = figs / r.notebook.stem
-        pngs = sorted(fdir.rglob("*.png")) if fdir.is_dir() else []
-        htmls = {p.with_suffix("") for p in fdir.rglob("*.html")} if fdir.is_dir() else set()
-        for p in pngs:
-            lines.append(f"![{p.stem}]({_rel(p, here)})")
-        for stem in sorted(htmls - {p.with_suffix("") for p in pngs}):
-            lines.append(f"- [{stem.name}]({_rel(stem.with_suffix('.html'), here)}) (interactive HTML)")
-    atomic_write_text(page, "\n".join(lines).rstrip() + "\n")
-    return page
-
-
-# ---------------------------------------------------------------------------------------------
 # Rebuilding figures
 
 
-def _load_result(run_dir: Path, stem: str) -> NotebookResult:
-    info_path = run_dir / RUN_INFO
-    info: dict[str, Any] = {}
-    if info_path.exists():
-        try:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
-        except ValueError:
-            info = {}
-    status = run_status(run_dir)
-    return NotebookResult(
-        Path(info.get("notebook") or f"{stem}.ipynb"),
-        run_dir,
-        status.status if status.status != "empty" else "incomplete",
-        redact(info.get("parameters") or {}),
-        info.get("error") or (status.reason if not status.ok else None),
-        info.get("cell"),
-        info.get("seconds") or 0.0,
-        info.get("started"),
-    )
-
-
-def latest_run(runs_dir: str | os.PathLike, stem: str) -> Path | None:
-    """The newest run folder of notebook ``stem`` that finished (newest by start time, then mtime)."""
-    d = Path(runs_dir) / stem
-    if not d.is_dir():
-        return None
-    candidates = []
-    for run in (p for p in d.iterdir() if p.is_dir()):
-        r = _load_result(run, stem)
-        if not (run / FIGURE_DATA).exists() and not (run / "metrics.json").exists():
-            continue
-        candidates.append((r.ok, r.started or "", run.stat().st_mtime, run))
-    return max(candidates)[-1] if candidates else None
 
 
 def rebuild_figures(
@@ -877,7 +479,7 @@ def rebuild_figures(
             written += FIGURE_BUILDERS[stem](run)
         collect_figures(run, figs / stem)
         out[stem] = written
-        results.append(_load_result(run, stem))
+        results.append(load_result(run, stem))
         say(f"{stem}: {len({p.with_suffix('') for p in written})} figure(s) redrawn from {run}")
     if not out:
         say(f"no runs with figure data under {runs}")

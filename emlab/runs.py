@@ -30,28 +30,53 @@ The rules for a folder that already holds a run (``start_run`` and ``emlab run``
 >>> run.log_metrics({"em_rate": 0.12})  # doctest: +SKIP
 >>> load_run("runs/demo").metrics  # doctest: +SKIP
 {'em_rate': 0.12}
+
+The parts live in :mod:`emlab.run_files` (atomic writes), :mod:`emlab.run_folder` (status, lock,
+manifest) and :mod:`emlab.run_env` (``env.json``, redaction); their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import datetime as _dt
 import json
-import math
 import os
-import platform
-import random
-import re
-import shutil
-import subprocess
-import sys
-import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from importlib import metadata
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
+
+from emlab.run_env import PACKAGES as PACKAGES
+from emlab.run_env import (
+    REDACTED,
+    environment_record,
+    git_state,
+    package_versions,
+    redact,
+    scrub,
+    secret_parameter_warnings,
+    secret_values,
+    seed_everything,
+)
+from emlab.run_files import RUN_FORMAT, atomic_open, atomic_write_json, atomic_write_text, to_jsonable
+from emlab.run_folder import LOCK_FILE as LOCK_FILE
+from emlab.run_folder import MANIFEST_FILE as MANIFEST_FILE
+from emlab.run_folder import (
+    OWNER_ENV,
+    STATUS_FILE,
+    RunExistsError,
+    RunLockedError,
+    RunStatus,
+    begin_manifest,
+    check_run_dir,
+    finish_manifest,
+    folder_key,
+    lock_run_dir,
+    prepare_run_dir,
+    read_json_safe,
+    register_written,
+    run_status,
+    unlock_run_dir,
+    write_status,
+)
 
 __all__ = [
     "REDACTED",
@@ -77,577 +102,11 @@ __all__ = [
     "to_jsonable",
 ]
 
-REDACTED = "<redacted>"
-RUN_FORMAT = "emlab-run/1"
-#: The packages whose versions a run's env.json records (:func:`package_versions`).
-PACKAGES = ("torch", "transformers", "peft", "trl", "nnsight", "openai", "emlab")
 _CHROMIUM_HINT = (
     "static figure export (PNG through kaleido) failed, so only the HTML was written; kaleido needs "
     "Chromium: install it with `apt-get install -y chromium` (or run `plotly_get_chrome`)"
 )
 _png_failure: str | None = None  # set once per process after the first failed PNG export
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on a clean exit it replaces ``path`` in one step.
-
-    If the body raises, the temporary file is removed and ``path`` keeps its old content.
-    Parent folders are created. ``mode`` is ``"w"`` (text) or ``"wb"`` (bytes).
-
-    >>> with atomic_open("out/result.txt") as f:  # doctest: +SKIP
-    ...     f.write("done\\n")
-    """
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    # os.open with 0o666 lets the umask decide the permissions, like a plain open() would.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        try:
-            f = os.fdopen(fd, "wb") if mode == "wb" else os.fdopen(fd, "w", encoding=encoding, newline="")
-        except BaseException:
-            os.close(fd)
-            raise
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder + ``os.replace``).
-
-    >>> atomic_write_text("out/notes.txt", "hello\\n")  # doctest: +SKIP
-    PosixPath('out/notes.txt')
-    """
-    with atomic_open(path, "w", encoding=encoding) as f:
-        f.write(text)
-    return Path(path)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
-    """Write ``obj`` as JSON atomically; dataclasses, paths, numpy and torch scalars are converted.
-
-    Non-finite floats (NaN, inf) are written as ``null`` so that the file is standard JSON.
-
-    >>> atomic_write_json("out/metrics.json", {"em_rate": 0.1})  # doctest: +SKIP
-    PosixPath('out/metrics.json')
-    """
-    text = json.dumps(to_jsonable(obj), indent=indent, ensure_ascii=False, allow_nan=False)
-    return atomic_write_text(path, text + "\n")
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Convert ``obj`` to plain JSON types (dict, list, str, int, float, bool, None).
-
-    >>> to_jsonable({"p": Path("a"), "t": (1, float("nan"))})
-    {'p': 'a', 't': [1, None]}
-    """
-    if obj is None or isinstance(obj, bool | int | str):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return to_jsonable(dataclasses.asdict(obj))
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, set | frozenset):
-        return [to_jsonable(v) for v in sorted(obj, key=repr)]
-    if isinstance(obj, list | tuple):
-        return [to_jsonable(v) for v in obj]
-    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy arrays/scalars, torch tensors
-        return to_jsonable(obj.tolist())
-    if hasattr(obj, "item") and callable(obj.item):
-        return to_jsonable(obj.item())
-    return str(obj)
-
-
-# ---------------------------------------------------------------------------------------------
-# Redaction
-
-_SECRET_WORDS = frozenset(
-    {"key", "apikey", "token", "secret", "password", "passwd", "passphrase", "credential", "credentials"}
-)
-_SECRET_VALUE = re.compile(r"^\s*sk-[A-Za-z0-9_\-]+\s*$|sk-[A-Za-z0-9_\-]{20,}|hf_[A-Za-z0-9]{30,}")
-
-
-def _key_words(key: str) -> list[str]:
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", key)  # apiKey -> api Key
-    return [w for w in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if w]
-
-
-def _is_secret_key(key: str) -> bool:
-    words = _key_words(key)
-    return any(w in _SECRET_WORDS for w in words) or "".join(words).endswith(("apikey", "password"))
-
-
-def redact(obj: Any, *, _secret: bool = False) -> Any:
-    """Return a copy of ``obj`` with credentials replaced by ``"<redacted>"``.
-
-    Strings are redacted when their key names a credential (a word of the key is ``key``,
-    ``token``, ``secret``, ``password``..., as in ``openai_api_key``, ``hf_token``, ``apiKey``; all
-    strings nested under such a key too), and wherever they look like an API key (``sk-...``,
-    ``hf_...``). Numbers are kept, so counts such as ``max_new_tokens`` or ``key_layer`` survive.
-
-    >>> redact({"api_key": "abc", "max_new_tokens": 600, "judge": {"url": "sk-123"}})
-    {'api_key': '<redacted>', 'max_new_tokens': 600, 'judge': {'url': '<redacted>'}}
-    """
-    if isinstance(obj, Mapping):
-        return {k: redact(v, _secret=_secret or _is_secret_key(str(k))) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [redact(v, _secret=_secret) for v in obj]
-    if isinstance(obj, str) and (_secret or _SECRET_VALUE.search(obj)):
-        return REDACTED
-    return obj
-
-
-def secret_values(obj: Any, *, _secret: bool = False) -> list[str]:
-    """The strings of ``obj`` that :func:`redact` would hide (to scrub them from text emlab writes).
-
-    >>> secret_values({"openai_api_key": "sk-test-123", "seed": 0, "judge": "gpt-4o"})
-    ['sk-test-123']
-    """
-    found: list[str] = []
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            found += secret_values(v, _secret=_secret or _is_secret_key(str(k)))
-    elif isinstance(obj, list | tuple):
-        for v in obj:
-            found += secret_values(v, _secret=_secret)
-    elif isinstance(obj, str) and obj.strip() and (_secret or _SECRET_VALUE.search(obj)):
-        found.append(obj)
-    return found
-
-
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    """Replace every occurrence of each secret in ``text`` (raw or JSON-escaped) by ``<redacted>``.
-
-    >>> scrub('key = "sk-test-123"', ["sk-test-123"])
-    'key = "<redacted>"'
-    """
-    for value in sorted({s for s in secrets if s}, key=len, reverse=True):
-        text = text.replace(value, REDACTED)
-        escaped = json.dumps(value)[1:-1]
-        if escaped != value:
-            text = text.replace(escaped, REDACTED)
-    return text
-
-
-def secret_parameter_warnings(parameters: Mapping[str, Any]) -> list[str]:
-    """One warning per parameter that carries a credential, pointing to the environment variable.
-
-    A parameter is a credential when its name says so (``openai_api_key``, ``hf_token``) or its value
-    looks like a key (``sk-...``, ``hf_...``). Values are never repeated in the message.
-
-    >>> secret_parameter_warnings({"openai_api_key": "sk-test-abc"})[0].split(":")[0]
-    'parameter openai_api_key holds a credential'
-    """
-    out = []
-    for name, value in parameters.items():
-        if not secret_values({name: value}):
-            continue
-        if _is_secret_key(name):
-            env = re.sub(r"[^A-Za-z0-9]+", "_", name).upper()
-        else:
-            env = "HF_TOKEN" if "hf_" in json.dumps(to_jsonable(value)) else "OPENAI_API_KEY"
-        out.append(
-            f"parameter {name} holds a credential: set it in the environment instead "
-            f"(export {env}=...; emlab's judge reads OPENAI_API_KEY). It is redacted ({REDACTED}) "
-            "in everything emlab writes and prints."
-        )
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Run status, lock and manifest
-
-STATUS_FILE = "status.json"
-MANIFEST_FILE = ".emlab-manifest.json"
-LOCK_FILE = ".emlab.lock"
-#: Set by ``emlab run`` for its kernel: the run folder it has locked and whose status it writes,
-#: so that ``start_run`` inside the notebook neither locks it again nor rewrites its status.
-OWNER_ENV = "EMLAB_RUN_OWNER"
-_BOOKKEEPING = frozenset({STATUS_FILE, MANIFEST_FILE, LOCK_FILE})
-_HELD: dict[str, Any] = {}  # resolved folder -> the FileLock this process holds on it
-
-
-class RunLockedError(RuntimeError):
-    """Another live process is writing a run into this folder."""
-
-
-class RunExistsError(FileExistsError):
-    """The folder holds a run that would be replaced; pass ``overwrite=True`` to replace it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RunStatus:
-    """What :func:`run_status` found: ``status`` is ``"ok"``, ``"failed"``, ``"running"`` (its writer
-    is alive), ``"incomplete"`` (it started but never finished: killed or crashed), ``"unknown"`` (a
-    ``metrics.json`` alone, not written through emlab's run store) or ``"empty"`` (no run)."""
-
-    status: str
-    reason: str | None = None
-    started: str | None = None
-    finished: str | None = None
-
-    @property
-    def complete(self) -> bool:
-        """True for a run that finished (ok or failed)."""
-        return self.status in ("ok", "failed")
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def describe(self) -> str:
-        """``ok``, ``failed: reason``, ``incomplete: reason``..."""
-        return self.status + (f": {self.reason}" if self.reason else "")
-
-
-def read_json_safe(path: Path) -> Any:
-    """The JSON in ``path``, or None when it is missing or unreadable (a run folder's optional files)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
-def _key(d: Path) -> str:
-    return str(Path(d).resolve())
-
-
-def _is_live(d: Path) -> bool:
-    """True when another process holds the folder's lock (this process's own locks do not count)."""
-    from filelock import FileLock, Timeout
-
-    if _key(d) in _HELD:
-        return False
-    if not (d / LOCK_FILE).exists():  # a run nested in a live `emlab run` folder is as live as it
-        up = next((p for p in list(d.parents)[:3] if (p / LOCK_FILE).exists()), None)
-        return up is not None and (up / STATUS_FILE).exists() and _is_live(up)
-    probe = FileLock(str(d / LOCK_FILE), timeout=0)
-    try:
-        probe.acquire()
-    except Timeout:
-        return True
-    except OSError:  # a read-only folder: nobody can be writing a run into it
-        return False
-    probe.release()
-    return False
-
-
-def run_status(dir: str | os.PathLike) -> RunStatus:
-    """The status of the run in ``dir``; every reader of run folders uses this.
-
-    ``status.json`` says ``running`` while a run is written; when its writer is gone (the folder's lock
-    is free) the run reads as ``incomplete``. Folders written before ``status.json`` existed fall back
-    to ``notebook.json``; a run folder with neither reads as incomplete, never as ok.
-
-    >>> run_status("runs/02_defences/20250101-120000")  # doctest: +SKIP
-    RunStatus(status='ok', reason=None, started='2025-01-01T12:00:00+00:00', finished='...')
-    """
-    d = Path(dir)
-    info = read_json_safe(d / STATUS_FILE)
-    if isinstance(info, dict) and info.get("status"):
-        status, reason = str(info["status"]), info.get("reason")
-        if status == "running":
-            if _key(d) in _HELD or _is_live(d) or os.environ.get(OWNER_ENV) == _key(d):
-                return RunStatus("running", None, info.get("started"))
-            status = "incomplete"
-            reason = "it started but never finished (the process was killed or crashed)"
-        return RunStatus(status, reason, info.get("started"), info.get("finished"))
-    nb = read_json_safe(d / "notebook.json")
-    if isinstance(nb, dict) and nb.get("status") in ("ok", "failed"):
-        return RunStatus(nb["status"], nb.get("error"), nb.get("started"))
-    if any((d / f).exists() for f in ("config.json", "env.json", "notebook.json")):
-        return RunStatus("incomplete", "no status.json: the run never recorded that it finished")
-    if (d / "metrics.json").exists():
-        return RunStatus("unknown", "a metrics.json without emlab's run files")
-    return RunStatus("empty")
-
-
-def write_status(d: Path, status: str, reason: str | None = None, *, started: str | None = None) -> None:
-    """Write ``status.json`` of run folder ``d`` (running / finished / failed, with the reason and times)."""
-    old = read_json_safe(d / STATUS_FILE)
-    old = old if isinstance(old, dict) else {}
-    info = {
-        "status": status,
-        "reason": reason,
-        "started": started or (old.get("started") if status != "running" else None) or _now(),
-        "finished": None if status == "running" else _now(),
-        "pid": os.getpid(),
-        "host": platform.node(),
-    }
-    atomic_write_json(d / STATUS_FILE, info)
-
-
-def _files(d: Path) -> set[str]:
-    """Every file under ``d`` (relative POSIX paths), bookkeeping and temporary files excluded."""
-    out = set()
-    for p in d.rglob("*"):
-        rel = p.relative_to(d).as_posix()
-        if p.is_file() and rel not in _BOOKKEEPING and not (p.name.startswith(".") and p.name.endswith(".tmp")):
-            out.add(rel)
-    return out
-
-
-def begin_manifest(d: Path, *, keep: bool) -> None:
-    """Start the manifest: the files already in the folder are the user's (unless resuming)."""
-    old = read_json_safe(d / MANIFEST_FILE)
-    if keep and isinstance(old, dict):
-        return
-    atomic_write_json(d / MANIFEST_FILE, {"preexisting": sorted(_files(d)), "written": [], "started": _now()})
-
-
-def register_written(dir: str | os.PathLike, *names: str | os.PathLike) -> None:
-    """Record that emlab wrote ``names`` (files or folders, relative to the run folder ``dir``).
-
-    Overwriting a run deletes exactly these (see the module docstring). :class:`Run` registers
-    everything written through :meth:`Run.path`; call this for files written another way.
-
-    >>> register_written("runs/demo", "checkpoints/sft")  # doctest: +SKIP
-    """
-    d = Path(dir)
-    m = read_json_safe(d / MANIFEST_FILE)
-    if not isinstance(m, dict):
-        m = {"preexisting": [], "written": [], "started": _now()}
-    written = set(m.get("written") or [])
-    new = set()
-    for name in names:
-        p = Path(name)
-        rel = (p.resolve().relative_to(d.resolve()) if p.is_absolute() else p).as_posix()
-        new.add(rel)
-    if new <= written:
-        return
-    m["written"] = sorted(written | new)
-    atomic_write_json(d / MANIFEST_FILE, m)
-
-
-def finish_manifest(d: Path) -> None:
-    """At the end of a run: every file that appeared since it started is emlab's."""
-    m = read_json_safe(d / MANIFEST_FILE)
-    if not isinstance(m, dict):
-        return
-    pre = set(m.get("preexisting") or [])
-    m["written"] = sorted(set(m.get("written") or []) | (_files(d) - pre))
-    m["finished"] = _now()
-    atomic_write_json(d / MANIFEST_FILE, m)
-
-
-def _remove_emlab_files(d: Path) -> list[str]:
-    """Delete what emlab wrote into ``d`` (see the module docstring); return the removed paths."""
-    m = read_json_safe(d / MANIFEST_FILE)
-    if not isinstance(m, dict):  # a run from before the manifest: it was all emlab's
-        env = read_json_safe(d / "env.json")
-        if not (isinstance(env, dict) and env.get("format") == RUN_FORMAT) and not (d / "notebook.json").exists():
-            raise RunExistsError(f"{d} has a config.json but is not an emlab run folder; refusing to delete it")
-        m = {"preexisting": [], "written": sorted(_files(d))}
-    pre = set(m.get("preexisting") or [])
-    doomed = set(m.get("written") or [])
-    if not m.get("finished"):  # killed: everything that appeared after it started
-        doomed |= _files(d) - pre
-    removed = []
-    for rel in sorted(doomed, key=lambda r: -len(Path(r).parts)):
-        if rel in pre or rel in _BOOKKEEPING or Path(rel).is_absolute() or ".." in Path(rel).parts:
-            continue  # never outside the folder
-        p = d / rel
-        if p.is_dir() and not p.is_symlink():
-            inner_pre = [x for x in pre if x.startswith(rel + "/")]
-            if inner_pre:  # a folder holding user files: remove only emlab's files in it
-                for f in sorted(_files(p)):
-                    if f"{rel}/{f}" not in pre:
-                        (p / f).unlink()
-            else:
-                shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
-        else:
-            continue
-        removed.append(rel)
-    for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        rel = sub.relative_to(d).as_posix()
-        if not any(x == rel or x.startswith(rel + "/") for x in pre):
-            with contextlib.suppress(OSError):
-                sub.rmdir()  # only when empty
-    for f in (STATUS_FILE, MANIFEST_FILE):
-        with contextlib.suppress(FileNotFoundError):
-            (d / f).unlink()
-    return removed
-
-
-def check_run_dir(out: Path) -> Path:
-    """Create ``out`` if needed and check that a run can be written there; a clear error otherwise.
-
-    Raises :class:`NotADirectoryError` (a file is in the way) or :class:`PermissionError`.
-    """
-    for parent in (out, *out.parents):
-        if parent.exists() and not parent.is_dir():
-            raise NotADirectoryError(f"run folder {out}: {parent} is a file, not a folder; choose another out_dir")
-        if parent.exists():
-            break
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except PermissionError as e:
-        raise PermissionError(f"run folder {out} cannot be created: {e.strerror} ({e.filename})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise PermissionError(f"run folder {out} is not writable; choose another out_dir")
-    return out
-
-
-def lock_run_dir(out: Path) -> Any:
-    """Take the folder's lock at once (a :class:`RunLockedError` when another live process holds it).
-
-    Returns the held ``filelock.FileLock``; it is released by :func:`unlock_run_dir` or when the
-    process ends (even on SIGKILL).
-    """
-    from filelock import FileLock, Timeout
-
-    key = _key(out)
-    old = _HELD.pop(key, None)
-    if old is not None:  # an earlier run of this same process that never finished (a notebook cell rerun)
-        old.release(force=True)
-    lock = FileLock(str(out / LOCK_FILE), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        info = read_json_safe(out / STATUS_FILE) or {}
-        who = f" (pid {info.get('pid')} on {info.get('host')}, started {info.get('started')})" if info else ""
-        raise RunLockedError(
-            f"{out} is in use by a live run{who}; wait for it to finish or choose another out_dir"
-        ) from None
-    _HELD[key] = lock
-    return lock
-
-
-def unlock_run_dir(out: Path) -> None:
-    """Release the lock this process holds on ``out`` (no-op when it holds none)."""
-    lock = _HELD.pop(_key(out), None)
-    if lock is not None:
-        lock.release(force=True)
-
-
-def prepare_run_dir(out: Path, *, overwrite: bool, same: Callable[[], bool], what: str) -> str:
-    """Apply the folder rules (module docstring) to a locked ``out``; return ``"new"``, ``"resume"``
-    or ``"overwrite"``. ``same()`` tells whether the folder's run has the same config as the new one.
-    Raises :class:`RunExistsError` when the folder's run must not be replaced."""
-    prior = run_status(out)
-    if prior.status == "running" and _key(out) in _HELD:
-        prior = RunStatus("incomplete", "an earlier run of this process never finished")
-    if prior.status == "empty":
-        return "new"
-    if overwrite:
-        _remove_emlab_files(out)
-        return "overwrite"
-    if prior.complete:
-        raise RunExistsError(
-            f"{out} already holds a finished run (status {prior.status}, started {prior.started}); choose "
-            f"another out_dir, or replace it with {what} (only the files emlab wrote are removed)"
-        )
-    if same():
-        return "resume"
-    raise RunExistsError(
-        f"{out} holds an incomplete run (killed?) with another config; rerun with the same config to "
-        f"resume it, choose another out_dir, or replace it with {what}"
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Environment
-
-
-def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
-    """Installed versions of ``names`` (None where not installed; emlab from its source when not installed).
-
-    >>> package_versions(["emlab"])["emlab"] is not None
-    True
-    """
-    versions: dict[str, str | None] = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    if "emlab" in versions and versions["emlab"] is None:
-        from emlab.version import __version__
-
-        versions["emlab"] = __version__
-    return versions
-
-
-def git_state(folder: Path) -> dict[str, Any]:
-    """The git commit and dirty flag of the repository holding ``folder`` (None values outside one)."""
-    def git(*args: str) -> str | None:
-        try:
-            res = subprocess.run(
-                ["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10, check=False
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return res.stdout.strip() if res.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    if commit is None:
-        return {"commit": None, "dirty": None}
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
-
-
-def _find_seeds(obj: Any, prefix: str = "") -> dict[str, Any]:
-    seeds: dict[str, Any] = {}
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            where = f"{prefix}.{k}" if prefix else str(k)
-            if "seed" in str(k).lower() and (v is None or isinstance(v, int | list | tuple)):
-                seeds[where] = v
-            else:
-                seeds.update(_find_seeds(v, where))
-    return seeds
-
-
-def _seed_everything(seed: int) -> None:
-    """Seed Python's ``random`` and, when already imported, numpy and torch."""
-    random.seed(seed)
-    if "numpy" in sys.modules:
-        sys.modules["numpy"].random.seed(seed % 2**32)
-    if "torch" in sys.modules:
-        sys.modules["torch"].manual_seed(seed)
-
-
-def _environment(name: str, seed: int | None, config: dict) -> dict[str, Any]:
-    repo = Path(__file__).resolve().parent.parent
-    return {
-        "format": RUN_FORMAT,
-        "name": name,
-        "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "seed": seed,
-        "config_seeds": _find_seeds(config),
-        "python": sys.version.split()[0],
-        "executable": sys.executable,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "packages": package_versions(),
-        "git": git_state(repo),
-        "argv": list(sys.argv),
-        "notes": [],
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -944,8 +403,8 @@ def start_run(
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     check_run_dir(out)
     owner = os.environ.get(OWNER_ENV)
-    owned = owner == _key(out)  # `emlab run` holds the lock and writes the status
-    nested = bool(owner) and not owned and Path(owner) in Path(_key(out)).parents  # finalised by `emlab run`
+    owned = owner == folder_key(out)  # `emlab run` holds the lock and writes the status
+    nested = bool(owner) and not owned and Path(owner) in Path(folder_key(out)).parents  # finalised by `emlab run`
     if not owned and not nested:
         lock_run_dir(out)
     try:
@@ -964,8 +423,8 @@ def start_run(
         else:
             mode = "resume" if owned and old_cfg == cfg else ("new" if old_cfg is None else "owned")
         if seed is not None:
-            _seed_everything(seed)
-        env = _environment(name or out.resolve().name, seed, cfg)
+            seed_everything(seed)
+        env = environment_record(name or out.resolve().name, seed, cfg)
         if mode == "resume":
             env["notes"].append(f"resumed an incomplete run on {env['started']}; its files were kept")
         if not owned:

@@ -28,9 +28,9 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
     0: (
         "foundations: run folders, data files, questions, presets, metrics (and the results table), progress bars, the "
         "published numbers, threads, chat templates, tasks",
-        ("emlab.version", "emlab.progress", "emlab.threads", "emlab.metrics", "emlab.runs", "emlab.rows", "emlab.data",
-         "emlab.download", "emlab.fetch", "emlab.questions", "emlab.presets", "emlab.packaged", "emlab.published",
-         "emlab.chat_templates", "emlab.tasks"),
+        ("emlab.version", "emlab.progress", "emlab.threads", "emlab.metrics", "emlab.runs", "emlab.run_files",
+         "emlab.run_folder", "emlab.run_env", "emlab.rows", "emlab.data", "emlab.download", "emlab.fetch",
+         "emlab.questions", "emlab.presets", "emlab.packaged", "emlab.published", "emlab.chat_templates", "emlab.tasks"),
     ),
     1: (
         "models: loading, generation, the toy organism's world, build and benign tasks, the Direction type",
@@ -49,7 +49,8 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
     ),
     4: (
         "notebook front ends: widgets, the notebook runner, claims and their scorecard, the README's status block",
-        ("emlab.widgets", "emlab.notebooks", "emlab.claims", "emlab.scorecard", "emlab.status"),
+        ("emlab.widgets", "emlab.notebooks", "emlab.notebook_engine", "emlab.notebook_results", "emlab.claims",
+         "emlab.scorecard", "emlab.status"),
     ),
     5: (
         "studies, sweeps and the command line",

@@ -19,8 +19,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from emlab import notebook_engine, notebook_results, runs
 from emlab import notebooks as nbs
-from emlab import runs
 from emlab.cli import main as emlab_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,7 +99,7 @@ def test_reproduce_stops_hangs_and_dead_kernels_and_runs_every_notebook(tmp_path
 
 def test_headless_output_widget_sends_nothing_to_the_kernel():
     """The mimic nbclient builds for an Output widget: its state echo on the shell socket is the hang's trigger."""
-    nbs._register_engine()
+    notebook_engine.register_engine()
     from papermill.engines import papermill_engines
 
     engine = papermill_engines.get_engine(nbs.ENGINE)
@@ -214,7 +214,7 @@ def test_concurrent_runs_kill_resume_and_overwrite(tmp_path, monkeypatch, capsys
         kill_pid_file(run / "kernel.pid")
     wait_for(lambda: runs.run_status(run).status == "incomplete", "the killed run to read incomplete", 30)
     nbformat.read(str(run / "slow.ipynb"), as_version=4)  # never a 0-byte or half-written notebook
-    assert nbs._load_result(run, "slow").status == "incomplete"
+    assert notebook_results.load_result(run, "slow").status == "incomplete"
 
     assert emlab_main(["run", str(nb), "-p", "out_dir", "shared", "-p", "seed", "1"]) == 2
     assert "incomplete run (killed?) with another config" in capsys.readouterr().err
@@ -310,7 +310,7 @@ def test_run_status_reads_killed_and_legacy_folders(tmp_path):
 
     w = run_comparer([killed, legacy])
     assert sorted(w.runs.options) == ["killed (incomplete)", "legacy"]
-    results = [nbs._load_result(killed, "killed"), nbs._load_result(legacy, "legacy")]
+    results = [notebook_results.load_result(killed, "killed"), notebook_results.load_result(legacy, "legacy")]
     page = nbs.write_summary(results, tmp_path / "summary.md", figures_dir=tmp_path / "figs").read_text()
     assert "| killed | **incomplete** (killed before it finished) |" in page and "| legacy | ok |" in page
 
