@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from pathlib import Path
 
 from emlab.metrics import flatten
 from emlab.plots.sweep import sweep_cells
