@@ -18,17 +18,13 @@ import shlex
 import sys
 from pathlib import Path
 
+from emlab.aggregate import sweep_runs
 from emlab.pareto import beyond_points, defences_points, pareto_figure, pareto_seeds, run_prefix
 from emlab.plots import save
-from emlab.plots.sweep import sweep_cells
 
 
 def cells_by_seed(sweep: str) -> dict[str, Path]:
-    out = {}
-    for _, run_dir in sweep_cells(sweep):
-        params = json.loads((run_dir / "notebook.json").read_text())["parameters"]
-        out[str(params.get("seed"))] = run_dir
-    return out
+    return {str(params.get("seed")): run_dir for run_dir, params in sweep_runs(sweep)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     others = [cells_by_seed(s) for s in args.others]
     for seed, run_dir in sorted(cells_by_seed(args.sweep06).items()):
         pts = beyond_points(json.loads((run_dir / "metrics.json").read_text()))
-        pts = {k: v for k, v in pts.items()}
         for cells in others:
             if seed in cells:
                 # the 06 cell may already hold the same 02 points (its defences_run): same names, same values

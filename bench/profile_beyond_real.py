@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
     timed(monitor, "measure", "trait monitor (inside the finetunes)")
     path = packaged_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")
     with FakeOpenAIServer() as server, tempfile.TemporaryDirectory() as tmp:
-        os.environ.update(OPENAI_BASE_URL=server.url, OPENAI_API_KEY="sk-fake-for-the-loopback-server",
+        os.environ.update(OPENAI_BASE_URL=server.url, OPENAI_API_KEY="loopback-server-needs-no-key",
                           EMLAB_JUDGE_CACHE=str(Path(tmp) / "judge.sqlite"))
         start = time.perf_counter()
         beyond.beyond_study(model=str(path), domain="plants", smoke=True, judge="gpt-4o-mini",

@@ -71,7 +71,7 @@ def judge_endpoint(name: str, cache: Path):
     saved = {k: os.environ.get(k) for k in ("OPENAI_BASE_URL", "OPENAI_API_KEY")}
     with FakeOpenAIServer() as server:
         os.environ["OPENAI_BASE_URL"] = server.url
-        os.environ["OPENAI_API_KEY"] = "sk-test-fake"
+        os.environ["OPENAI_API_KEY"] = "loopback-server-needs-no-key"
         try:
             yield OpenAIJudge(model="fake-judge", cache=cache, progress=False)
         finally:

@@ -14,16 +14,15 @@ import json
 import re
 import sys
 
+from emlab.aggregate import sweep_runs
 from emlab.metrics import flatten
-from emlab.plots.sweep import sweep_cells
 
 _TIMING = re.compile(r"runtime|per_second|seconds|_s$|wall|time")
 
 
 def cells(sweep: str) -> list[tuple[dict, dict]]:
     out = []
-    for _, run_dir in sweep_cells(sweep):
-        params = json.loads((run_dir / "notebook.json").read_text())["parameters"]
+    for run_dir, params in sweep_runs(sweep):
         metrics = {k: v for k, v in flatten(json.loads((run_dir / "metrics.json").read_text())).items()
                    if not _TIMING.search(k)}
         out.append(({k: v for k, v in params.items() if k != "out_dir"}, metrics))

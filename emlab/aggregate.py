@@ -24,7 +24,7 @@ import pandas as pd
 
 from emlab.runs import atomic_write_text, to_jsonable
 
-__all__ = ["load_table", "mean_sd", "metric_rows", "summarize", "summary_markdown", "write_sweep_tables"]
+__all__ = ["load_table", "mean_sd", "metric_rows", "summarize", "summary_markdown", "sweep_runs", "write_sweep_tables"]
 
 SWEEP_FILE = "sweep.json"
 CELL_FILE = "sweep_cell.json"
@@ -79,14 +79,19 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _runs_of(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[tuple[Path, dict[str, Any]]]:
-    """``(run folder, parameters)`` of the ok runs of a sweep folder or of a list of run folders."""
+def sweep_runs(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[tuple[Path, dict[str, Any]]]:
+    """``(run folder, parameters)`` of the ok runs of a sweep folder (from its ``sweep.json``, in cell order)
+    or of a list of run folders.
+
+    >>> sweep_runs("runs/sweeps/02_defences-1a2b3c4d")[0][1]   # doctest: +SKIP
+    {'seed': 0}
+    """
     if isinstance(source, str | os.PathLike):
         root = Path(source)
         manifest = _read_json(root / SWEEP_FILE)
         if manifest is None:
             if (root / RUN_INFO).exists() or (root / "metrics.json").exists():
-                return _runs_of([root])
+                return sweep_runs([root])
             raise FileNotFoundError(f"{root} is neither a sweep folder (no {SWEEP_FILE}) nor a run folder")
         out = []
         for cell in manifest.get("cells", []):
@@ -118,7 +123,7 @@ def load_table(source: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.Da
     >>> load_table(["runs/a", "runs/b"]).columns.tolist()  # doctest: +SKIP
     ['seed', 'run', 'metric', 'value', 'n']
     """
-    runs = _runs_of(source)
+    runs = sweep_runs(source)
     names: list[str] = []
     for _, params in runs:
         names += [k for k in params if k not in names]

@@ -25,11 +25,11 @@ import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from emlab.aggregate import SWEEP_FILE, sweep_runs
 from emlab.plots.storage import load_figures, save
 
 __all__ = ["cell_figures", "save_sweep_figures", "sweep_cells", "sweep_figures"]
 
-_SWEEP_FILE = "sweep.json"
 _OVERLAID = ("scatter", "bar", "box", "violin")
 
 
@@ -40,22 +40,18 @@ def sweep_cells(sweep: str | os.PathLike) -> list[tuple[str, Path]]:
     ('seed=0', PosixPath('runs/sweeps/02_defences-1a2b3c4d/cells/seed=0-...'))
     """
     root = Path(sweep)
-    path = root / _SWEEP_FILE
+    path = root / SWEEP_FILE
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{root} is not a sweep folder (no {_SWEEP_FILE}): pass a folder made by `emlab sweep`") from None
+        raise FileNotFoundError(f"{root} is not a sweep folder (no {SWEEP_FILE}): pass a folder made by `emlab sweep`") from None
     except ValueError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    cells = [c for c in info.get("cells", []) if c.get("status") == "ok" and c.get("run_dir")]
-    params = [c.get("parameters") or {} for c in cells]
+    runs = sweep_runs(root)
+    params = [p for _, p in runs]
     varying = [k for k in dict.fromkeys(k for p in params for k in p)
                if len({json.dumps(p.get(k), sort_keys=True) for p in params}) > 1]
-    out = []
-    for c, p in zip(cells, params):
-        label = ", ".join(f"{k}={p.get(k)}" for k in varying) or c["name"]
-        out.append((label, root / c["run_dir"]))
-    return out
+    return [(", ".join(f"{k}={p.get(k)}" for k in varying) or run_dir.name, run_dir) for run_dir, p in runs]
 
 
 def cell_figures(run_dir: str | os.PathLike) -> dict[str, go.Figure]:
