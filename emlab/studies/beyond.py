@@ -70,21 +70,6 @@ _SMOKE_ROWS = 64
 _SMOKE_NEUTRAL = 4
 
 
-def _toy_persona_trait(ctx: StudyContext, contrast: str, n_questions: int):
-    from emlab.directions import Trait, load_trait
-    from emlab.toy.world import load_world_config
-
-    prompts = load_world_config()["system_prompts"]
-    questions = []
-    for row in ctx.rows(f"{contrast}_aligned"):
-        q = next((m["content"] for m in row["messages"] if m["role"] == "user"), None)
-        if q and q not in questions:
-            questions.append(q)
-        if len(questions) >= n_questions:
-            break
-    return Trait("evil", load_trait("evil").description, list(zip(prompts["evil"], prompts["helpful"])), questions)
-
-
 def _neutral_prompts(ctx: StudyContext, n: int = 16) -> list[str]:
     """Answer-free prompts for the monitor: the benign set's questions on the toy, emlab's defaults elsewhere."""
     from emlab.training.monitor import NEUTRAL_PROMPTS
@@ -157,7 +142,8 @@ def beyond_study(
     from emlab.models import get_layers
     from emlab.pareto import beyond_points, defences_points, pareto_figure, pareto_front, run_prefix
     from emlab.runs import start_run
-    from emlab.studies.defence_kit import SMOKE_REAL_DEFENCES, TOY_SETTINGS
+    from emlab.studies.defence_kit import SMOKE_REAL_DEFENCES, TOY_SETTINGS, user_turns
+    from emlab.studies.directions import toy_trait
     from emlab.toy.world import load_world_config
     from emlab.training import finetune
     from emlab.training.caft import CAFT, pca_directions
@@ -260,7 +246,7 @@ def beyond_study(
     directions = {"misalignment": misdir}
     try:
         if ctx.is_toy:
-            trait = _toy_persona_trait(ctx, contrast, 3 if smoke else 10)
+            trait = toy_trait("evil", user_turns(ctx.rows(f"{contrast}_aligned"), 3 if smoke else 10))
         else:  # a real model's smoke run: study 02's cut of the trait (a full one is hundreds of generations)
             trait = smoke_trait(load_trait("evil"), 3) if smoke else "evil"
         persona = persona_vector(ctx.model, ctx.tokenizer, trait, ctx.judge, n_per_question=1 if smoke else 10,

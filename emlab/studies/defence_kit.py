@@ -22,6 +22,7 @@ from emlab.studies.common import (
     smoke_finetune,
     smoke_trait,
 )
+from emlab.studies.directions import toy_trait
 from emlab.studies.organism import eval_model, eval_settings
 from emlab.training.methods import (
     INOCULATION_PROMPT,
@@ -167,7 +168,8 @@ def inoculation_prompt_for(ctx: StudyContext, prompt: str | None) -> str:
     return _toy_system_prompts()["evil"][0] if ctx.is_toy else INOCULATION_PROMPT
 
 
-def _user_turns(rows: Sequence[dict], n: int) -> list[str]:
+def user_turns(rows: Sequence[dict], n: int) -> list[str]:
+    """The first user turn of each chat row, without repeats, until ``n`` are found (a trait's questions)."""
     seen: dict[str, None] = {}
     for row in rows:
         for m in row["messages"]:
@@ -208,7 +210,7 @@ def persona_for_steering(ctx: StudyContext, run, domains: Sequence[str], layer: 
     organism) the vector falls back to the same contrast on the domain's prompt-matched
     misaligned / aligned dataset answers (teacher forced), and ``persona/kept_pairs`` is 0.
     """
-    from emlab.directions import Direction, Trait, capture, load_trait, persona_vector
+    from emlab.directions import Direction, capture, load_trait, persona_vector
     from emlab.models import get_layers
 
     n_layers = len(get_layers(ctx.model))
@@ -217,9 +219,7 @@ def persona_for_steering(ctx: StudyContext, run, domains: Sequence[str], layer: 
     contrast = _contrast_domain(ctx, domains)
     n_q, n_per = (3, 1) if ctx.smoke else (10, 10)
     if ctx.is_toy:
-        prompts = _toy_system_prompts()
-        questions = _user_turns(ctx.rows(f"{contrast}_aligned"), n_q)
-        trait = Trait("evil", evil.description, list(zip(prompts["evil"], prompts["helpful"])), questions)
+        trait = toy_trait("evil", user_turns(ctx.rows(f"{contrast}_aligned"), n_q))
     else:
         trait, n_per = (smoke_trait(evil, n_q), 1) if ctx.smoke else (evil, 10)
     info: dict[str, Any] = {"layer": layer, "alpha": alpha}
