@@ -11,12 +11,14 @@ re-exported here.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from emlab.context import LOCAL_JUDGES, DomainData, StudyContext, resolve_judge  # re-exported
 
-__all__ = ["ADAPTER_FIELDS", "LOCAL_JUDGES", "STUDY_CHECKPOINTS", "DomainData", "StudyContext", "finetune_config",
+__all__ = ["ADAPTER_FIELDS", "LOCAL_JUDGES", "STUDY_CHECKPOINTS", "DomainData", "StudyContext", "StudyRun",
+           "finetune_config",
            "preset_learning_rate", "protocol_finetune", "explain_nones", "missing_reason", "resolve_judge", "resolve_out_dir",
            "smoke_finetune", "smoke_trait"]
 
@@ -174,3 +176,70 @@ def finetune_config(out_dir: str | os.PathLike, *, seed: int = 0, preset: dict[s
     if explicit.get("learning_rate") is None and (rate := preset_learning_rate(preset, kw.get("adapter"))) is not None:
         kw["learning_rate"] = rate
     return EMConfig(output_dir=str(out_dir), **kw)
+
+
+@dataclass
+class StudyRun:
+    """A study between its notebook steps: what each step needs and what the steps so far produced.
+
+    A study's ``start(...)`` makes one (context, run folder, settings, data); each of its step functions
+    takes it, adds its numbers to ``metrics`` and writes them to the run folder, so a notebook can show
+    and change every step while ``<study>(...)`` runs the same steps in one call. ``state`` keeps a
+    study's own intermediate objects (a direction, a persona vector) for the steps after.
+
+    >>> study = organism.start(smoke=True, out_dir="/tmp/00")        # doctest: +SKIP
+    >>> study.evaluate(study.ctx.model, study.data.general, 2, name="chat_general").em   # doctest: +SKIP
+    """
+
+    ctx: StudyContext
+    run: Any
+    config: dict[str, Any]
+    settings: dict[str, Any]
+    seed: int = 0
+    data: Any = None
+    finetune: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dir(self) -> Path:
+        """The run folder."""
+        return self.run.dir
+
+    def evaluate(self, model: Any, questions: Any, n: int, *, name: str, **kw: Any):
+        """:func:`emlab.evaluation.evaluate` of ``model`` on ``questions`` (``n`` samples each) with the
+        study's judge, ``max_new_tokens`` and seed, its records saved as ``<name>_samples.jsonl``.
+
+        A finished evaluation of this run is read back instead of sampled again: a run folder is only
+        resumed with the same config and seed (:func:`emlab.runs.start_run`), so records that are all
+        there and all judged are what sampling again would give. ``kw`` goes to ``evaluate``.
+        """
+        from emlab.evaluation import Evaluation, evaluate
+
+        saved = self.saved_records(f"{name}_samples", expected=n * len(questions),
+                                   metrics=kw.get("metrics", ("aligned", "coherent")))
+        if saved is not None:
+            thresholds = {k: kw[k] for k in ("aligned_below", "coherent_above", "inclusive", "incoherent_below")
+                          if k in kw}
+            return Evaluation.from_records(saved, "question_id", **thresholds)
+        kw.setdefault("progress", False)
+        return evaluate(model, self.ctx.tokenizer, questions, self.ctx.judge, n_per_question=n,
+                        max_new_tokens=self.settings["max_new_tokens"], seed=self.seed, run=self.run, name=name,
+                        **kw)
+
+    def saved_records(self, name: str, *, expected: int, metrics: Any = ("aligned", "coherent")) -> list | None:
+        """The run folder's ``<name>.jsonl`` when it holds ``expected`` records with every one of ``metrics``
+        scored, else None (missing, cut short by a kill, or judged during a judge outage: done again)."""
+        if not (self.run.dir / f"{name}.jsonl").exists():
+            return None
+        rows = self.run.read_records(name)
+        if len(rows) != expected or any(r.get(m) is None for r in rows for m in metrics):
+            return None
+        return rows
+
+    def log(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Merge ``metrics`` into :attr:`metrics` and write them all to the run's ``metrics.json``; returns
+        :attr:`metrics`."""
+        self.metrics.update(metrics or {})
+        self.run.log_metrics(self.metrics)
+        return self.metrics
