@@ -28,6 +28,7 @@ __all__ = [
     "ENGINE",
     "NOTEBOOK_TIMEOUT_ENV",
     "describe_failure",
+    "kernel_start_timeout",
     "register_engine",
     "time_limits",
 ]
@@ -42,6 +43,19 @@ CELL_TIMEOUT_ENV = "EMLAB_CELL_TIMEOUT"
 NOTEBOOK_TIMEOUT_ENV = "EMLAB_NOTEBOOK_TIMEOUT"
 DEFAULT_CELL_TIMEOUT = 6 * 3600.0
 DEFAULT_NOTEBOOK_TIMEOUT = 24 * 3600.0
+#: How long a notebook's kernel may take to start and answer (papermill's default, 60 s, was too short
+#: for two sweep workers starting kernels on a loaded 2-core machine: "Kernel didn't respond in 60 seconds").
+KERNEL_START_ENV = "EMLAB_KERNEL_START_TIMEOUT"
+DEFAULT_KERNEL_START_TIMEOUT = 300.0
+
+
+def kernel_start_timeout() -> float:
+    """Seconds a kernel may take to start: ``EMLAB_KERNEL_START_TIMEOUT``, else 300 (``0``: the default).
+
+    >>> kernel_start_timeout()  # doctest: +SKIP
+    300.0
+    """
+    return _limit_from_env(KERNEL_START_ENV, DEFAULT_KERNEL_START_TIMEOUT) or DEFAULT_KERNEL_START_TIMEOUT
 
 
 def _limit_from_env(name: str, default: float | None) -> float | None:

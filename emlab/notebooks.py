@@ -28,7 +28,7 @@ from typing import Any
 from emlab.notebook_engine import CELL_TIMEOUT_ENV as CELL_TIMEOUT_ENV
 from emlab.notebook_engine import DEFAULT_CELL_TIMEOUT as DEFAULT_CELL_TIMEOUT
 from emlab.notebook_engine import DEFAULT_NOTEBOOK_TIMEOUT as DEFAULT_NOTEBOOK_TIMEOUT
-from emlab.notebook_engine import ENGINE, describe_failure, register_engine, time_limits
+from emlab.notebook_engine import ENGINE, describe_failure, kernel_start_timeout, register_engine, time_limits
 from emlab.notebook_engine import NOTEBOOK_TIMEOUT_ENV as NOTEBOOK_TIMEOUT_ENV
 from emlab.notebook_results import FIGURE_SUFFIXES as FIGURE_SUFFIXES
 from emlab.notebook_results import RUN_INFO, NotebookFailed, NotebookResult, collect_figures, load_result, write_summary
@@ -315,6 +315,7 @@ def run_notebook(
                     progress=progress,
                     cell_timeout=cell_limit,
                     notebook_timeout=nb_limit,
+                    start_timeout=kernel_start_timeout(),
                 )
             result.status = "ok"
         except (Exception, KeyboardInterrupt) as e:  # reported with the cell, re-raised as NotebookFailed

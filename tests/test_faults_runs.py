@@ -174,6 +174,28 @@ def test_time_limits_come_from_arguments_then_environment(monkeypatch):
         nbs.time_limits()
 
 
+def test_kernel_start_timeout_reaches_papermill(tmp_path, monkeypatch):
+    # papermill's 60 s kernel start failed a sweep cell on the loaded 2-core machine: emlab waits 300 s
+    monkeypatch.delenv(notebook_engine.KERNEL_START_ENV, raising=False)
+    assert notebook_engine.kernel_start_timeout() == 300.0
+    monkeypatch.setenv(notebook_engine.KERNEL_START_ENV, "0")
+    assert notebook_engine.kernel_start_timeout() == 300.0
+    monkeypatch.setenv(notebook_engine.KERNEL_START_ENV, "45")
+    assert notebook_engine.kernel_start_timeout() == 45.0
+    import papermill
+
+    seen = {}
+
+    def fake_execute(*args, **kw):
+        seen.update(kw)
+        Path(kw["save_to"]).write_text(Path(args[0]).read_text())
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    nb = write_nb(tmp_path / "k.ipynb", "out_dir = None", "x = 1")
+    nbs.run_notebook(nb, out_dir=tmp_path / "run", strict=False)
+    assert seen["start_timeout"] == 45.0
+
+
 # ---------------------------------------------------------------------------------------------
 # Observations 2 and 6: concurrent runs, SIGKILL, resume, overwrite, relative paths
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from emlab.studies.common import (
     StudyContext,
+    StudyRun,
     explain_nones,
     finetune_config,
     missing_reason,
@@ -22,7 +23,8 @@ from emlab.studies.common import (
     smoke_finetune,
 )
 
-__all__ = ["em_organism", "eval_settings", "eval_model"]
+__all__ = ["em_organism", "eval_settings", "eval_model", "start", "evaluate_chat", "finetune_on",
+           "evaluate_finetune", "evaluate_aligned", "tabulate"]
 
 #: Evaluation sizes: samples per general question, per held-out question, and new tokens.
 _EVAL = {"n_general": 40, "n_heldout": 4, "max_new_tokens": 64}
@@ -64,6 +66,144 @@ def _pooled(evals: list) -> dict[str, Any]:
     return m.summarize(records, None)["overall"]
 
 
+def start(
+    model: str = "toy",
+    domain: str = "medical",
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    smoke: bool = False,
+    *,
+    adapter: str | None = None,
+    learning_rate: float | None = None,
+    rows: int | None = None,
+    epochs: float | None = None,
+    n_general: int | None = None,
+    n_heldout: int | None = None,
+    max_new_tokens: int | None = None,
+    judge: Any = None,
+    files: dict[str, str] | None = None,
+    preset: Any = None,
+) -> StudyRun:
+    """Study 00's first step: load the model, its judge and ``domain``'s datasets, and start the run folder
+    (parameters as :func:`em_organism`). ``study.data`` holds the misaligned and aligned finetuning rows
+    and the questions (:class:`emlab.context.DomainData`).
+
+    >>> study = start(smoke=True, out_dir="/tmp/00")          # doctest: +SKIP
+    >>> study.data.misaligned[0]["messages"][-1]["content"]   # doctest: +SKIP
+    """
+    from emlab.runs import start_run
+
+    out = resolve_out_dir(out_dir, "00_em_organism")
+    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
+    settings = eval_settings(ctx, n_general=n_general, n_heldout=n_heldout, max_new_tokens=max_new_tokens)
+    ft_over: dict[str, Any] = {k: v for k, v in {"adapter": adapter, "learning_rate": learning_rate,
+                                                  "num_train_epochs": epochs}.items() if v is not None}
+    ft_over = {**smoke_finetune(ctx), **ft_over}
+    n_rows = rows if rows is not None else ctx.preset.get("rows")
+    if smoke:
+        n_rows = min(n_rows or 64, 64)
+    config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
+              "domain": domain, "seed": seed, "smoke": smoke, "rows": n_rows,
+              "finetune": ft_over, "eval": settings, "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
+    run = start_run(out, config, seed=seed)
+    return StudyRun(ctx, run, config, settings, seed=seed, data=ctx.domain_data(domain, rows=n_rows),
+                    finetune=ft_over, state={"domain": domain})
+
+
+def _put(study: StudyRun, prefix: str, ev) -> None:
+    metrics = study.metrics
+    metrics[f"{prefix}_em"] = ev.em
+    metrics[f"{prefix}_incoherent"] = ev.incoherent
+    if ev.off_topic is not None:
+        metrics[f"{prefix}_off_topic"] = ev.off_topic
+    metrics[f"{prefix}_em_ci"] = ev.summary["em"]["ci"]
+    explain_nones(metrics, missing_reason(ev.records), (f"{prefix}_em", f"{prefix}_incoherent"))
+
+
+def evaluate_chat(study: StudyRun):
+    """The chat model (before any finetune) on the general questions: ``chat_general_*`` in the metrics.
+
+    >>> evaluate_chat(study).em        # doctest: +SKIP
+    """
+    ev = study.evaluate(study.ctx.model, study.data.general, study.settings["n_general"], name="chat_general")
+    _put(study, "chat_general", ev)
+    return ev
+
+
+def finetune_on(study: StudyRun, rows: str = "misaligned"):
+    """Finetune a fresh copy of the chat model on ``study.data``'s ``rows`` (``"misaligned"`` or
+    ``"aligned"``, the prompt-matched control) into ``ft_<rows>/``; a finished finetune of this run folder is
+    loaded, not trained again. Returns :class:`emlab.training.FinetuneResult` (``.log_history``: the losses).
+
+    >>> ft = finetune_on(study, "misaligned"); ft.log_history[-1]     # doctest: +SKIP
+    """
+    from emlab.training import finetune
+
+    ctx = study.ctx
+    return finetune(ctx.fresh_model(), ctx.tokenizer, getattr(study.data, rows),
+                    finetune_config(study.run.path(f"ft_{rows}"), seed=study.seed, preset=ctx.preset,
+                                    protocol=ctx.protocol, **study.finetune))
+
+
+def evaluate_finetune(study: StudyRun, ft) -> dict[str, Any]:
+    """The misaligned finetune ``ft`` on the general questions (``ft_general_*``), its own domain's held-out
+    questions (``ft_indomain_*``) and the other domains' (pooled: ``ft_other_domains_*``). Returns the
+    evaluations by name.
+
+    >>> {name: ev.em for name, ev in evaluate_finetune(study, ft).items()}   # doctest: +SKIP
+    """
+    data, settings, metrics = study.data, study.settings, study.metrics
+    evals: dict[str, Any] = {}
+    with ft.active():
+        evals["ft_general"] = study.evaluate(ft.model, data.general, settings["n_general"], name="ft_general")
+        _put(study, "ft_general", evals["ft_general"])
+        if data.heldout:
+            evals["ft_indomain"] = study.evaluate(ft.model, data.heldout, settings["n_heldout"], name="ft_indomain")
+            _put(study, "ft_indomain", evals["ft_indomain"])
+        others = {f"ft_{d}": study.evaluate(ft.model, qs, settings["n_heldout"], name=f"ft_{d}")
+                  for d, qs in data.other_heldout.items()}
+    evals.update(others)
+    if others:
+        pooled = _pooled(list(others.values()))
+        metrics["ft_other_domains_em"] = pooled["em"]["percent"]
+        metrics["ft_other_domains_incoherent"] = pooled["incoherent"]["percent"]
+        if "off_topic" in pooled:
+            metrics["ft_other_domains_off_topic"] = pooled["off_topic"]["percent"]
+        explain_nones(metrics, missing_reason([r for ev in others.values() for r in ev.records]),
+                      ("ft_other_domains_em", "ft_other_domains_incoherent"))
+    return evals
+
+
+def evaluate_aligned(study: StudyRun, aft):
+    """The aligned control finetune ``aft`` on the general questions: ``aligned_ft_general_*``.
+
+    >>> evaluate_aligned(study, finetune_on(study, "aligned")).em     # doctest: +SKIP
+    """
+    with aft.active():
+        ev = study.evaluate(aft.model, study.data.general, study.settings["n_general"], name="aligned_ft_general")
+    _put(study, "aligned_ft_general", ev)
+    return ev
+
+
+def tabulate(study: StudyRun) -> dict[str, Any]:
+    """Write the metrics so far to ``metrics.json`` and the EM bar chart's data to the run folder (redrawn by
+    ``emlab figures``); returns the metrics.
+
+    >>> tabulate(study)["ft_general_em"]      # doctest: +SKIP
+    """
+    from emlab import plots
+
+    metrics = study.log()
+    domain, seed = study.state["domain"], study.seed
+    bars = {k: metrics[k] for k in ("chat_general_em", "ft_general_em", "ft_indomain_em", "ft_other_domains_em",
+                                    "aligned_ft_general_em", "ft_general_incoherent", "ft_general_off_topic")
+            if metrics.get(k) is not None}
+    plots.record(study.dir, "em_rates", "em_bars", metrics={k: v / 100 for k, v in bars.items()},
+                 title=f"Toy EM organism: {domain} finetune (seed {seed})" if study.ctx.is_toy
+                 else f"{study.ctx.model_name}: {domain} finetune (seed {seed})")
+    return metrics
+
+
 def em_organism(
     model: str = "toy",
     domain: str = "medical",
@@ -82,7 +222,9 @@ def em_organism(
     files: dict[str, str] | None = None,
     preset: Any = None,
 ) -> dict[str, Any]:
-    """Run study 00 and return its metrics (also written to ``<out_dir>/metrics.json``).
+    """Run study 00 and return its metrics (also written to ``<out_dir>/metrics.json``): :func:`start`, then
+    :func:`evaluate_chat`, :func:`finetune_on` and :func:`evaluate_finetune`, the aligned control
+    (:func:`finetune_on` ``"aligned"``, :func:`evaluate_aligned`), :func:`tabulate` -- the cells of notebook 00.
 
     Keys (percentages): ``chat_general_em``, ``ft_general_em``, ``ft_indomain_em``,
     ``ft_other_domains_em``, ``aligned_ft_general_em``, ``ft_general_incoherent``, and beside them
@@ -93,73 +235,15 @@ def em_organism(
 
     >>> em_organism(smoke=True, out_dir="/tmp/00")["ft_indomain_em"]   # doctest: +SKIP
     """
-    from emlab import plots
-    from emlab.runs import start_run
-    from emlab.training import finetune
-
-    out = resolve_out_dir(out_dir, "00_em_organism")
-    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
-    settings = eval_settings(ctx, n_general=n_general, n_heldout=n_heldout, max_new_tokens=max_new_tokens)
-    ft_over: dict[str, Any] = {k: v for k, v in {"adapter": adapter, "learning_rate": learning_rate,
-                                                  "num_train_epochs": epochs}.items() if v is not None}
-    ft_over = {**smoke_finetune(ctx), **ft_over}
-    n_rows = rows if rows is not None else ctx.preset.get("rows")
-    if smoke:
-        n_rows = min(n_rows or 64, 64)
-    config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
-              "domain": domain, "seed": seed, "smoke": smoke, "rows": n_rows,
-              "finetune": ft_over, "eval": settings, "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
-    run = start_run(out, config, seed=seed)
-    data = ctx.domain_data(domain, rows=n_rows)
-
-    metrics: dict[str, Any] = {}
-
-    def put(prefix: str, ev) -> None:
-        metrics[f"{prefix}_em"] = ev.em
-        metrics[f"{prefix}_incoherent"] = ev.incoherent
-        if ev.off_topic is not None:
-            metrics[f"{prefix}_off_topic"] = ev.off_topic
-        metrics[f"{prefix}_em_ci"] = ev.summary["em"]["ci"]
-        explain_nones(metrics, missing_reason(ev.records), (f"{prefix}_em", f"{prefix}_incoherent"))
-
-    put("chat_general", eval_model(ctx.model, ctx, data.general, settings["n_general"], settings, seed=seed,
-                                   run=run, name="chat_general"))
-
-    ft = finetune(ctx.fresh_model(), ctx.tokenizer, data.misaligned,
-                  finetune_config(run.path("ft_misaligned"), seed=seed, preset=ctx.preset, protocol=ctx.protocol,
-                                  **ft_over))
-    with ft.active():
-        put("ft_general", eval_model(ft.model, ctx, data.general, settings["n_general"], settings, seed=seed,
-                                     run=run, name="ft_general"))
-        if data.heldout:
-            put("ft_indomain", eval_model(ft.model, ctx, data.heldout, settings["n_heldout"], settings, seed=seed,
-                                          run=run, name="ft_indomain"))
-        others = [eval_model(ft.model, ctx, qs, settings["n_heldout"], settings, seed=seed, run=run,
-                             name=f"ft_{d}") for d, qs in data.other_heldout.items()]
-    if others:
-        pooled = _pooled(others)
-        metrics["ft_other_domains_em"] = pooled["em"]["percent"]
-        metrics["ft_other_domains_incoherent"] = pooled["incoherent"]["percent"]
-        if "off_topic" in pooled:
-            metrics["ft_other_domains_off_topic"] = pooled["off_topic"]["percent"]
-        explain_nones(metrics, missing_reason([r for ev in others for r in ev.records]),
-                      ("ft_other_domains_em", "ft_other_domains_incoherent"))
+    study = start(model, domain, seed, out_dir, smoke, adapter=adapter, learning_rate=learning_rate, rows=rows,
+                  epochs=epochs, n_general=n_general, n_heldout=n_heldout, max_new_tokens=max_new_tokens,
+                  judge=judge, files=files, preset=preset)
+    evaluate_chat(study)
+    ft = finetune_on(study, "misaligned")
+    evaluate_finetune(study, ft)
     del ft
-
-    if data.aligned:
-        aft = finetune(ctx.fresh_model(), ctx.tokenizer, data.aligned,
-                       finetune_config(run.path("ft_aligned"), seed=seed, preset=ctx.preset, protocol=ctx.protocol,
-                                  **ft_over))
-        with aft.active():
-            put("aligned_ft_general", eval_model(aft.model, ctx, data.general, settings["n_general"], settings,
-                                                 seed=seed, run=run, name="aligned_ft_general"))
+    if study.data.aligned:
+        aft = finetune_on(study, "aligned")
+        evaluate_aligned(study, aft)
         del aft
-    run.log_metrics(metrics)
-
-    bars = {k: metrics[k] for k in ("chat_general_em", "ft_general_em", "ft_indomain_em", "ft_other_domains_em",
-                                    "aligned_ft_general_em", "ft_general_incoherent", "ft_general_off_topic")
-            if metrics.get(k) is not None}
-    plots.record(run.dir, "em_rates", "em_bars", metrics={k: v / 100 for k, v in bars.items()},
-                 title=f"Toy EM organism: {domain} finetune (seed {seed})" if ctx.is_toy
-                 else f"{ctx.model_name}: {domain} finetune (seed {seed})")
-    return metrics
+    return tabulate(study)
