@@ -39,23 +39,37 @@ Rates are percentages, as in the other studies. A real model's smoke run (the pr
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from emlab.studies.beyond_steps import (
-    conditional_cells,
-    em_by_method_figure,
-    load_study_figures,
-    realign_part,
-    sae_part,
-    save_figure,
+from emlab.studies.beyond_runs import (
+    baseline,
+    caft_runs,
+    conditional_runs,
+    evaluate_cell,
+    inoculation_prompt_sweep,
+    monitored_finetune,
+    pca_components,
+    realignment,
+    sae_features,
+    steering_runs,
 )
-from emlab.studies.common import StudyContext, finetune_config, preset_learning_rate, resolve_out_dir, smoke_trait
+from emlab.studies.beyond_steps import em_by_method_figure, load_study_figures, save_figure
+from emlab.studies.common import (
+    StudyContext,
+    StudyRun,
+    finetune_config,
+    preset_learning_rate,
+    resolve_out_dir,
+    smoke_trait,
+)
 from emlab.studies.organism import eval_model, eval_settings
 
-__all__ = ["REALIGN_ROWS", "REALIGN_ROWS_SMOKE", "SCHEDULE_RUNS", "SMOKE_REAL_BEYOND", "beyond_study", "load_study_figures"]
+__all__ = ["REALIGN_ROWS", "REALIGN_ROWS_SMOKE", "SCHEDULE_RUNS", "SMOKE_REAL_BEYOND", "baseline", "beyond_study",
+           "caft_runs", "conditional_runs", "directions", "evaluate_cell", "inoculation_prompt_sweep",
+           "load_study_figures", "monitored_finetune", "pca_components", "realignment", "sae_features", "start",
+           "steering_runs", "summarize"]
 
 #: Preventive-steering schedules run by the study.
 SCHEDULE_RUNS = ("constant", "linear", "cosine")
@@ -96,7 +110,7 @@ def _dataset_direction(model, ctx: StudyContext, domain: str, layer: int, n: int
                      meta={"fallback": True})
 
 
-def beyond_study(
+def start(
     model: str = "toy",
     domain: str = "medical",
     seed: int = 0,
@@ -126,33 +140,23 @@ def beyond_study(
     judge: Any = None,
     files: dict[str, str] | None = None,
     preset: Any = None,
-) -> dict[str, Any]:
-    """Run study 06 and return its metrics (also in ``<out_dir>/metrics.json``); figures in ``<out_dir>/figures``.
+) -> StudyRun:
+    """Study 06's first step: load the model, judge and data, check every setting (so a bad one loses no
+    finetune) and open the run folder (parameters as :func:`beyond_study`). ``study.state`` holds the
+    study's settings and, as the steps run, its directions, monitor trajectories and final EM rates.
 
-    ``defences_run``: finished 02 (defences) and 03 (interleaving) run folders, one or a list: their methods
-    (03: each interleaving variant at each share, its hyperparameter sweep) join the Pareto figure, named
-    ``02:<method>/<domain>`` and ``03:<method>/<domain>/share=<s>``.
-
-    >>> beyond_study(smoke=True, out_dir="/tmp/06")["monitor/runs"]      # doctest: +SKIP
-    8
+    >>> study = start(smoke=True, out_dir="/tmp/06")      # doctest: +SKIP
     """
-    from emlab.conditional import TRANSFORMS, resembling_transforms
-    from emlab.directions import load_trait, misalignment_direction, persona_vector
-    from emlab.inoculation import elicitation_table, inoculation_sweep, resolve_prompts
+    from emlab.conditional import TRANSFORMS
+    from emlab.inoculation import resolve_prompts
     from emlab.models import get_layers
-    from emlab.pareto import beyond_points, defences_points, pareto_figure, pareto_front, run_prefix
     from emlab.runs import start_run
-    from emlab.studies.defence_kit import SMOKE_REAL_DEFENCES, TOY_SETTINGS, user_turns
-    from emlab.studies.directions import toy_trait
+    from emlab.studies.defence_kit import SMOKE_REAL_DEFENCES, TOY_SETTINGS
     from emlab.toy.world import load_world_config
-    from emlab.training import finetune
-    from emlab.training.caft import CAFT, pca_directions
-    from emlab.training.methods import method_overrides
-    from emlab.training.monitor import TraitMonitor, predictive_value, read_trajectories, trajectory_figure
 
     out = resolve_out_dir(out_dir, "06_beyond")
     ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
-    study = dict(TOY_SETTINGS) if ctx.is_toy and not smoke else {}
+    sizes = dict(TOY_SETTINGS) if ctx.is_toy and not smoke else {}
     if smoke and not ctx.is_toy:  # a real model's smoke run: the sizes of study 02's (SMOKE_REAL_DEFENCES) and
         # one schedule and one transform (SMOKE_REAL_BEYOND); explicit arguments win
         n_general = SMOKE_REAL_DEFENCES["n_general"] if n_general is None else n_general
@@ -164,14 +168,14 @@ def beyond_study(
     for name, given, valid in (("schedules", schedules, SCHEDULE_RUNS), ("transforms", transforms, TRANSFORMS[1:])):
         if unknown := [x for x in given if x not in valid]:
             raise ValueError(f"unknown {name} {unknown}; choose from {list(valid)}")
-    settings = eval_settings(ctx, n_general=n_general if n_general is not None else study.get("n_general"),
-                             n_heldout=n_heldout if n_heldout is not None else study.get("n_heldout"),
+    settings = eval_settings(ctx, n_general=n_general if n_general is not None else sizes.get("n_general"),
+                             n_heldout=n_heldout if n_heldout is not None else sizes.get("n_heldout"),
                              max_new_tokens=max_new_tokens)
-    n_rows = rows if rows is not None else study.get("rows", ctx.preset.get("rows"))
+    n_rows = rows if rows is not None else sizes.get("rows", ctx.preset.get("rows"))
     if smoke:
         n_rows = min(n_rows or _SMOKE_ROWS, _SMOKE_ROWS)
     if learning_rate is None:
-        learning_rate = preset_learning_rate(study, "lora") if study else None
+        learning_rate = preset_learning_rate(sizes, "lora") if sizes else None
     n_layers = len(get_layers(ctx.model))
     layer = n_layers // 2 if layer is None else int(layer)
     others = [d for d in ctx.domains if d != domain]
@@ -217,24 +221,35 @@ def beyond_study(
     if realign_rows and max(int(r) for r in realign_rows) > len(data.benign):
         raise ValueError(f"realign_rows={list(realign_rows)} asks for more benign rows than the {len(data.benign)} "
                          "there are")
-    metrics: dict[str, Any] = {}
+    state = {"domain": domain, "contrast": contrast, "layer": layer, "every": every, "smoke": smoke, "n_rows": n_rows,
+             "caft_k": caft_k, "steering_alpha": steering_alpha, "em_threshold": em_threshold, "sae": sae,
+             "sae_steer_scale": sae_steer_scale, "conditional": conditional, "inoculation_prompt": inoculation_prompt,
+             "inoculation_prompts": inoculation_prompts, "world": world, "dilution_share": dilution_share,
+             "realign_rows": list(realign_rows), "schedules": schedules, "transforms": transforms,
+             "defence_runs": defence_runs, "neutral": _neutral_prompts(ctx, _SMOKE_NEUTRAL if smoke else 16),
+             "trajectories": {}, "final_em": {}, "seconds": {"monitor": 0.0, "train": 0.0}}
     over = {"learning_rate": learning_rate} if learning_rate is not None else {}
+    return StudyRun(ctx, run, config, settings, seed=seed, data=data, finetune=over, state=state)
 
-    def evaluate(m, tag: str) -> dict[str, Any]:
-        cell: dict[str, Any] = {}
-        ev = eval_model(m, ctx, data.general, settings["n_general"], settings, seed=seed)
-        run.write_records(f"samples/{tag}_general", ev.records)
-        cell["general_em"], cell["general_incoherent"] = ev.em, ev.incoherent
-        if data.heldout:
-            ev2 = eval_model(m, ctx, data.heldout, settings["n_heldout"], settings, seed=seed)
-            run.write_records(f"samples/{tag}_indomain", ev2.records)
-            cell["indomain_em"] = ev2.em
-        return cell
 
-    # ---- directions: the misalignment direction of another domain's finetune, the persona vector ----
-    ft_c = finetune(ctx.fresh_model(), ctx.tokenizer, ctx.rows(f"{contrast}_misaligned", n_rows),
-                    finetune_config(run.path(f"finetunes/direction_{contrast}"), seed=seed, preset=ctx.preset, protocol=ctx.protocol, **over))
-    ev_c = eval_model(ft_c.model, ctx, data.general, settings["n_general"], settings, seed=seed)
+def directions(study: StudyRun) -> dict[str, Any]:
+    """The misalignment direction of a finetune on the contrast domain (paper 001's convergent direction;
+    its dataset contrast when the judged answers give no pair) and, when its filters pass, the chat model's
+    evil persona vector; saved under ``directions/``. Returns them by name (:class:`emlab.directions.Direction`).
+
+    >>> directions(study)["misalignment"].cosine(directions(study)["persona"])   # doctest: +SKIP
+    """
+    from emlab.directions import load_trait, misalignment_direction, persona_vector
+    from emlab.studies.defence_kit import user_turns
+    from emlab.studies.directions import toy_trait
+    from emlab.training import finetune
+
+    ctx, run, seed, metrics, st = study.ctx, study.run, study.seed, study.metrics, study.state
+    contrast, layer, smoke = st["contrast"], st["layer"], st["smoke"]
+    ft_c = finetune(ctx.fresh_model(), ctx.tokenizer, ctx.rows(f"{contrast}_misaligned", st["n_rows"]),
+                    finetune_config(run.path(f"finetunes/direction_{contrast}"), seed=seed, preset=ctx.preset,
+                                    protocol=ctx.protocol, **study.finetune))
+    ev_c = eval_model(ft_c.model, ctx, study.data.general, study.settings["n_general"], study.settings, seed=seed)
     try:
         misdir = misalignment_direction(ft_c.model, ctx.tokenizer, ev_c.records, [layer], seed=seed, progress=False)
     except ValueError as e:
@@ -243,16 +258,17 @@ def beyond_study(
     misdir.save(run.path("directions/misalignment"))
     metrics["directions/misalignment_from_judged"] = float(not misdir.meta.get("fallback", False))
     del ft_c
-    directions = {"misalignment": misdir}
+    found = {"misalignment": misdir}
     try:
         if ctx.is_toy:
             trait = toy_trait("evil", user_turns(ctx.rows(f"{contrast}_aligned"), 3 if smoke else 10))
         else:  # a real model's smoke run: study 02's cut of the trait (a full one is hundreds of generations)
             trait = smoke_trait(load_trait("evil"), 3) if smoke else "evil"
         persona = persona_vector(ctx.model, ctx.tokenizer, trait, ctx.judge, n_per_question=1 if smoke else 10,
-                                 layers=[layer], max_new_tokens=settings["max_new_tokens"], seed=seed, progress=False)
+                                 layers=[layer], max_new_tokens=study.settings["max_new_tokens"], seed=seed,
+                                 progress=False)
         persona.save(run.path("directions/persona"))
-        directions["persona"] = persona
+        found["persona"] = persona
         metrics["directions/persona_kept_pairs"] = persona.counts.get("kept")
         metrics["directions/persona_cosine_misalignment"] = persona.cosine(misdir)[layer]
     except ValueError as e:
@@ -260,93 +276,19 @@ def beyond_study(
             raise
         run.note(f"persona vector: {e}; persona-based runs are left out")
         metrics["directions/persona_kept_pairs"] = 0
+    st["directions"] = found
+    return found
 
-    # ---- the monitored finetunes ----
-    neutral = _neutral_prompts(ctx, _SMOKE_NEUTRAL if smoke else 16)
-    monitor_seconds, train_seconds = 0.0, 0.0
-    trajectories: dict[str, dict[str, Any]] = {}
-    final_em: dict[str, float] = {}
 
-    def monitored(name: str, callbacks: Sequence[Any] = (), benign: list[dict] | None = None, **method: Any):
-        nonlocal monitor_seconds, train_seconds
-        mon = TraitMonitor(ctx.tokenizer, directions, neutral, every=every)
-        cfg = finetune_config(run.path(f"finetunes/{name}"), seed=seed, preset=ctx.preset, protocol=ctx.protocol, **over, **method)
-        start = time.perf_counter()
-        ft = finetune(ctx.fresh_model(), ctx.tokenizer, data.misaligned, cfg, callbacks=[*callbacks, mon],
-                      benign_rows=benign)
-        train_seconds += time.perf_counter() - start
-        monitor_seconds += mon.seconds
-        trajectories[name] = read_trajectories(mon.path)
-        return ft
+def summarize(study: StudyRun) -> dict[str, Any]:
+    """Each method's cut of SFT's general EM and share of its in-domain EM kept, the monitor's predictive value
+    across the finetunes (``monitor/...``), ``metrics.json``, and the figures (trajectories, EM by method,
+    the Pareto view with any ``defences_run``). Returns the run's metrics."""
+    from emlab.pareto import beyond_points, defences_points, pareto_figure, pareto_front, run_prefix
+    from emlab.training.monitor import predictive_value, trajectory_figure
 
-    metrics.update({f"baseline/chat/{k}": v for k, v in evaluate(ctx.model, "chat").items()})
-    sft = monitored("sft")
-    with sft.active():
-        cell = evaluate(sft.model, "sft")
-    metrics.update({f"baseline/sft/{k}": v for k, v in cell.items()})
-    final_em["sft"] = cell["general_em"]
-    resembling = resembling_transforms(inoculation_prompt, data.misaligned, transforms) if conditional else {}
-    if conditional:
-        with sft.active():
-            metrics.update(conditional_cells(sft.model, "sft", cell, resembling, ctx, run, data, settings, seed))
-
-    if sae:
-        with sft.active():
-            metrics.update(sae_part(ctx, run, data, sft.model, directions, layer, evaluate, neutral, seed=seed,
-                                     scale=sae_steer_scale, smoke=smoke))
-
-    pcs = pca_directions(ctx.model, sft.model, ctx.tokenizer, data.misaligned[: min(len(data.misaligned), 256)],
-                         [layer], k=caft_k)
-    metrics["caft/pca/explained"] = sum(p.meta["explained"][layer] for p in pcs)
-    metrics["caft/pca/cosine_misalignment"] = max(abs(p.cosine(misdir)[layer]) for p in pcs)
-    if realign_rows:
-        metrics.update(realign_part(ctx, run, data, sft, cell, realign_rows, settings, seed, over))
-    del sft
-    variants: dict[str, Any] = {"misalignment": misdir, "pca": pcs}
-    if "persona" in directions:
-        variants["persona"] = directions["persona"]
-    for name, dirs in variants.items():
-        caft = CAFT(dirs)
-        try:
-            ft = monitored(f"caft_{name}", [caft])
-        finally:
-            caft.close()
-        with ft.active():
-            cell = evaluate(ft.model, f"caft_{name}")
-        final_em[f"caft_{name}"] = cell["general_em"]
-        metrics.update({f"caft/{name}/{k}": v for k, v in cell.items()})
-        del ft
-    steer_dir = directions.get("persona", misdir)
-    metrics["steering/vector"] = "persona" if "persona" in directions else "misalignment"
-    for schedule in schedules:
-        ft = monitored(f"steering_{schedule}", preventive_vector=dict(steer_dir.items()), preventive_alpha=steering_alpha,
-                       preventive_schedule=schedule)
-        with ft.active():
-            cell = evaluate(ft.model, f"steering_{schedule}")
-        final_em[f"steering_{schedule}"] = cell["general_em"]
-        metrics.update({f"steering/{schedule}/{k}": v for k, v in cell.items()})
-        del ft
-
-    if conditional:
-        metrics.update({f"inoculation/elicitation/{k}": v for k, v in elicitation_table(
-            ctx.model, ctx.tokenizer, data.misaligned[:32 if smoke else 200], inoculation_prompt, world).items()})
-        defended = {"inoculation": dict(method_overrides("inoculation", inoculation_prompt=inoculation_prompt)),
-                    "diluted": dict(method_overrides("interleaving", share=dilution_share))}
-        for name, method in defended.items():
-            ft = monitored(f"conditional_{name}", benign=data.benign if name == "diluted" else None, **method)
-            with ft.active():
-                cell = evaluate(ft.model, f"conditional_{name}")
-                final_em[f"conditional_{name}"] = cell["general_em"]
-                metrics.update(conditional_cells(ft.model, name, cell, resembling, ctx, run, data, settings, seed))
-            del ft
-    if inoculation_prompts is not None:
-        sweep = inoculation_sweep(ctx.model, ctx.tokenizer, data.misaligned, inoculation_prompts,
-                                  finetune_config(run.path("finetunes/inoculation_prompts"), seed=seed, preset=ctx.preset,
-                                                  protocol=ctx.protocol, **over), evaluate, fresh_model=ctx.fresh_model,
-                                  sft_general_em=metrics["baseline/sft/general_em"], seed=seed,
-                                  elicitation_rows=data.misaligned[:32 if smoke else 200])
-        metrics.update({f"inoculation/{k}": v for k, v in sweep.items()})
-
+    st, metrics, run, ctx, smoke = study.state, study.metrics, study.run, study.ctx, study.state["smoke"]
+    trajectories, final_em = st["trajectories"], st["final_em"]
     sft_g, sft_i = metrics.get("baseline/sft/general_em"), metrics.get("baseline/sft/indomain_em")
     for key in [k for k in metrics if k.endswith("/general_em") and k.startswith(("caft/", "steering/", "realign/"))
                 or k.endswith("/none/general_em") and k.startswith("conditional/")]:
@@ -356,37 +298,93 @@ def beyond_study(
         prefix = prefix.removesuffix("/none")
         if sft_i and metrics.get(f"{prefix}/indomain_em") is not None:
             metrics[f"{prefix}/indomain_kept"] = 100 * metrics[f"{prefix}/indomain_em"] / sft_i
-
-    # ---- the monitor's predictive value across these finetunes ----
     metrics["monitor/runs"] = len(final_em)
-    metrics["monitor/share_of_finetune_time"] = 100 * monitor_seconds / train_seconds if train_seconds else None
+    seconds = st["seconds"]
+    metrics["monitor/share_of_finetune_time"] = 100 * seconds["monitor"] / seconds["train"] if seconds["train"] else None
     for key in sorted({k for t in trajectories.values() for k in t}):
         runs = [{**trajectories[name][key], "final_em": em} for name, em in final_em.items()
                 if em is not None and key in trajectories[name]]
         if len(runs) < 3:
             continue
-        pv = predictive_value(runs, threshold=em_threshold, seed=seed)
+        pv = predictive_value(runs, threshold=st["em_threshold"], seed=study.seed)
         short = key.removeprefix("trait/")
         for frac in ("0.1", "0.25", "0.5"):
             for stat in ("spearman", "spearman_ci", "auroc", "auroc_ci"):
                 metrics[f"monitor/{short}/{frac}/{stat}"] = pv[frac][stat]
         metrics[f"monitor/{short}/n_above_threshold"] = pv["n_above"]
     run.log_metrics({k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()})
+    domain, seed = st["domain"], study.seed
     save_figure(run, trajectory_figure(trajectories, title=f"Trait trajectories ({ctx.model_name}, {domain}, seed {seed})"),
-          "trait_trajectories", not smoke)
+                "trait_trajectories", not smoke)
     save_figure(run, em_by_method_figure(metrics, final_em), "em_by_method", not smoke)
     points = beyond_points(metrics)
-    for folder in defence_runs:
+    for folder in st["defence_runs"]:
         points.update(defences_points(folder, prefix=run_prefix(folder)))
     if points:
-        front = pareto_front(points)
-        run.log_metrics({"pareto/front": front})
+        run.log_metrics({"pareto/front": pareto_front(points)})
         save_figure(run, pareto_figure(points, title=f"General EM against in-domain EM kept ({ctx.model_name}, {domain})"),
-              "pareto", not smoke)
+                    "pareto", not smoke)
     else:
         run.note("pareto: no method has both a general EM and an in-domain EM kept (SFT's in-domain EM is 0 or "
                  "missing); no figures/pareto")
     return dict(run.metrics)
+
+
+def beyond_study(
+    model: str = "toy",
+    domain: str = "medical",
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    smoke: bool = False,
+    *,
+    layer: int | None = None,
+    rows: int | None = None,
+    n_general: int | None = None,
+    n_heldout: int | None = None,
+    max_new_tokens: int | None = None,
+    learning_rate: float | None = None,
+    caft_k: int = 3,
+    steering_alpha: float = 5.0,
+    monitor_every: int | None = None,
+    em_threshold: float = 10.0,
+    sae: bool = True,
+    sae_steer_scale: float = 0.5,
+    conditional: bool = True,
+    inoculation_prompt: str | None = None,
+    inoculation_prompts: Any = None,
+    dilution_share: float = 0.25,
+    realign_rows: Sequence[int] | None = None,
+    schedules: Sequence[str] | None = None,
+    transforms: Sequence[str] | None = None,
+    defences_run: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    judge: Any = None,
+    files: dict[str, str] | None = None,
+    preset: Any = None,
+) -> dict[str, Any]:
+    """Run study 06 and return its metrics (also in ``<out_dir>/metrics.json``); figures in ``<out_dir>/figures``:
+    :func:`start`, :func:`directions`, :func:`baseline`, :func:`sae_features`, :func:`pca_components`,
+    :func:`realignment`, :func:`caft_runs`, :func:`steering_runs`, :func:`conditional_runs`,
+    :func:`inoculation_prompt_sweep`, :func:`summarize` -- the cells of notebook 06.
+
+    ``defences_run``: finished 02 (defences) and 03 (interleaving) run folders, one or a list: their methods
+    (03: each interleaving variant at each share, its hyperparameter sweep) join the Pareto figure, named
+    ``02:<method>/<domain>`` and ``03:<method>/<domain>/share=<s>``.
+
+    >>> beyond_study(smoke=True, out_dir="/tmp/06")["monitor/runs"]      # doctest: +SKIP
+    8
+    """
+    study = start(model, domain, seed, out_dir, smoke, layer=layer, rows=rows, n_general=n_general, n_heldout=n_heldout, max_new_tokens=max_new_tokens, learning_rate=learning_rate, caft_k=caft_k, steering_alpha=steering_alpha, monitor_every=monitor_every, em_threshold=em_threshold, sae=sae, sae_steer_scale=sae_steer_scale, conditional=conditional, inoculation_prompt=inoculation_prompt, inoculation_prompts=inoculation_prompts, dilution_share=dilution_share, realign_rows=realign_rows, schedules=schedules, transforms=transforms, defences_run=defences_run, judge=judge, files=files, preset=preset)
+    directions(study)
+    sft = baseline(study)
+    sae_features(study, sft)
+    pca_components(study, sft)
+    realignment(study, sft)
+    del sft
+    caft_runs(study)
+    steering_runs(study)
+    conditional_runs(study)
+    inoculation_prompt_sweep(study)
+    return summarize(study)
 
 
 def _inoculation_prompt(ctx: StudyContext) -> str:
