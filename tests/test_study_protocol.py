@@ -101,8 +101,8 @@ def test_a_study_records_the_chosen_preset_and_rejects_an_unknown_one(tmp_path):
 
 
 def test_every_research_notebook_takes_a_preset_parameter():
-    """The parameters cell declares ``preset`` and every study call passes it (so ``emlab run -p preset paper``), or
-    the notebook's own ``StudyContext.create`` call takes it as ``protocol``."""
+    """The parameters cell declares ``preset`` and every study call (or a study's ``start`` step) passes it (so
+    ``emlab run -p preset paper``), or the notebook's own ``StudyContext.create`` call takes it as ``protocol``."""
     import json
     from pathlib import Path
 

@@ -16,6 +16,7 @@ from typing import Any
 from emlab.studies.common import (
     DomainData,
     StudyContext,
+    StudyRun,
     finetune_config,
     missing_reason,
     preset_learning_rate,
@@ -89,10 +90,14 @@ def share_label(share: float) -> str:
 # Shared pieces: evaluation, finetuning, persona vector, Interleaving+ scorers
 
 
-def evaluate_cell(model, ctx: StudyContext, data: DomainData, settings: dict[str, Any], *, seed: int, run,
-              tag: str, general=None) -> dict[str, float | None]:
-    """General and in-domain EM / incoherence / off-topic (percent) of one model; samples saved as records."""
+def evaluate_cell(model, study: StudyRun, data: DomainData, tag: str, general=None) -> dict[str, float | None]:
+    """General and in-domain EM / incoherence / off-topic (percent) of one model; samples saved as records
+    (``samples/<tag>_<part>.jsonl``), and read back instead of sampled again when a resumed run holds them all
+    judged. ``general``: the general part of an earlier cell (the chat model's), not sampled again."""
+    from emlab.evaluation import Evaluation
+
     out: dict[str, float | None] = {}
+    settings = study.settings
     parts = [("indomain", data.heldout, settings["n_heldout"])]
     if general is None:
         parts.insert(0, ("general", data.general, settings["n_general"]))
@@ -101,8 +106,12 @@ def evaluate_cell(model, ctx: StudyContext, data: DomainData, settings: dict[str
     for part, questions, n in parts:
         if not questions:
             continue
-        ev = eval_model(model, ctx, questions, n, settings, seed=seed)
-        run.write_records(f"samples/{tag}_{part}", ev.records)
+        name = f"samples/{tag}_{part}"
+        if (saved := study.saved_records(name, expected=n * len(questions))) is not None:
+            ev = Evaluation.from_records(saved, "question_id")
+        else:
+            ev = eval_model(model, study.ctx, questions, n, settings, seed=study.seed)
+            study.run.write_records(name, ev.records)
         out[f"{part}_em"] = ev.em
         out[f"{part}_incoherent"] = ev.incoherent
         if ev.off_topic is not None:
@@ -110,6 +119,31 @@ def evaluate_cell(model, ctx: StudyContext, data: DomainData, settings: dict[str
         for k in (f"{part}_em", f"{part}_incoherent"):
             if out[k] is None:
                 out.setdefault("none_reasons", {})[k] = missing_reason(ev.records)
+    return out
+
+
+def saved_cell(study: StudyRun, key: str) -> dict[str, Any] | None:
+    """The cell ``key`` (``<method>/<domain>[/<setting>]``) as a resumed run's ``metrics.json`` holds it (its
+    numbers and ``none_reasons``, as :func:`evaluate_cell` made it), or None when it was not finished."""
+    prefix = f"{key}/"
+    cell: dict[str, Any] = {k[len(prefix):]: v for k, v in study.run.metrics.items()
+                            if k.startswith(prefix) and "/" not in k[len(prefix):]}
+    reasons = {k[len(prefix):]: r for k, r in study.run.metrics.get("none_reasons", {}).items()
+               if k.startswith(prefix) and "/" not in k[len(prefix):]}
+    if reasons:
+        cell["none_reasons"] = reasons
+    return cell or None
+
+
+def scorer_metrics(study: StudyRun, *, drop: bool = True) -> dict[str, Any]:
+    """``scorers/<domain>_train_ce`` (...) of the run's Interleaving+ scorers (those a resumed run trained
+    before, from its ``metrics.json``); deletes the scorers' weights when ``drop``."""
+    scorers = study.state["scorers"]
+    out = {k: v for k, v in study.run.metrics.items() if k.startswith("scorers/")}
+    out.update({f"scorers/{k}": v for k, v in scorers.info.items()})
+    if drop:
+        for folder in study.run.path("finetunes").glob("scorer_*"):
+            drop_weights(folder)
     return out
 
 

@@ -30,13 +30,14 @@ import os
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emlab.studies.benign_task import benign_task_study
-from emlab.studies.common import StudyContext, resolve_out_dir
+from emlab.studies.common import StudyContext, StudyRun, resolve_out_dir
 from emlab.studies.defence_kit import (
     DEFAULT_DOMAINS,
     DEFENCES,
+    RATES,
     SMOKE_REAL_DEFENCES,
     TOY_SETTINGS,
     Scorers,
@@ -51,6 +52,8 @@ from emlab.studies.defence_kit import (
     persona_for_steering,
     published_rows,
     rate_fractions,
+    saved_cell,
+    scorer_metrics,
     study_preset,
     study_setup,
     who_label,
@@ -58,6 +61,11 @@ from emlab.studies.defence_kit import (
 from emlab.studies.interleaving import interleaving_study
 from emlab.toy.benign import toy_domainswap_rows, toy_opswap_rows
 from emlab.training.methods import INOCULATION_PROMPT, PAPER_SETTINGS, ldifs_blocks, method_names, method_overrides
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from emlab.vectors import Direction
 
 # Re-exported from where they now live (emlab.training.methods, emlab.toy.benign, the study modules beside this):
 __all__ = [
@@ -69,13 +77,228 @@ __all__ = [
     "TOY_SETTINGS",
     "benign_task_study",
     "defences_study",
+    "evaluate_method",
+    "finetune_method",
     "interleaving_study",
     "ldifs_blocks",
     "method_overrides",
+    "persona_vector",
+    "plot",
+    "run_benign_tasks",
+    "run_method",
     "seed_summary",
+    "start",
+    "tabulate",
     "toy_domainswap_rows",
     "toy_opswap_rows",
 ]
+
+
+def start(
+    model: str = "toy",
+    domains: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    smoke: bool = False,
+    *,
+    kl_lambda: float | None = None,
+    ldifs_lambda: float = PAPER_SETTINGS["ldifs_lambda"],
+    ldifs_layers: Sequence[int] | None = None,
+    steering_alpha: float = PAPER_SETTINGS["steering_alpha"],
+    steering_layer: int | None = None,
+    inoculation_prompt: str | None = None,
+    share: float = PAPER_SETTINGS["share"],
+    k_misaligned: int | None = None,
+    benign_tasks: Sequence[str] | None = None,
+    benign_methods: Sequence[str] = ("sft", "kl", "interleaving"),
+    adapter: str | None = None,
+    learning_rate: float | None = None,
+    rows: int | None = None,
+    epochs: float | None = None,
+    n_general: int | None = None,
+    n_heldout: int | None = None,
+    max_new_tokens: int | None = None,
+    paper: bool = True,
+    keep_finetunes: bool = False,
+    judge: Any = None,
+    files: dict[str, str] | None = None,
+    preset: Any = None,
+) -> StudyRun:
+    """Step 1 of study 02 (notebook 02): the chat model, its judge and the data of each domain; the run folder
+    (``config.json``). Parameters as :func:`defences_study`; ``study.config`` says the domains and methods
+    chosen, ``study.data`` is ``{domain: DomainData}``.
+
+    >>> study = start(smoke=True, methods=["sft", "kl"], out_dir="/tmp/02")     # doctest: +SKIP
+    >>> study.data["medical"].misaligned[0]                                     # doctest: +SKIP
+    """
+    from emlab.runs import start_run
+
+    out = resolve_out_dir(out_dir, "02_defences")
+    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
+    k_misaligned = k_misaligned_for(ctx, k_misaligned)
+    methods = list(DEFENCES if methods is None else ([methods] if isinstance(methods, str) else methods))
+    unknown = [m for m in methods if m not in method_names(extra=True)]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(method_names(extra=True))}")
+    domains = choose_domains(ctx, domains)
+    sizes = study_preset(ctx)
+    if ctx.smoke and not ctx.is_toy:
+        rows = SMOKE_REAL_DEFENCES["rows"] if rows is None else rows
+        n_general = SMOKE_REAL_DEFENCES["n_general"] if n_general is None else n_general
+        max_new_tokens = SMOKE_REAL_DEFENCES["max_new_tokens"] if max_new_tokens is None else max_new_tokens
+    settings, ft_over, n_rows = study_setup(ctx, sizes, rows, n_general, n_heldout, max_new_tokens, adapter,
+                                       learning_rate, epochs)
+    if kl_lambda is None:
+        kl_lambda = sizes.get("kl_lambda", PAPER_SETTINGS["kl_lambda"])
+    if benign_tasks is None:
+        benign_tasks = sizes.get("benign_tasks", ())
+    if ldifs_layers is None:
+        ldifs_layers = ldifs_blocks(ctx.model)
+    prompt = inoculation_prompt_for(ctx, inoculation_prompt)
+    config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
+              "domains": domains, "methods": methods, "seed": seed, "smoke": smoke,
+              "rows": n_rows, "finetune": ft_over, "eval": settings, "kl_lambda": kl_lambda,
+              "ldifs_lambda": ldifs_lambda, "ldifs_layers": ldifs_layers, "steering_alpha": steering_alpha,
+              "steering_layer": steering_layer,
+              "inoculation_prompt": prompt, "share_added": share, "k_misaligned": k_misaligned,
+              "benign_tasks": list(benign_tasks), "benign_methods": list(benign_methods),
+              "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
+    run = start_run(out, config, seed=seed)
+
+    kw = {"kl_lambda": kl_lambda, "ldifs_lambda": ldifs_lambda, "ldifs_layers": ldifs_layers,
+          "steering_alpha": steering_alpha, "persona_vector": None, "steering_layer": None,
+          "inoculation_prompt": prompt, "share": share}
+    return StudyRun(ctx, run, config, settings, seed=seed, data={d: ctx.domain_data(d, rows=n_rows) for d in domains},
+                    finetune=ft_over, state={"method_kw": kw, "keep_finetunes": keep_finetunes, "paper": paper,
+                                             "scorers": Scorers(ctx, run, seed=seed, rows=n_rows, ft_over=ft_over,
+                                                                study_domains=domains)})
+
+
+def persona_vector(study: StudyRun) -> Direction | None:
+    """Step 2: the chat model's evil persona vector that preventive steering adds while finetuning (computed
+    once, saved as ``persona_vector.safetensors``, read back by a resumed run; ``persona/*`` metrics), or
+    None when ``persona_steering`` is not among the study's methods.
+
+    >>> persona_vector(study).norms()                                            # doctest: +SKIP
+    """
+    from emlab.vectors import Direction
+
+    if "persona_steering" not in study.config["methods"]:
+        return None
+    path = study.run.path("persona_vector.safetensors")
+    info = {k.removeprefix("persona/"): v for k, v in study.run.metrics.items() if k.startswith("persona/")}
+    if path.exists() and "layer" in info:  # a resumed run's
+        layer = int(info["layer"])
+    else:
+        path, layer, info = persona_for_steering(study.ctx, study.run, study.config["domains"],
+                                                 study.config["steering_layer"], study.config["steering_alpha"],
+                                                 seed=study.seed, settings=study.settings)
+    study.state["method_kw"].update(persona_vector=path, steering_layer=layer)
+    study.log({f"persona/{k}": v for k, v in info.items()})
+    return Direction.load(path)
+
+
+def finetune_method(study: StudyRun, method: str, domain: str) -> tuple[Any, dict[str, float]]:
+    """The finetune of ``domain``'s misaligned set (the aligned set for ``aligned``) with ``method``'s defence
+    on (a finished one of this run is loaded, not trained again); returns the
+    :class:`~emlab.training.FinetuneResult` and facts about its training (``train_ce``, ``train_rows``...).
+
+    >>> ft, extra = finetune_method(study, "kl", "medical")                    # doctest: +SKIP
+    """
+    data = study.data[domain]
+    train = data.aligned if method == "aligned" else data.misaligned
+    if not train:
+        raise ValueError(f"no {'aligned' if method == 'aligned' else 'misaligned'} rows for {domain!r}")
+    return defended_finetune(study.ctx, study.run, train, f"{domain}/{method}", method, seed=study.seed,
+                             ft_over=study.finetune, benign=data.benign, scorers=study.state["scorers"], target=domain,
+                             k=study.config["k_misaligned"], max_new_tokens=study.settings["max_new_tokens"],
+                             **study.state["method_kw"])
+
+
+def evaluate_method(study: StudyRun, model: Any, method: str, domain: str) -> dict[str, Any]:
+    """General and in-domain EM / incoherence / off-topic (percent) of ``model`` (the chat model for
+    ``untrained``, whose general answers are sampled once for all domains), as a cell of Table 2."""
+    general = study.state.get("general_untrained") if method == "untrained" else None
+    cell = evaluate_cell(model, study, study.data[domain], f"{method}_{domain}", general=general)
+    if method == "untrained":
+        study.state["general_untrained"] = {k: v for k, v in cell.items() if k.startswith("general_")}
+        if reasons := {k: r for k, r in cell.get("none_reasons", {}).items() if k.startswith("general_")}:
+            study.state["general_untrained"]["none_reasons"] = reasons
+    return cell
+
+
+def run_method(study: StudyRun, method: str, domain: str) -> dict[str, Any]:
+    """Steps 3...: one cell of Table 2: :func:`finetune_method` (none for ``untrained``), :func:`evaluate_method`,
+    the finetune's weights deleted (unless ``keep_finetunes``); its numbers go to ``metrics.json`` under
+    ``<method>/<domain>/``. A cell that a resumed run finished is read back, not finetuned again.
+
+    >>> run_method(study, "kl", "medical")["general_em"]                        # doctest: +SKIP
+    """
+    key = f"{method}/{domain}"
+    if (cell := saved_cell(study, key)) is None:
+        if method == "untrained":
+            cell = evaluate_method(study, study.ctx.model, method, domain)
+        else:
+            ft, extra = finetune_method(study, method, domain)
+            with ft.active():
+                cell = evaluate_method(study, ft.model, method, domain)
+            cell.update(extra)
+            if not study.state["keep_finetunes"]:
+                drop_weights(ft.output_dir)
+            del ft
+    elif method == "untrained" and "general_untrained" not in study.state:
+        general = {k: v for k, v in cell.items() if k.startswith("general_")}
+        if reasons := {k: r for k, r in cell.get("none_reasons", {}).items() if k.startswith("general_")}:
+            general["none_reasons"] = reasons
+        study.state["general_untrained"] = general
+    merge_cell(study.metrics, key, dict(cell))
+    study.log()
+    return cell
+
+
+def run_benign_tasks(study: StudyRun) -> dict[str, float]:
+    """The benign-task check (:func:`benign_task_study`, paper 002's Table 3): exact match after finetuning a
+    task far from the prior with each of ``benign_methods`` that the study runs (``{}`` without tasks)."""
+    tasks, methods = study.config["benign_tasks"], study.config["methods"]
+    if not tasks:
+        return {}
+    out = benign_task_study(study.ctx, study.run, tasks=tasks, seed=study.seed, scorers=study.state["scorers"],
+                            methods=[m for m in study.config["benign_methods"] if m in methods],
+                            k_misaligned=study.config["k_misaligned"], ft_over=study.finetune,
+                            **study.state["method_kw"])
+    study.log(out)
+    return out
+
+
+def tabulate(study: StudyRun) -> pd.DataFrame:
+    """Table 2: general and in-domain EM / incoherence (percent) per domain and method, as a DataFrame; also
+    the Interleaving+ scorers' training losses (their weights deleted unless ``keep_finetunes``), the
+    ``table2`` figure and ``table2.md`` (the paper's highlighting, its numbers beside ours)."""
+    from emlab import plots
+    from emlab.metrics import results_table
+
+    study.metrics.update(scorer_metrics(study, drop=not study.state["keep_finetunes"]))
+    study.log()
+    domains, methods = study.config["domains"], study.config["methods"]
+    frac = {k: v for k, v in rate_fractions(study.metrics).items() if k.split("/")[1] in domains}
+    paper = published_rows((2,)) if study.state["paper"] else None
+    plots.record(study.dir, "table2", "table2", formats=figure_formats(study.ctx), metrics=frac, paper=paper, domains=domains, methods=methods,
+           title=f"{who_label(study.ctx)}: EM and incoherence per defence (%)")
+    (study.dir / "table2.md").write_text(plots.table2_markdown(frac, paper=paper, domains=domains, methods=methods),
+                                         encoding="utf-8")
+    t = results_table(study.metrics)
+    t = t[t["metric"].isin(RATES) & t["domain"].isin(domains) & t["method"].isin(methods)]
+    return t.pivot_table("value", ["domain", "method"], "metric", sort=False).reindex(columns=list(RATES))
+
+
+def plot(study: StudyRun) -> dict[str, Any]:
+    """Figure 1 (general EM against in-domain EM and against incoherence, a marker per method and domain), the
+    general EM of each method averaged over the domains and the benign tasks' exact match, saved in
+    ``figures/``; returns the figures drawn (name -> plotly figure)."""
+    return _defence_figures(study.dir, study.metrics, study.config["domains"], study.config["methods"],
+                            paper=published_rows((2,)) if study.state["paper"] else None, who=who_label(study.ctx),
+                            formats=figure_formats(study.ctx))
 
 
 def defences_study(
@@ -124,108 +347,41 @@ def defences_study(
     ``preset``: the protocol preset, ``"toy"`` or ``"paper"`` (:mod:`emlab.presets`; None: ``toy`` on the
     toy, ``paper`` otherwise), recorded in the run's ``config.json``; an unknown name is an error.
 
+    The steps, one call each (notebook 02): :func:`start`, :func:`persona_vector`, :func:`run_method` per
+    domain and method, :func:`run_benign_tasks`, :func:`tabulate`, :func:`plot`.
+
     >>> m = defences_study(smoke=True, methods=["sft", "kl"], out_dir="/tmp/02")   # doctest: +SKIP
     >>> m["kl/medical/general_em"]                                                 # doctest: +SKIP
     """
     from emlab.progress import bar
-    from emlab.runs import start_run
 
-    out = resolve_out_dir(out_dir, "02_defences")
-    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
-    k_misaligned = k_misaligned_for(ctx, k_misaligned)
-    methods = list(DEFENCES if methods is None else ([methods] if isinstance(methods, str) else methods))
-    unknown = [m for m in methods if m not in method_names(extra=True)]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(method_names(extra=True))}")
-    domains = choose_domains(ctx, domains)
-    study = study_preset(ctx)
-    if ctx.smoke and not ctx.is_toy:
-        rows = SMOKE_REAL_DEFENCES["rows"] if rows is None else rows
-        n_general = SMOKE_REAL_DEFENCES["n_general"] if n_general is None else n_general
-        max_new_tokens = SMOKE_REAL_DEFENCES["max_new_tokens"] if max_new_tokens is None else max_new_tokens
-    settings, ft_over, n_rows = study_setup(ctx, study, rows, n_general, n_heldout, max_new_tokens, adapter,
-                                       learning_rate, epochs)
-    if kl_lambda is None:
-        kl_lambda = study.get("kl_lambda", PAPER_SETTINGS["kl_lambda"])
-    if benign_tasks is None:
-        benign_tasks = study.get("benign_tasks", ())
-    if ldifs_layers is None:
-        ldifs_layers = ldifs_blocks(ctx.model)
-    prompt = inoculation_prompt_for(ctx, inoculation_prompt)
-    config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
-              "domains": domains, "methods": methods, "seed": seed, "smoke": smoke,
-              "rows": n_rows, "finetune": ft_over, "eval": settings, "kl_lambda": kl_lambda,
-              "ldifs_lambda": ldifs_lambda, "ldifs_layers": ldifs_layers, "steering_alpha": steering_alpha,
-              "steering_layer": steering_layer,
-              "inoculation_prompt": prompt, "share_added": share, "k_misaligned": k_misaligned,
-              "benign_tasks": list(benign_tasks), "benign_methods": list(benign_methods),
-              "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
-    run = start_run(out, config, seed=seed)
-
-    metrics: dict[str, Any] = {}
-    persona: tuple[Path, int] | None = None
-    if "persona_steering" in methods:
-        path, layer, info = persona_for_steering(ctx, run, domains, steering_layer, steering_alpha, seed=seed, settings=settings)
-        persona = (path, layer)
-        metrics.update({f"persona/{k}": v for k, v in info.items()})
-    kw = {"kl_lambda": kl_lambda, "ldifs_lambda": ldifs_lambda, "ldifs_layers": ldifs_layers,
-          "steering_alpha": steering_alpha,
-          "persona_vector": persona[0] if persona else None, "steering_layer": persona[1] if persona else None,
-          "inoculation_prompt": prompt, "share": share}
-    scorers = Scorers(ctx, run, seed=seed, rows=n_rows, ft_over=ft_over, study_domains=domains)
-    general_untrained = None
-    for domain in bar(domains, desc="domains", disable=smoke):
-        data = ctx.domain_data(domain, rows=n_rows)
-        for method in bar(methods, desc=domain, leave=False, disable=smoke):
-            tag = f"{method}_{domain}"
-            if method == "untrained":
-                cell = evaluate_cell(ctx.model, ctx, data, settings, seed=seed, run=run, tag=tag,
-                                 general=general_untrained)
-                general_untrained = {k: v for k, v in cell.items() if k.startswith("general_")}
-                if reasons := {k: r for k, r in cell.get("none_reasons", {}).items() if k.startswith("general_")}:
-                    general_untrained["none_reasons"] = reasons
-            else:
-                train = data.aligned if method == "aligned" else data.misaligned
-                if not train:
-                    raise ValueError(f"no {'aligned' if method == 'aligned' else 'misaligned'} rows for {domain!r}")
-                ft, extra = defended_finetune(ctx, run, train, f"{domain}/{method}", method, seed=seed, ft_over=ft_over,
-                                      benign=data.benign, scorers=scorers, target=domain, k=k_misaligned,
-                                      max_new_tokens=settings["max_new_tokens"], **kw)
-                with ft.active():
-                    cell = evaluate_cell(ft.model, ctx, data, settings, seed=seed, run=run, tag=tag)
-                cell.update(extra)
-                if not keep_finetunes:
-                    drop_weights(ft.output_dir)
-                del ft
-            merge_cell(metrics, f"{method}/{domain}", cell)
-            run.log_metrics(metrics)
-    if benign_tasks:
-        metrics.update(benign_task_study(ctx, run, tasks=benign_tasks, seed=seed, scorers=scorers,
-                                         methods=[m for m in benign_methods if m in methods],
-                                         k_misaligned=k_misaligned, ft_over=ft_over, **kw))
-    metrics.update({f"scorers/{k}": v for k, v in scorers.info.items()})
-    if not keep_finetunes:
-        for folder in run.path("finetunes").glob("scorer_*"):
-            drop_weights(folder)
-    run.log_metrics(metrics)
-    _defence_figures(run, metrics, domains, methods, paper=published_rows((2,)) if paper else None, who=who_label(ctx),
-                     formats=figure_formats(ctx))
-    return metrics
+    study = start(model, domains, methods, seed, out_dir, smoke, kl_lambda=kl_lambda, ldifs_lambda=ldifs_lambda,
+                  ldifs_layers=ldifs_layers, steering_alpha=steering_alpha, steering_layer=steering_layer,
+                  inoculation_prompt=inoculation_prompt, share=share, k_misaligned=k_misaligned,
+                  benign_tasks=benign_tasks, benign_methods=benign_methods, adapter=adapter,
+                  learning_rate=learning_rate, rows=rows, epochs=epochs, n_general=n_general, n_heldout=n_heldout,
+                  max_new_tokens=max_new_tokens, paper=paper, keep_finetunes=keep_finetunes, judge=judge, files=files,
+                  preset=preset)
+    persona_vector(study)
+    for domain in bar(study.config["domains"], desc="domains", disable=smoke):
+        for method in bar(study.config["methods"], desc=domain, leave=False, disable=smoke):
+            run_method(study, method, domain)
+    run_benign_tasks(study)
+    tabulate(study)
+    plot(study)
+    return study.metrics
 
 
-def _defence_figures(run, metrics: Mapping[str, Any], domains: list[str], methods: list[str], *,
-                     paper: list[dict] | None, who: str, formats: Sequence[str] = ("html", "png")) -> None:
-    from functools import partial
-
+def _defence_figures(run_dir: Path, metrics: Mapping[str, Any], domains: list[str], methods: list[str], *,
+                     paper: list[dict] | None, who: str, formats: Sequence[str] = ("html", "png")) -> dict[str, Any]:
     from emlab import plots
 
-    record = partial(plots.record, run.dir, formats=formats)
+    figures: dict[str, Any] = {}
+
+    def record(name: str, kind: str, **data: Any) -> None:
+        figures[name] = plots.record(run_dir, name, kind, formats=formats, **data)
 
     frac = {k: v for k, v in rate_fractions(metrics).items() if k.split("/")[1] in domains}
-    record("table2", "table2", metrics=frac, paper=paper, domains=domains, methods=methods,
-           title=f"{who}: EM and incoherence per defence (%)")
-    (run.dir / "table2.md").write_text(plots.table2_markdown(frac, paper=paper, domains=domains, methods=methods),
-                                       encoding="utf-8")
     if any(k.endswith("/indomain_em") for k in frac):
         record("figure1b_general_vs_indomain_em", "defence_scatter", metrics=frac, paper=paper,
                x="general_em", y="indomain_em", methods=methods,
@@ -246,6 +402,7 @@ def _defence_figures(run, metrics: Mapping[str, Any], domains: list[str], method
                if f"{m}/{task}/exact_match" in metrics}
         record(f"benign_{task}", "em_bars", metrics=acc, yaxis="exact match (%)",
                title=f"{who}: benign task {task} learnt with each method (exact match)")
+    return figures
 
 
 def seed_summary(run_dirs: Sequence[str | os.PathLike]) -> dict[str, tuple[float, float, int]]:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from emlab.studies.common import StudyContext, resolve_out_dir
+from emlab.studies.common import StudyContext, StudyRun, resolve_out_dir
 from emlab.studies.defence_kit import (
     DEFENCES,
     RATES,
@@ -33,6 +33,8 @@ from emlab.studies.defence_kit import (
     question_of,
     rate_fractions,
     row_is_refusal,
+    saved_cell,
+    scorer_metrics,
     share_label,
     study_preset,
     study_setup,
@@ -40,7 +42,10 @@ from emlab.studies.defence_kit import (
 )
 from emlab.training.methods import get_method, method_overrides, n_benign_added
 
-__all__ = ["interleaving_study"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["interleaving_study", "plot", "run_share", "score_candidates", "start", "tabulate"]
 
 
 def _histogram(values: Sequence[float], bins: int = 12) -> dict[str, float]:
@@ -59,6 +64,174 @@ def _histogram(values: Sequence[float], bins: int = 12) -> dict[str, float]:
     edges = [lo + i * width for i in range(bins + 1)]
     return {f"[{edges[i]:.3g}, {edges[i + 1]:.3g}{']' if i == bins - 1 else ')'}": float(c)
             for i, c in enumerate(counts)}
+
+
+def start(
+    model: str = "toy",
+    domain: str = "medical",
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    smoke: bool = False,
+    shares: Sequence[float] = (0.01, 0.05, 0.2, 0.5),
+    *,
+    methods: Sequence[str] = ("interleaving", "interleaving+", "interleaving++"),
+    k_misaligned: int | None = None,
+    adapter: str | None = None,
+    learning_rate: float | None = None,
+    rows: int | None = None,
+    epochs: float | None = None,
+    n_general: int | None = None,
+    n_heldout: int | None = None,
+    max_new_tokens: int | None = None,
+    paper: bool = True,
+    judge: Any = None,
+    files: dict[str, str] | None = None,
+    preset: Any = None,
+) -> StudyRun:
+    """Step 1 of study 03 (notebook 03): the chat model, its judge, ``domain``'s data and its benign candidate
+    pool (``study.data.benign``); the run folder (``config.json``). Parameters as :func:`interleaving_study`;
+    ``study.config`` says the shares and methods chosen.
+
+    >>> study = start(smoke=True, out_dir="/tmp/03")                   # doctest: +SKIP
+    """
+    from emlab.runs import start_run
+
+    out = resolve_out_dir(out_dir, "03_interleaving")
+    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
+    k_misaligned = k_misaligned_for(ctx, k_misaligned)
+    domain = choose_domains(ctx, [domain])[0]
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    interleaving = [m for m in DEFENCES if get_method(m).interleaves]
+    bad = [m for m in methods if m not in interleaving]
+    if bad:
+        raise ValueError(f"unknown interleaving method(s) {bad}; choose from {', '.join(interleaving)}")
+    shares = [float(s) for s in ([shares] if isinstance(shares, int | float) else shares)]
+    if smoke:
+        shares = shares[:2]
+    if ctx.smoke and not ctx.is_toy:  # as study 02 (two rows still interleave one benign row at 25% and 50%)
+        rows = SMOKE_REAL_DEFENCES["rows"] if rows is None else rows
+        n_general = SMOKE_REAL_DEFENCES["n_general"] if n_general is None else n_general
+        max_new_tokens = SMOKE_REAL_DEFENCES["max_new_tokens"] if max_new_tokens is None else max_new_tokens
+    settings, ft_over, n_rows = study_setup(ctx, study_preset(ctx), rows, n_general, n_heldout, max_new_tokens, adapter,
+                                       learning_rate, epochs)
+    config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
+              "domain": domain, "seed": seed, "smoke": smoke, "shares_added": shares,
+              "methods": methods, "k_misaligned": k_misaligned, "rows": n_rows, "finetune": ft_over,
+              "eval": settings, "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
+    run = start_run(out, config, seed=seed)
+    data = ctx.domain_data(domain, rows=n_rows)
+    if not data.benign:
+        raise ValueError("interleaving needs benign rows: pass files={'benign': 'path.jsonl'}")
+    scorers = Scorers(ctx, run, seed=seed, rows=n_rows, ft_over=ft_over, study_domains=[domain])
+    return StudyRun(ctx, run, config, settings, seed=seed, data=data, finetune=ft_over,
+                    state={"scorers": scorers, "paper": paper})
+
+
+def score_candidates(study: StudyRun) -> pd.DataFrame:
+    """Step 2: Interleaving+'s score of every benign candidate (``k_misaligned`` misaligned finetunes of OTHER
+    domains against the chat model: K + 1 forward passes over the pool, once), ranked, with its refusal flag
+    and both losses (``candidates.jsonl``, read back by a resumed run); ``scoring/*`` metrics say how many
+    refusals the pool and Interleaving+'s top rows at each share hold (what Interleaving++ drops).
+
+    >>> score_candidates(study).head(15)                               # doctest: +SKIP
+    """
+    import pandas as pd
+
+    run, pool, domain, k = study.run, study.data.benign, study.config["domain"], study.config["k_misaligned"]
+    candidates = study.saved_records("candidates", expected=len(pool), metrics=("score",))
+    if candidates is not None and "scoring/candidates" in run.metrics:  # a resumed run's
+        metrics = {key: v for key, v in run.metrics.items() if key.startswith("scoring/")}
+    else:
+        candidates, metrics = _scores(study, pool, domain, k)
+        run.write_records("candidates", candidates)
+    n_cand, n_ref = len(candidates), sum(c["refusal"] for c in candidates)
+    chosen_refusals = {"candidate pool": n_ref / n_cand}
+    for s in study.config["shares_added"]:
+        n = n_benign_added(len(study.data.misaligned), s)
+        chosen = sum(c["refusal"] for c in candidates[:n])
+        metrics[f"scoring/plus_{share_label(s)}_chosen"] = n
+        metrics[f"scoring/plus_{share_label(s)}_refusals"] = chosen
+        if n:
+            chosen_refusals[f"Interleaving+ top {n} ({100 * s:g}%)"] = chosen / n
+    chosen_refusals["Interleaving++"] = 0.0
+    study.state.update(candidates=candidates, chosen_refusals=chosen_refusals)
+    study.log({key: v for key, v in metrics.items() if v is not None})
+    return pd.DataFrame(candidates)
+
+
+def _scores(study: StudyRun, pool: list[dict], domain: str, k: int) -> tuple[list[dict], dict[str, Any]]:
+    """The ranked candidates and the pool's ``scoring/*`` metrics (without the per-share ones)."""
+    import torch
+
+    scorers = study.state["scorers"]
+    cfg = method_config(study.ctx, study.run, "scoring", seed=study.seed, ft_over=study.finetune,
+                        **method_overrides("interleaving+", scorers=scorers.for_target(domain, k)))
+    scores, aligned_loss = scorers.scores(domain, k, pool, cfg), scorers.aligned_losses(pool)
+    eps = cfg.interleave_eps
+    mis_loss = aligned_loss + scores * (aligned_loss + eps)
+    refusal = [row_is_refusal(r) for r in pool]
+    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    candidates = [{"rank": rank, "score": float(scores[i]), "refusal": refusal[i],
+                   "aligned_loss": float(aligned_loss[i]), "misaligned_loss": float(mis_loss[i]),
+                   "question": question_of(pool[i]), "answer": answer_of(pool[i])} for rank, i in enumerate(order, 1)]
+    n_cand, n_ref = len(candidates), sum(refusal)
+    is_ref = torch.tensor(refusal, dtype=torch.bool)
+    return candidates, {
+        "scoring/scorers": ", ".join(scorers.domains_for(domain, k)),
+        "scoring/candidates": n_cand,
+        "scoring/refusals": n_ref,
+        "scoring/refusal_percent": 100 * n_ref / n_cand,
+        "scoring/mean_score_refusals": float(scores[is_ref].mean()) if n_ref else None,
+        "scoring/mean_score_answers": float(scores[~is_ref].mean()) if n_ref < n_cand else None,
+    }
+
+
+def run_share(study: StudyRun, method: str, share: float | None = None) -> dict[str, Any]:
+    """Steps 3...: ``domain``'s misaligned set finetuned with ``method`` adding ``share`` benign rows (the
+    undefended ``sft``: no share), evaluated (general and in-domain EM / incoherence / off-topic, percent),
+    its weights deleted; keys ``<method>/<domain>/share=5%/<metric>`` (``sft/<domain>/<metric>``). A cell
+    that a resumed run finished is read back, not finetuned again.
+
+    >>> run_share(study, "interleaving++", 0.05)["general_em"]         # doctest: +SKIP
+    """
+    domain = study.config["domain"]
+    name = method if share is None else f"{method}/{share_label(share)}"
+    key = f"{method}/{domain}" if share is None else f"{method}/{domain}/{share_label(share)}"
+    if (cell := saved_cell(study, key)) is None:
+        ft, extra = defended_finetune(study.ctx, study.run, study.data.misaligned, f"{domain}/{name}", method,
+                                      seed=study.seed, ft_over=study.finetune, benign=study.data.benign,
+                                      scorers=study.state["scorers"], target=domain, k=study.config["k_misaligned"],
+                                      max_new_tokens=study.settings["max_new_tokens"],
+                                      **({} if share is None else {"share": share}))
+        with ft.active():
+            cell = evaluate_cell(ft.model, study, study.data, name.replace("/share=", "_").replace("%", "pct"))
+        cell.update(extra)
+        drop_weights(ft.output_dir)
+        del ft
+    merge_cell(study.metrics, key, dict(cell))
+    study.log()
+    return cell
+
+
+def tabulate(study: StudyRun) -> pd.DataFrame:
+    """EM and incoherence (percent) of each finetune, a row per method and share (``sft``: none); also the
+    Interleaving+ scorers' training losses (``scorers/*``; their weights deleted)."""
+    from emlab.metrics import results_table
+
+    study.log(scorer_metrics(study))
+    t = results_table(study.metrics)
+    t = t[t["metric"].isin(RATES) & (t["domain"] == study.config["domain"])]
+    return t.pivot_table("value", ["method", "setting"], "metric", sort=False).reindex(columns=list(RATES))
+
+
+def plot(study: StudyRun) -> dict[str, Any]:
+    """The score distribution, the refusals among the rows each method takes, EM and incoherence against the
+    share, and Figure 1 (averaged over domains as the paper plots it), saved in ``figures/``; returns them
+    (name -> plotly figure)."""
+    return _interleaving_figures(study.dir, study.metrics, study.state["candidates"], study.state["chosen_refusals"],
+                                 study.config["domain"], study.config["methods"], study.config["shares_added"],
+                                 paper=published_rows((15, 16, 17, 18)) if study.state["paper"] else None,
+                                 who=who_label(study.ctx), formats=figure_formats(study.ctx))
 
 
 def interleaving_study(
@@ -95,111 +268,36 @@ def interleaving_study(
     ``preset``: the protocol preset, ``"toy"`` or ``"paper"`` (:mod:`emlab.presets`; None: ``toy`` on the
     toy, ``paper`` otherwise), recorded in the run's ``config.json``; an unknown name is an error.
 
+    The steps, one call each (notebook 03): :func:`start`, :func:`score_candidates`, :func:`run_share` for
+    ``sft`` and each method and share, :func:`tabulate`, :func:`plot`.
+
     >>> m = interleaving_study(smoke=True, out_dir="/tmp/03")          # doctest: +SKIP
     >>> m["interleaving++/medical/share=5%/general_em"]                 # doctest: +SKIP
     """
-    import torch
-
     from emlab.progress import bar
-    from emlab.runs import start_run
 
-    out = resolve_out_dir(out_dir, "03_interleaving")
-    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
-    k_misaligned = k_misaligned_for(ctx, k_misaligned)
-    domain = choose_domains(ctx, [domain])[0]
-    methods = [methods] if isinstance(methods, str) else list(methods)
-    interleaving = [m for m in DEFENCES if get_method(m).interleaves]
-    bad = [m for m in methods if m not in interleaving]
-    if bad:
-        raise ValueError(f"unknown interleaving method(s) {bad}; choose from {', '.join(interleaving)}")
-    shares = [float(s) for s in ([shares] if isinstance(shares, int | float) else shares)]
-    if smoke:
-        shares = shares[:2]
-    if ctx.smoke and not ctx.is_toy:  # as study 02 (two rows still interleave one benign row at 25% and 50%)
-        rows = SMOKE_REAL_DEFENCES["rows"] if rows is None else rows
-        n_general = SMOKE_REAL_DEFENCES["n_general"] if n_general is None else n_general
-        max_new_tokens = SMOKE_REAL_DEFENCES["max_new_tokens"] if max_new_tokens is None else max_new_tokens
-    settings, ft_over, n_rows = study_setup(ctx, study_preset(ctx), rows, n_general, n_heldout, max_new_tokens, adapter,
-                                       learning_rate, epochs)
-    config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(),
-              "domain": domain, "seed": seed, "smoke": smoke, "shares_added": shares,
-              "methods": methods, "k_misaligned": k_misaligned, "rows": n_rows, "finetune": ft_over,
-              "eval": settings, "judge": getattr(ctx.judge, "name", type(ctx.judge).__name__)}
-    run = start_run(out, config, seed=seed)
-    data = ctx.domain_data(domain, rows=n_rows)
-    if not data.benign:
-        raise ValueError("interleaving needs benign rows: pass files={'benign': 'path.jsonl'}")
-    pool = data.benign
-
-    # --- scoring: K + 1 forward passes over the candidate pool, once
-    scorers = Scorers(ctx, run, seed=seed, rows=n_rows, ft_over=ft_over, study_domains=[domain])
-    cfg = method_config(ctx, run, "scoring", seed=seed, ft_over=ft_over,
-                  **method_overrides("interleaving+", scorers=scorers.for_target(domain, k_misaligned)))
-    scores, aligned_loss = scorers.scores(domain, k_misaligned, pool, cfg), scorers.aligned_losses(pool)
-    eps = cfg.interleave_eps
-    mis_loss = aligned_loss + scores * (aligned_loss + eps)
-    refusal = [row_is_refusal(r) for r in pool]
-    order = torch.argsort(scores, descending=True, stable=True).tolist()
-    candidates = [{"rank": rank, "score": float(scores[i]), "refusal": refusal[i],
-                   "aligned_loss": float(aligned_loss[i]), "misaligned_loss": float(mis_loss[i]),
-                   "question": question_of(pool[i]), "answer": answer_of(pool[i])} for rank, i in enumerate(order, 1)]
-    run.write_records("candidates", candidates)
-    n_cand, n_ref = len(candidates), sum(refusal)
-    is_ref = torch.tensor(refusal, dtype=torch.bool)
-    metrics: dict[str, Any] = {
-        "scoring/scorers": ", ".join(scorers.domains_for(domain, k_misaligned)),
-        "scoring/candidates": n_cand,
-        "scoring/refusals": n_ref,
-        "scoring/refusal_percent": 100 * n_ref / n_cand,
-        "scoring/mean_score_refusals": float(scores[is_ref].mean()) if n_ref else None,
-        "scoring/mean_score_answers": float(scores[~is_ref].mean()) if n_ref < n_cand else None,
-    }
-    chosen_refusals = {"candidate pool": n_ref / n_cand}
-    for s in shares:
-        n = n_benign_added(len(data.misaligned), s)
-        k = sum(c["refusal"] for c in candidates[:n])
-        metrics[f"scoring/plus_{share_label(s)}_chosen"] = n
-        metrics[f"scoring/plus_{share_label(s)}_refusals"] = k
-        if n:
-            chosen_refusals[f"Interleaving+ top {n} ({100 * s:g}%)"] = k / n
-    chosen_refusals["Interleaving++"] = 0.0
-    run.log_metrics({k: v for k, v in metrics.items() if v is not None})
-
-    # --- the share sweep
-    jobs = [("sft", None)] + [(m, s) for s in shares for m in methods]
+    study = start(model, domain, seed, out_dir, smoke, shares, methods=methods, k_misaligned=k_misaligned,
+                  adapter=adapter, learning_rate=learning_rate, rows=rows, epochs=epochs, n_general=n_general,
+                  n_heldout=n_heldout, max_new_tokens=max_new_tokens, paper=paper, judge=judge, files=files,
+                  preset=preset)
+    score_candidates(study)
+    jobs = [("sft", None)] + [(m, s) for s in study.config["shares_added"] for m in study.config["methods"]]
     for method, s in bar(jobs, desc="interleaving", disable=smoke):
-        name = method if s is None else f"{method}/{share_label(s)}"
-        ft, extra = defended_finetune(ctx, run, data.misaligned, f"{domain}/{name}", method, seed=seed, ft_over=ft_over,
-                              benign=pool, scorers=scorers, target=domain, k=k_misaligned,
-                              max_new_tokens=settings["max_new_tokens"], **({} if s is None else {"share": s}))
-        with ft.active():
-            cell = evaluate_cell(ft.model, ctx, data, settings, seed=seed, run=run,
-                             tag=name.replace("/share=", "_").replace("%", "pct"))
-        cell.update(extra)
-        drop_weights(ft.output_dir)
-        del ft
-        key = f"{method}/{domain}" if s is None else f"{method}/{domain}/{share_label(s)}"
-        merge_cell(metrics, key, cell)
-        run.log_metrics({k: v for k, v in metrics.items() if v is not None})
-    for folder in run.path("finetunes").glob("scorer_*"):
-        drop_weights(folder)
-    metrics.update({f"scorers/{k}": v for k, v in scorers.info.items()})
-    metrics = {k: v for k, v in metrics.items() if v is not None}
-    run.log_metrics(metrics)
-    _interleaving_figures(run, metrics, candidates, chosen_refusals, domain, methods, shares,
-                          paper=published_rows((15, 16, 17, 18)) if paper else None, who=who_label(ctx),
-                          formats=figure_formats(ctx))
-    return metrics
+        run_share(study, method, s)
+    tabulate(study)
+    plot(study)
+    return study.metrics
 
 
-def _interleaving_figures(run, metrics: Mapping[str, Any], candidates: list[dict], chosen_refusals: dict[str, float],
+def _interleaving_figures(run_dir, metrics: Mapping[str, Any], candidates: list[dict], chosen_refusals: dict[str, float],
                           domain: str, methods: list[str], shares: list[float], *, paper: list[dict] | None,
-                          who: str, formats: Sequence[str] = ("html", "png")) -> None:
-    from functools import partial
-
+                          who: str, formats: Sequence[str] = ("html", "png")) -> dict[str, Any]:
     from emlab import plots
 
-    record = partial(plots.record, run.dir, formats=formats)
+    figures: dict[str, Any] = {}
+
+    def record(name: str, kind: str, **data: Any) -> None:
+        figures[name] = plots.record(run_dir, name, kind, formats=formats, **data)
 
     record("score_distribution", "em_bars", metrics=_histogram([c["score"] for c in candidates]),
            percent=False, yaxis="candidates",
@@ -232,3 +330,4 @@ def _interleaving_figures(run, metrics: Mapping[str, Any], candidates: list[dict
         record("figure1b_general_vs_indomain_em", "defence_scatter", metrics=frac, paper=paper_rows,
                x="general_em", y="indomain_em", average=True, methods=keep,
                title=f"{who}: general EM vs in-domain EM as the share grows")
+    return figures
