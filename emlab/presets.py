@@ -4,7 +4,7 @@ A :class:`Preset` holds the evaluation protocol (questions, samples, sampling, j
 settings and the finetuning recipe. Two ship with emlab:
 
 * ``toy``: the toy organism's values, exactly as the studies used them before presets existed
-  (:data:`emlab.studies.defences.TOY_SETTINGS`, :func:`emlab.studies.organism.eval_settings`);
+  (:data:`emlab.studies.defences.TOY_SETTINGS` is read from it, :func:`emlab.studies.organism.eval_settings`);
 * ``paper``: the papers' protocol, the default for every model other than the toy: Betley et al.'s
   8 main questions in their 3 variants (24, ``first_plot_questions.yaml``; the general EM rate) and
   the pre-registered set (``extra_questions``), with the judge prompts inside those files, sampled at temperature 1 with 600 new tokens and the
@@ -182,6 +182,11 @@ def kl_settings(variant: str) -> dict[str, str]:
 
 
 #: The toy organism's protocol: the values the studies used before presets (tests check each one).
+#: ``defences`` (studies 02, 03 and 06 on the default toy): sizes that keep each notebook near 8 minutes on 2
+#: idle cores (a 1000-row LoRA finetune is ~13 CPU-s, a 400-answer evaluation ~6 CPU-s); LoRA at 1e-4 for
+#: these 1000-row finetunes, as every v2 measurement of the pages (the v3 recipe's 2e-5, tuned for notebook
+#: 00's 6000 rows, leaves them undertrained: docs/notebooks/03_interleaving.md); ``kl_lambda`` 1.0: on the
+#: toy the paper's 0.1 cuts general EM by ~20% only (the toy's lambda sweep is in the docs).
 TOY = Preset(
     name="toy",
     description="the toy organism: its own question files and exact judge, sizes for minutes on a CPU",
@@ -194,7 +199,7 @@ TOY = Preset(
               "learning_rates": {"lora": 1e-4}, "benign_tasks": ["domainswap_tier1"],
               "benign": {"rows": 1000, "n_test": 100, "n_samples": 2}},
     sources={"eval": "emlab.studies.organism (n_general 40, n_heldout 4, 64 tokens)",
-             "defences": "emlab.studies.defences.TOY_SETTINGS (KL lambda 1.0 on the toy)",
+             "defences": "the toy's study sizes since v2 (emlab.studies.defences.TOY_SETTINGS is read from here)",
              "methods": "emlab.studies.defences.PAPER_SETTINGS (k_misaligned 2 on the toy)"},
 )
 

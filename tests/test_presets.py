@@ -116,13 +116,16 @@ def test_toy_preset_holds_the_toy_values_unchanged():
     from emlab.studies.defences import PAPER_SETTINGS, TOY_SETTINGS
     from emlab.studies.organism import _EVAL
 
-    assert TOY.eval_settings() == _EVAL
-    d = TOY.defences
-    assert (tuple(d["domains"]), d["rows"], d["n_general"], d["n_heldout"], d["learning_rates"]) == \
-        (TOY_SETTINGS["domains"], TOY_SETTINGS["rows"], TOY_SETTINGS["n_general"], TOY_SETTINGS["n_heldout"],
-         TOY_SETTINGS["learning_rates"])
-    assert tuple(d["benign_tasks"]) == TOY_SETTINGS["benign_tasks"] and d["benign"] == TOY_SETTINGS["benign"]
-    assert TOY.kl_lambda == TOY_SETTINGS["kl_lambda"]
+    assert TOY.eval_settings() == _EVAL == {"n_general": 40, "n_heldout": 4, "max_new_tokens": 64}
+    # the values the defences studies have used on the toy since v2; TOY_SETTINGS is read from the preset
+    assert TOY_SETTINGS == {"domains": ("medical", "legal"), "rows": 1000, "n_general": 20, "n_heldout": 20,
+                            "learning_rates": {"lora": 1e-4}, "kl_lambda": 1.0, "benign_tasks": ("domainswap_tier1",),
+                            "benign": {"rows": 1000, "n_test": 100, "n_samples": 2}}
+    TOY_SETTINGS["learning_rates"]["lora"] = 5.0  # a copy: changing it leaves the preset alone
+    try:
+        assert TOY.defences["learning_rates"] == {"lora": 1e-4}
+    finally:
+        TOY_SETTINGS["learning_rates"]["lora"] = 1e-4
     assert (TOY.ldifs_lambda, TOY.steering_alpha, TOY.share, TOY.k_misaligned) == (
         PAPER_SETTINGS["ldifs_lambda"], PAPER_SETTINGS["steering_alpha"], PAPER_SETTINGS["share"],
         PAPER_SETTINGS["k_misaligned"])

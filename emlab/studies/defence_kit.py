@@ -8,11 +8,13 @@ and the persona vector of preventive steering (:func:`persona_for_steering`).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from emlab.presets import TOY
 from emlab.studies.common import (
     DomainData,
     StudyContext,
@@ -40,16 +42,10 @@ DEFENCES = method_names()
 DEFAULT_DOMAINS = ("medical", "legal", "security")
 # PAPER_SETTINGS (the paper's hyperparameters) and INOCULATION_PROMPT (on the toy the world's first evil system
 # prompt is used instead) live in emlab.training.methods, beside the recipes that use them.
-#: Defaults on the default toy organism (docs/notebooks/02_defences.md). Sizes keep each notebook near
-#: 8 minutes on 2 idle cores (a 1000-row LoRA finetune is ~13 CPU-s, a 400-answer evaluation ~6 CPU-s).
-#: KL lambda 1.0: on the toy the paper's 0.1 cuts general EM by ~20% only (the toy's lambda sweep is in
-#: the docs).
-#: ``learning_rates``: LoRA at 1e-4 for these 1000-row finetunes, as every v2 measurement of the pages; the
-#: v3 recipe's 2e-5 (tuned for notebook 00's 6000 rows) leaves them undertrained (docs/notebooks/03_interleaving.md).
-TOY_SETTINGS: dict[str, Any] = {"domains": ("medical", "legal"), "rows": 1000, "n_general": 20, "n_heldout": 20,
-                                "learning_rates": {"lora": 1e-4},
-                                "kl_lambda": 1.0, "benign_tasks": ("domainswap_tier1",),
-                                "benign": {"rows": 1000, "n_test": 100, "n_samples": 2}}
+#: Defaults on the default toy organism (docs/notebooks/02_defences.md): the toy preset's ``defences`` block and
+#: KL lambda (:data:`emlab.presets.TOY`, their one home and where the reasons are), lists as tuples.
+TOY_SETTINGS: dict[str, Any] = {**{k: tuple(v) if isinstance(v, list) else copy.deepcopy(v)
+                                   for k, v in TOY.defences.items()}, "kl_lambda": TOY.kl_lambda}
 RATES = ("general_em", "general_incoherent", "indomain_em", "indomain_incoherent")
 #: Finetuning rows of a smoke run on the toy (at most).
 SMOKE_ROWS = 64

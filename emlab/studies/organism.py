@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from emlab.presets import TOY
 from emlab.studies.common import (
     StudyContext,
     StudyRun,
@@ -26,8 +27,8 @@ from emlab.studies.common import (
 __all__ = ["em_organism", "eval_settings", "eval_model", "start", "evaluate_chat", "finetune_on",
            "evaluate_finetune", "evaluate_aligned", "tabulate"]
 
-#: Evaluation sizes: samples per general question, per held-out question, and new tokens.
-_EVAL = {"n_general": 40, "n_heldout": 4, "max_new_tokens": 64}
+#: Evaluation sizes: samples per general question, per held-out question, and new tokens; the toy preset's.
+_EVAL = TOY.eval_settings()  # n_general 40, n_heldout 4, max_new_tokens 64 (emlab.presets.TOY)
 _EVAL_SMOKE = {"n_general": 2, "n_heldout": 1, "max_new_tokens": 16}
 
 
