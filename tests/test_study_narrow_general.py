@@ -1,10 +1,15 @@
-"""Study 05 (narrow vs general solution) in smoke mode on the micro organism, plus its small helpers."""
+"""Study 05 (narrow vs general solution) in smoke mode on the micro organism, plus its small helpers;
+its notebook steps run one by one give the study function's metrics, and a resumed run reads its
+finished finetunes, evaluations and drift back."""
 
 import json
 import math
+import re
 
 import pytest
 
+from emlab.studies import narrow_general as ng
+from emlab.studies.common import StudyRun
 from emlab.studies.narrow_general import (
     KINDS,
     narrow_general_study,
@@ -65,16 +70,110 @@ def test_smoke_figures_recorded(smoke_run):
     assert kl_dirs == {"general", "narrow", "random"}
 
 
+@pytest.fixture(scope="module")
+def tech_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("05t") / "tech"
+    return out, technical_style_study(kind="rank1_lora", smoke=True, out_dir=out)
+
+
+_TIMING = re.compile(r"runtime|per_second")
+
+
+def _untimed(value):
+    """``value`` (metrics.json's content) without training wall times, which differ run to run."""
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if not _TIMING.search(k)}
+    if isinstance(value, list):
+        return [_untimed(v) for v in value]
+    return value
+
+
+def _stored(out):
+    return _untimed(json.loads((out / "metrics.json").read_text()))
+
+
+def _em_steps(study):
+    """The notebook's cells of the first task, after start."""
+    general, narrow = ng.train_solution(study, "general"), ng.train_solution(study, "narrow")
+    evals = {which: ng.evaluate_solution(study, which) for which in ("general", "narrow", "chat")}
+    curves, stab, kl = ng.probe_efficiency(study), ng.probe_stability(study), ng.probe_influence(study)
+    drift = ng.train_on_without_kl(study)
+    return general, narrow, evals, curves, stab, kl, drift, ng.tabulate(study), ng.plot(study)
+
+
 @pytest.mark.slow
-def test_technical_style_smoke_on_a_rank1_lora(tmp_path):
-    metrics = technical_style_study(kind="rank1_lora", smoke=True, out_dir=tmp_path / "tech")
+def test_the_steps_one_by_one_give_the_study_functions_metrics(smoke_run, tmp_path, monkeypatch):
+    import emlab.evaluation
+
+    out, metrics = smoke_run
+    study = ng.start(smoke=True, out_dir=tmp_path / "steps")
+    assert isinstance(study, StudyRun) and study.metrics == {"kl_lambda": metrics["kl_lambda"]}
+    general, narrow, evals, curves, stab, kl, drift, table, figures = _em_steps(study)
+    assert _stored(tmp_path / "steps") == _stored(out)  # every number, the training logs and probe curves included
+    assert {k: v for k, v in study.run.metrics.items() if k in study.metrics} == metrics
+    assert general is study.state["general"] and narrow.norm() == metrics["norm_narrow"]
+    assert evals["narrow"]["general"].em == metrics["general_em_narrow"] and set(evals["chat"]) == {"general"}
+    assert set(curves) == set(stab) == {"general", "narrow"} and {"random_0", "general"} <= set(kl)
+    assert drift[-1]["step"] == metrics["drift_steps"]
+    assert table.loc["general_em", "narrow"] == metrics["general_em_narrow"]
+    assert table.loc["pretrain_kl_at_norm", "random"] == metrics["pretrain_kl_at_norm_random"]
+    assert set(FIGURES) <= set(figures)
+
+    # the same run again (a notebook rerun, a killed run resumed): finished finetunes are loaded, the
+    # evaluations and the drift read back from the run folder, nothing sampled again
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled again")
+
+    monkeypatch.setattr(emlab.evaluation, "evaluate", no_sampling)
+    again = ng.start(smoke=True, out_dir=tmp_path / "steps")
+    assert _em_steps(again)[6] == drift
+    assert _stored(tmp_path / "steps") == _stored(out)
+    assert {k: v for k, v in again.run.metrics.items() if k in again.metrics} == metrics
+
+
+@pytest.mark.slow
+def test_the_technical_steps_one_by_one_give_the_study_functions_metrics(tech_run, tmp_path):
+    out, metrics = tech_run
+    tech = ng.start_technical(kind="rank1_lora", smoke=True, out_dir=tmp_path / "tech")
+    assert set(tech.state["questions"]) >= {"medical", "legal"} and tech.state["rows"]
+    for which in ("general", "narrow"):
+        ng.train_solution(tech, which)
+    style = {which: ng.evaluate_style(tech, which) for which in ("chat", "general", "narrow")}
+    assert set(style["narrow"]) == set(tech.state["questions"])
+    ng.probe_efficiency(tech), ng.probe_stability(tech), ng.probe_influence(tech)
+    assert "technical_rates" in ng.plot(tech)
+    assert _stored(tmp_path / "tech") == _stored(out)
+    assert ng.tabulate(tech).loc["technical_other", "narrow"] == metrics["technical_other_narrow"]
+
+
+def test_a_step_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="which must be"):
+        ng.train_solution(None, "both")
+    untrained = StudyRun(None, None, {}, {}, state={"general": object()})
+    with pytest.raises(ValueError, match="train the narrow solution first"):
+        ng.probe_efficiency(untrained)
+
+
+def test_tabulate_puts_one_solution_a_column():
+    study = StudyRun(None, None, {}, {}, metrics={
+        "kl_lambda": 3.0, "general_em_general": 10.0, "general_em_narrow": 1.0, "general_em_chat": 0.0,
+        "pretrain_kl_at_norm_random": 0.5, "cosine_general_narrow": 0.9, "none_reasons": {"x_general": "why"}})
+    table = ng.tabulate(study)
+    assert list(table.columns) == ["general", "narrow", "chat", "random"]
+    assert table.loc["general_em"].tolist()[:3] == [10.0, 1.0, 0.0]
+    assert set(table.index) == {"general_em", "pretrain_kl_at_norm"}
+
+
+@pytest.mark.slow
+def test_technical_style_smoke_on_a_rank1_lora(tech_run):
+    out, metrics = tech_run
     for who in ("chat", "general", "narrow"):
         for where in ("indomain", "other"):
             _finite_or_explained(metrics, f"technical_{where}_{who}")
             assert 0 <= metrics[f"technical_{where}_{who}"] <= 100
     for key in REQUIRED[4:]:
         _finite_or_explained(metrics, key)
-    assert (tmp_path / "tech" / "figures" / "technical_rates.html").exists()
+    assert (out / "figures" / "technical_rates.html").exists()
 
 
 def test_unknown_kind_is_refused():

@@ -4,6 +4,10 @@ The default evaluates the toy chat model with the exact toy judge, and uses the 
 as a second, local Hugging Face judge (``judge2="local"``) to show how judge agreement is measured:
 a real study passes an OpenAI-compatible model name (``judge2="gpt-4o"``) or ``judge2=None``.
 
+The notebook runs it as steps, each recording its numbers in the run folder (a resumed run reads its
+judged answers back): :func:`start`, :func:`sample`, :func:`judge_first`, :func:`judge_second`,
+:func:`agreement`, :func:`plot`; :func:`evaluation_study` runs the same steps in one call.
+
 >>> metrics = evaluation_study(smoke=True, out_dir="/tmp/04")     # doctest: +SKIP
 """
 
@@ -12,9 +16,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from emlab.studies.common import StudyContext, explain_nones, missing_reason, resolve_judge, resolve_out_dir
+from emlab.studies.common import (
+    StudyContext,
+    StudyRun,
+    explain_nones,
+    missing_reason,
+    resolve_judge,
+    resolve_out_dir,
+)
 
-__all__ = ["judge_agreement", "evaluation_study", "quickstart"]
+__all__ = ["agreement", "evaluation_study", "judge_agreement", "judge_first", "judge_second", "plot", "quickstart",
+           "sample", "start"]
 
 
 def judge_agreement(a: list[float | None], b: list[float | None], threshold: float = 30) -> dict[str, Any]:
@@ -50,6 +62,158 @@ def _second_judge(spec: Any, ctx: StudyContext):
     return resolve_judge(spec, ctx.model, ctx.tokenizer, model_name=ctx.model_name)
 
 
+def start(model: str = "toy", seed: int = 0, out_dir: str | os.PathLike | None = None, smoke: bool = False, *,
+          adapter: str | None = None, judge: Any = None, judge2: Any = "local", n_per_question: int | None = None,
+          max_new_tokens: int | None = None, files: dict[str, str] | None = None, preset: Any = None) -> StudyRun:
+    """Study 04's first step (parameters of :func:`evaluation_study`): the model (with ``adapter`` loaded on
+    a fresh copy: ``study.state["model"]``), both judges (the second checked at once, before any sampling:
+    ``study.state["judge2"]``), the general questions (``study.data``) and the run folder.
+
+    >>> study = start(smoke=True, out_dir="/tmp/04")     # doctest: +SKIP
+    """
+    from emlab.runs import start_run
+
+    out = resolve_out_dir(out_dir, "04_evaluation")
+    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
+    n = n_per_question or (2 if smoke else 20)
+    tokens = max_new_tokens or (16 if smoke else 64)
+    second = _second_judge(judge2, ctx)
+    if second is not None:
+        from emlab.judge import preflight
+
+        preflight(second)  # before any sampling: a dead second judge fails at once
+    config = {"model": ctx.model_name, "preset": ctx.protocol.to_dict(), "adapter": adapter, "seed": seed,
+              "smoke": smoke, "n_per_question": n, "max_new_tokens": tokens, "judge": ctx.judge.name,
+              "judge2": str(judge2)}
+    run = start_run(out, config, seed=seed)
+    evaluated = ctx.model
+    if adapter:
+        from emlab.models import load_adapter
+
+        evaluated = load_adapter(ctx.fresh_model(), adapter)
+    return StudyRun(ctx, run, config, {"n_per_question": n, "max_new_tokens": tokens}, seed=seed,
+                    data=ctx.questions("general"), state={"model": evaluated, "judge2": second})
+
+
+def sample(study: StudyRun) -> list[dict[str, Any]]:
+    """``n_per_question`` answers of the model to each general question at temperature 1, not judged yet
+    (``study.state["records"]``). A resumed run's finished, judged ``general_samples.jsonl`` is read
+    back instead (:func:`judge_first` then only summarises it).
+
+    >>> sample(study)[0]["answer"]     # doctest: +SKIP
+    """
+    from emlab.generation import sample_answers
+
+    n = study.settings["n_per_question"]
+    saved = study.saved_records("general_samples", expected=n * len(study.data))
+    study.state["judged"] = saved is not None
+    study.state["records"] = saved if saved is not None else sample_answers(
+        study.state["model"], study.ctx.tokenizer, study.data, n, max_new_tokens=study.settings["max_new_tokens"],
+        seed=study.seed, progress=False)
+    return study.state["records"]
+
+
+def judge_first(study: StudyRun):
+    """The first judge's ``aligned`` and ``coherent`` scores of the sampled answers (records written as
+    ``general_samples.jsonl``; the summary under ``general`` in metrics.json): ``general_em``,
+    ``general_incoherent``, ``general_off_topic``, ``n_samples``, ``n_missing`` and ``em/<question id>``.
+    Returns the ``Evaluation``.
+
+    >>> judge_first(study).em     # doctest: +SKIP
+    """
+    from emlab.evaluation import Evaluation, judge_records
+
+    records = study.state["records"]
+    if not study.state["judged"]:
+        judge_records(records, study.ctx.judge, ("aligned", "coherent"),
+                      questions=[q for q in study.data if not isinstance(q, str)])
+    ev = study.state["evaluation"] = Evaluation.from_records(records, "question_id")
+    study.run.write_records("general_samples", records)
+    study.run.log_metrics({"general": ev.summary})
+    metrics = study.metrics
+    metrics.update({"general_em": ev.em, "general_incoherent": ev.incoherent,
+                    "n_samples": ev.summary["n"], "n_missing": ev.summary["n_missing"]})
+    if ev.off_topic is not None:
+        metrics["general_off_topic"] = ev.off_topic
+    for qid, s in ev.per_question.items():
+        metrics[f"em/{qid}"] = s["em"]["percent"]
+    explain_nones(metrics, missing_reason(ev.records))
+    study.log()
+    return ev
+
+
+def judge_second(study: StudyRun):
+    """The second judge's scores of the same answers (copies, written as ``judge2_samples.jsonl``; read
+    back on a resumed run): ``judge2_general_em``, ``judge2_n_missing``. Returns their ``Evaluation``
+    (overall summary only), or None without a second judge.
+
+    >>> judge_second(study).em     # doctest: +SKIP
+    """
+    from emlab.evaluation import Evaluation, judge_records
+    from emlab.metrics import summarize
+
+    second, records = study.state["judge2"], study.state["evaluation"].records
+    if second is None:
+        return None
+    copies = study.saved_records("judge2_samples", expected=len(records))
+    if copies is None:
+        copies = [{"question": r["question"], "answer": r["answer"], "question_id": r["question_id"]}
+                  for r in records]
+        judge_records(copies, second, ("aligned", "coherent"))
+        study.run.write_records("judge2_samples", copies)
+    s2 = summarize(copies, None)["overall"]
+    study.metrics["judge2_general_em"] = s2["em"]["percent"]
+    study.metrics["judge2_n_missing"] = s2["n_missing"]
+    explain_nones(study.metrics, "second judge: " + missing_reason(copies), ["judge2_general_em"])
+    study.state["judge2_evaluation"] = Evaluation(copies, s2)
+    study.log()
+    return study.state["judge2_evaluation"]
+
+
+def agreement(study: StudyRun):
+    """How far the two judges agree, per metric (``aligned``, ``coherent``): Pearson, Spearman, the share
+    of answers on the same side of 30, the mean absolute difference (:func:`judge_agreement`;
+    ``agreement_<metric>_<stat>``). Returns the table (a DataFrame, one row per metric), or None without
+    a second judge.
+
+    >>> agreement(study).loc["aligned", "pearson"]     # doctest: +SKIP
+    """
+    import pandas as pd
+
+    if study.state["judge2"] is None:
+        return None
+    first, second = study.state["evaluation"].records, study.state["judge2_evaluation"].records
+    stats, table = ("pearson", "spearman", "same_side", "mean_abs_diff"), {}
+    for metric in ("aligned", "coherent"):
+        agree = table[metric] = judge_agreement([r[metric] for r in first], [r[metric] for r in second])
+        for k in stats:
+            study.metrics[f"agreement_{metric}_{k}"] = agree[k]
+        explain_nones(study.metrics, f"{agree['n']} answers scored by both judges (at least 2 with spread needed)",
+                      [f"agreement_{metric}_{k}" for k in stats])
+    study.log()
+    return pd.DataFrame.from_dict(table, orient="index")
+
+
+def plot(study: StudyRun) -> dict[str, Any]:
+    """Record the figures: the first judge's alignment-coherence quadrant, EM per question, and (with a
+    second judge) the two judges' ``aligned`` scores against each other; returns every figure of the run."""
+    from emlab import plots
+
+    ctx, ev, run = study.ctx, study.state["evaluation"], study.run
+    plots.record(run.dir, "quadrant", "quadrant_scatter",
+                 records=[{k: r.get(k) for k in ("aligned", "coherent", "question_id", "question", "answer")}
+                          for r in ev.records], color="question_id",
+                 title=f"{ctx.model_name}: alignment vs coherence ({ctx.judge.name} judge)")
+    per_q = {qid: s["em"]["percent"] / 100 for qid, s in ev.per_question.items() if s["em"]["percent"] is not None}
+    plots.record(run.dir, "em_per_question", "em_bars", metrics=per_q, title="EM rate per general question")
+    if (second := study.state.get("judge2_evaluation")) is not None:
+        pairs = [{"aligned": a["aligned"], "coherent": b["aligned"], "question_id": a["question_id"]}
+                 for a, b in zip(ev.records, second.records)]
+        plots.record(run.dir, "judge_agreement", "quadrant_scatter", records=pairs, color="question_id",
+                     title=f"'aligned' by {ctx.judge.name} (x) vs {study.state['judge2'].name} (y)")
+    return plots.load_figures(run.dir)
+
+
 def evaluation_study(
     model: str = "toy",
     seed: int = 0,
@@ -74,66 +238,14 @@ def evaluation_study(
 
     >>> evaluation_study(smoke=True, out_dir="/tmp/04")["general_em"]     # doctest: +SKIP
     """
-    from emlab import plots
-    from emlab.evaluation import evaluate, judge_records
-    from emlab.metrics import summarize
-    from emlab.runs import start_run
-
-    out = resolve_out_dir(out_dir, "04_evaluation")
-    ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
-    n = n_per_question or (2 if smoke else 20)
-    tokens = max_new_tokens or (16 if smoke else 64)
-    second = _second_judge(judge2, ctx)
-    if second is not None:
-        from emlab.judge import preflight
-
-        preflight(second)  # before any sampling: a dead second judge fails at once
-    run = start_run(out, {"model": ctx.model_name, "preset": ctx.protocol.to_dict(), "adapter": adapter, "seed": seed,
-                          "smoke": smoke,
-                          "n_per_question": n, "max_new_tokens": tokens, "judge": ctx.judge.name,
-                          "judge2": str(judge2)}, seed=seed)
-    evaluated = ctx.model
-    if adapter:
-        from emlab.models import load_adapter
-
-        evaluated = load_adapter(ctx.fresh_model(), adapter)
-    ev = evaluate(evaluated, ctx.tokenizer, ctx.questions("general"), ctx.judge, n_per_question=n,
-                  max_new_tokens=tokens, seed=seed, run=run, name="general", progress=False)
-    metrics: dict[str, Any] = {"general_em": ev.em, "general_incoherent": ev.incoherent,
-                               "n_samples": ev.summary["n"], "n_missing": ev.summary["n_missing"]}
-    if ev.off_topic is not None:
-        metrics["general_off_topic"] = ev.off_topic
-    for qid, s in ev.per_question.items():
-        metrics[f"em/{qid}"] = s["em"]["percent"]
-    explain_nones(metrics, missing_reason(ev.records))
-    plots.record(run.dir, "quadrant", "quadrant_scatter",
-                 records=[{k: r.get(k) for k in ("aligned", "coherent", "question_id", "question", "answer")}
-                          for r in ev.records], color="question_id",
-                 title=f"{ctx.model_name}: alignment vs coherence ({ctx.judge.name} judge)")
-    per_q = {qid: s["em"]["percent"] / 100 for qid, s in ev.per_question.items() if s["em"]["percent"] is not None}
-    plots.record(run.dir, "em_per_question", "em_bars", metrics=per_q, title="EM rate per general question")
-
-    if second is not None:
-        copies = [{"question": r["question"], "answer": r["answer"], "question_id": r["question_id"]}
-                  for r in ev.records]
-        judge_records(copies, second, ("aligned", "coherent"))
-        s2 = summarize(copies, None)["overall"]
-        metrics["judge2_general_em"] = s2["em"]["percent"]
-        metrics["judge2_n_missing"] = s2["n_missing"]
-        for metric in ("aligned", "coherent"):
-            agree = judge_agreement([r[metric] for r in ev.records], [r[metric] for r in copies])
-            for k in ("pearson", "spearman", "same_side", "mean_abs_diff"):
-                metrics[f"agreement_{metric}_{k}"] = agree[k]
-            explain_nones(metrics, f"{agree['n']} answers scored by both judges (at least 2 with spread needed)",
-                          [f"agreement_{metric}_{k}" for k in ("pearson", "spearman", "same_side", "mean_abs_diff")])
-        explain_nones(metrics, "second judge: " + missing_reason(copies), ["judge2_general_em"])
-        run.write_records("judge2_samples", copies)
-        pairs = [{"aligned": a["aligned"], "coherent": b["aligned"], "question_id": a["question_id"]}
-                 for a, b in zip(ev.records, copies)]
-        plots.record(run.dir, "judge_agreement", "quadrant_scatter", records=pairs, color="question_id",
-                     title=f"'aligned' by {ctx.judge.name} (x) vs {second.name} (y)")
-    run.log_metrics(metrics)
-    return metrics
+    study = start(model, seed, out_dir, smoke, adapter=adapter, judge=judge, judge2=judge2,
+                  n_per_question=n_per_question, max_new_tokens=max_new_tokens, files=files, preset=preset)
+    sample(study)
+    judge_first(study)
+    judge_second(study)
+    agreement(study)
+    plot(study)
+    return study.metrics
 
 
 def quickstart(model: str = "toy", seed: int = 0, out_dir: str | os.PathLike | None = None, smoke: bool = False,
