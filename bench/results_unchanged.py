@@ -4,7 +4,8 @@
     PYTHONPATH=$PWD python bench/results_unchanged.py BEFORE_SWEEP AFTER_SWEEP
 
 Prints, per cell, how many numbers are identical and every key that differs or exists on one side only;
-training wall times (``*runtime*``, ``*_per_second``, ``*seconds*``, ``*_s``) are left out. Exit code 0
+training wall times (``*runtime*``, ``*_per_second``, ``*seconds*``, ``*_s``; at any depth) are left out, and
+the ``metrics.json`` of runs nested in a cell's folder (05's ``technical/``) are compared too. Exit code 0
 when every cell is identical, 1 otherwise.
 """
 
@@ -20,11 +21,23 @@ from emlab.metrics import flatten
 _TIMING = re.compile(r"runtime|per_second|seconds|_s$|wall|time")
 
 
+def untimed(value):
+    """``value`` without wall-time keys at any depth (training logs are lists of dicts with ``train_runtime``)."""
+    if isinstance(value, dict):
+        return {k: untimed(v) for k, v in value.items() if not _TIMING.search(k)}
+    if isinstance(value, list):
+        return [untimed(v) for v in value]
+    return value
+
+
 def cells(sweep: str) -> list[tuple[dict, dict]]:
     out = []
     for run_dir, params in sweep_runs(sweep):
-        metrics = {k: v for k, v in flatten(json.loads((run_dir / "metrics.json").read_text())).items()
-                   if not _TIMING.search(k)}
+        metrics = {}
+        for path in sorted(run_dir.rglob("metrics.json")):  # nested runs too (notebook 05's technical/)
+            prefix = "" if path.parent == run_dir else f"{path.parent.relative_to(run_dir).as_posix()}:"
+            metrics.update({prefix + k: v for k, v in flatten(untimed(json.loads(path.read_text()))).items()
+                            if not _TIMING.search(k)})
         out.append(({k: v for k, v in params.items() if k != "out_dir"}, metrics))
     return out
 
