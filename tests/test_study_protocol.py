@@ -112,7 +112,7 @@ def test_every_research_notebook_takes_a_preset_parameter():
         code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
         params = ["".join(c["source"]) for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert any(line.startswith("preset = None") for line in params[0].splitlines()), stem
-        calls = [s for s in code if "study(" in s or "em_organism(" in s or "quickstart(" in s]
+        calls = [s for s in code if "study(" in s or "em_organism(" in s or "quickstart(" in s or ".start(" in s]
         steps = [s for s in code if "StudyContext.create(" in s]  # a notebook of steps (the quickstart) loads the context itself
         assert calls or steps, stem
         assert all("preset=preset" in s for s in calls) and all("protocol=preset" in s for s in steps), stem
