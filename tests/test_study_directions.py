@@ -7,6 +7,7 @@ import torch
 
 from emlab.directions import Direction
 from emlab.hooks import ablate, record
+from emlab.studies import directions
 from emlab.studies.directions import _ablation, best_alpha, directions_study, toy_trait
 
 PERCENT_KEYS = [
@@ -101,3 +102,92 @@ def test_ablation_one_layer_everywhere():
 def test_ablate_layer_must_be_a_direction_layer(tmp_path):
     with pytest.raises(ValueError, match="ablate_layer 7"):
         directions_study(seed=0, out_dir=tmp_path, smoke=True, ablate_layer=7)
+
+
+# --- the notebook's steps (issue 17) ------------------------------------------------------------
+
+
+def _steps(out, **kw):
+    """Study 01 step by step, as the notebook runs it; returns the study."""
+    study = directions.start(seed=0, out_dir=out, smoke=True, **kw)
+    directions.evaluate_chat(study)
+    directions.persona(study)
+    ft = directions.finetune_domain(study, "medical")
+    directions.misalignment(study, ft, directions.evaluate_finetune(study, ft, "medical"), "medical")
+    directions.prompt_shift(study, ft)
+    table = directions.ablation(study, ft)
+    del ft
+    oft = directions.finetune_domain(study, "finance")
+    directions.misalignment(study, oft, directions.evaluate_finetune(study, oft, "finance"), "finance")
+    del oft
+    sweep = directions.steering_sweep(study)
+    cos = directions.cosines(study)
+    figures = directions.plot(study)
+    study.state.update(table=table, sweep=sweep, cos=cos, figures=figures)
+    return study
+
+
+def _one_thread(fn, *args, **kw):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args, **kw)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_steps_one_by_one_give_the_study_metrics(run, tmp_path):
+    out, metrics = run
+    study = _one_thread(_steps, tmp_path / "steps")
+    assert study.metrics == metrics  # the same numbers, None reasons included
+    assert json.loads((tmp_path / "steps" / "metrics.json").read_text()) == json.loads((out / "metrics.json").read_text())
+    assert json.loads((tmp_path / "steps" / "figure_data.json").read_text()) == json.loads(
+        (out / "figure_data.json").read_text())
+    assert set(study.state["figures"]) == {"steering_sweep", "em_rates", "cosines"}
+    # what each step returns is what it recorded
+    table, sweep, cos = study.state["table"], study.state["sweep"], study.state["cos"]
+    assert table.loc["misalignment", "em"] == metrics["ablate_general_em"]
+    assert table.loc["random", "incoherent"] == metrics["ablate_random_general_incoherent"]
+    assert sweep.to_dict("records") == metrics["steering_sweep"]
+    mean = cos[(cos.a == "medical") & (cos.b == "finance")]["cos"].mean()
+    assert mean == pytest.approx(metrics["cross_domain_cosine"], abs=1e-9)
+    assert set(study.state["directions"]) == {p.stem for p in (out / "directions").glob("*.safetensors")}
+
+
+def test_resumed_run_reads_finished_steps_back(run, tmp_path, monkeypatch):
+    """A killed run rerun with the same parameters trains, samples and extracts nothing again that
+    finished (finetunes, evaluations, directions) and ends with the same metrics."""
+    import shutil
+
+    import emlab.directions
+    import emlab.evaluation
+    import emlab.training.runner
+
+    out, metrics = run
+    shutil.copytree(out, tmp_path / "resumed")
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished step was computed again")
+
+    monkeypatch.setattr(emlab.evaluation, "evaluate", refuse)
+    monkeypatch.setattr(emlab.training.runner.EMTrainer, "train", refuse)
+    monkeypatch.setattr(emlab.directions, "misalignment_direction", refuse)
+    monkeypatch.setattr(emlab.directions, "capture", refuse)
+    study = _one_thread(_steps, tmp_path / "resumed")
+    assert "resumed an incomplete run" in " ".join(study.run.env["notes"])
+    assert study.metrics == metrics
+
+
+def test_persona_is_read_back_and_evaluations_name_their_domain(tmp_path, monkeypatch):
+    import emlab.directions
+
+    study = directions.start(seed=0, out_dir=tmp_path, smoke=True)
+    d = study.ctx.model.config.hidden_size
+    saved = Direction({layer: torch.randn(d) for layer in study.config["layers"]}, counts={"kept": 3})
+    saved.save(tmp_path / "directions" / "persona_evil")
+    monkeypatch.setattr(emlab.directions, "persona_vector", lambda *a, **k: pytest.fail("persona recomputed"))
+    v = directions.persona(study)
+    assert v.allclose(saved) and study.metrics["persona_counts"] == {"kept": 3}
+    assert json.loads((tmp_path / "metrics.json").read_text())["persona_counts"] == {"kept": 3}
+    with pytest.raises(ValueError, match="medical or finance"):
+        directions.finetune_domain(study, "legal")
