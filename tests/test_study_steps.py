@@ -62,3 +62,27 @@ def test_a_finished_evaluation_is_read_back_and_an_incomplete_one_is_done_again(
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))  # cut short by a kill
     assert study.saved_records("chat_general_samples", expected=len(rows)) is None
     assert study.saved_records("chat_general_samples", expected=len(rows) - 1, metrics=("coherent",)) is not None
+
+
+def test_every_study_function_takes_exactly_its_start_parameters():
+    import inspect
+
+    from emlab.studies import beyond, defences, directions, evaluation, interleaving, narrow_general
+    from emlab.studies.common import takes_parameters_of
+
+    pairs = [(organism.em_organism, organism.start), (directions.directions_study, directions.start),
+             (defences.defences_study, defences.start), (interleaving.interleaving_study, interleaving.start),
+             (evaluation.evaluation_study, evaluation.start), (narrow_general.narrow_general_study, narrow_general.start),
+             (narrow_general.technical_style_study, narrow_general.start_technical), (beyond.beyond_study, beyond.start)]
+    for study_fn, start in pairs:
+        shown = inspect.signature(study_fn)
+        assert shown.parameters == inspect.signature(start).parameters, study_fn.__name__
+        assert shown.return_annotation != "StudyRun", study_fn.__name__
+    with pytest.raises(TypeError, match="domian"):
+        organism.em_organism(smoke=True, domian="legal")
+
+    @takes_parameters_of(lambda a, b=2: None)
+    def f(*args, **kwargs) -> int:
+        return 1
+
+    assert list(inspect.signature(f).parameters) == ["a", "b"] and inspect.signature(f).return_annotation == "int"

@@ -63,6 +63,7 @@ from emlab.studies.common import (
     preset_learning_rate,
     resolve_out_dir,
     smoke_trait,
+    takes_parameters_of,
 )
 from emlab.studies.organism import eval_model, eval_settings
 
@@ -330,37 +331,8 @@ def summarize(study: StudyRun) -> dict[str, Any]:
     return dict(run.metrics)
 
 
-def beyond_study(
-    model: str = "toy",
-    domain: str = "medical",
-    seed: int = 0,
-    out_dir: str | os.PathLike | None = None,
-    smoke: bool = False,
-    *,
-    layer: int | None = None,
-    rows: int | None = None,
-    n_general: int | None = None,
-    n_heldout: int | None = None,
-    max_new_tokens: int | None = None,
-    learning_rate: float | None = None,
-    caft_k: int = 3,
-    steering_alpha: float = 5.0,
-    monitor_every: int | None = None,
-    em_threshold: float = 10.0,
-    sae: bool = True,
-    sae_steer_scale: float = 0.5,
-    conditional: bool = True,
-    inoculation_prompt: str | None = None,
-    inoculation_prompts: Any = None,
-    dilution_share: float = 0.25,
-    realign_rows: Sequence[int] | None = None,
-    schedules: Sequence[str] | None = None,
-    transforms: Sequence[str] | None = None,
-    defences_run: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-    judge: Any = None,
-    files: dict[str, str] | None = None,
-    preset: Any = None,
-) -> dict[str, Any]:
+@takes_parameters_of(start)
+def beyond_study(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Run study 06 and return its metrics (also in ``<out_dir>/metrics.json``); figures in ``<out_dir>/figures``:
     :func:`start`, :func:`directions`, :func:`baseline`, :func:`sae_features`, :func:`pca_components`,
     :func:`realignment`, :func:`caft_runs`, :func:`steering_runs`, :func:`conditional_runs`,
@@ -373,7 +345,7 @@ def beyond_study(
     >>> beyond_study(smoke=True, out_dir="/tmp/06")["monitor/runs"]      # doctest: +SKIP
     8
     """
-    study = start(model, domain, seed, out_dir, smoke, layer=layer, rows=rows, n_general=n_general, n_heldout=n_heldout, max_new_tokens=max_new_tokens, learning_rate=learning_rate, caft_k=caft_k, steering_alpha=steering_alpha, monitor_every=monitor_every, em_threshold=em_threshold, sae=sae, sae_steer_scale=sae_steer_scale, conditional=conditional, inoculation_prompt=inoculation_prompt, inoculation_prompts=inoculation_prompts, dilution_share=dilution_share, realign_rows=realign_rows, schedules=schedules, transforms=transforms, defences_run=defences_run, judge=judge, files=files, preset=preset)
+    study = start(*args, **kwargs)
     directions(study)
     sft = baseline(study)
     sae_features(study, sft)

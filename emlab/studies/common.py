@@ -20,7 +20,7 @@ from emlab.context import LOCAL_JUDGES, DomainData, StudyContext, resolve_judge 
 __all__ = ["ADAPTER_FIELDS", "LOCAL_JUDGES", "STUDY_CHECKPOINTS", "DomainData", "StudyContext", "StudyRun",
            "finetune_config",
            "preset_learning_rate", "protocol_finetune", "explain_nones", "missing_reason", "resolve_judge", "resolve_out_dir",
-           "smoke_finetune", "smoke_trait"]
+           "smoke_finetune", "smoke_trait", "takes_parameters_of"]
 
 
 def resolve_out_dir(out_dir: str | os.PathLike | None, name: str) -> Path:
@@ -176,6 +176,26 @@ def finetune_config(out_dir: str | os.PathLike, *, seed: int = 0, preset: dict[s
     if explicit.get("learning_rate") is None and (rate := preset_learning_rate(preset, kw.get("adapter"))) is not None:
         kw["learning_rate"] = rate
     return EMConfig(output_dir=str(out_dir), **kw)
+
+
+def takes_parameters_of(start: Any) -> Any:
+    """Decorator of a study function that runs ``start(*args, **kwargs)`` and then its steps: it takes exactly
+    ``start``'s parameters, so it shows ``start``'s signature (``help``, ``inspect.signature``) with its own
+    return annotation, and the parameter list lives in one place.
+
+    >>> def start(model: str = "toy", seed: int = 0) -> dict: return {"model": model, "seed": seed}
+    >>> @takes_parameters_of(start)
+    ... def study(*args: Any, **kwargs: Any) -> int: return len(start(*args, **kwargs))
+    >>> import inspect; list(inspect.signature(study).parameters), study(seed=1)
+    (['model', 'seed'], 2)
+    """
+    import inspect
+
+    def wrap(fn: Any) -> Any:
+        fn.__signature__ = inspect.signature(start).replace(return_annotation=inspect.signature(fn).return_annotation)
+        return fn
+
+    return wrap
 
 
 @dataclass

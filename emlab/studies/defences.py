@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emlab.studies.benign_task import benign_task_study
-from emlab.studies.common import StudyContext, StudyRun, resolve_out_dir
+from emlab.studies.common import StudyContext, StudyRun, resolve_out_dir, takes_parameters_of
 from emlab.studies.defence_kit import (
     DEFAULT_DOMAINS,
     DEFENCES,
@@ -301,37 +301,8 @@ def plot(study: StudyRun) -> dict[str, Any]:
                             formats=figure_formats(study.ctx))
 
 
-def defences_study(
-    model: str = "toy",
-    domains: Sequence[str] | None = None,
-    methods: Sequence[str] | None = None,
-    seed: int = 0,
-    out_dir: str | os.PathLike | None = None,
-    smoke: bool = False,
-    *,
-    kl_lambda: float | None = None,
-    ldifs_lambda: float = PAPER_SETTINGS["ldifs_lambda"],
-    ldifs_layers: Sequence[int] | None = None,
-    steering_alpha: float = PAPER_SETTINGS["steering_alpha"],
-    steering_layer: int | None = None,
-    inoculation_prompt: str | None = None,
-    share: float = PAPER_SETTINGS["share"],
-    k_misaligned: int | None = None,
-    benign_tasks: Sequence[str] | None = None,
-    benign_methods: Sequence[str] = ("sft", "kl", "interleaving"),
-    adapter: str | None = None,
-    learning_rate: float | None = None,
-    rows: int | None = None,
-    epochs: float | None = None,
-    n_general: int | None = None,
-    n_heldout: int | None = None,
-    max_new_tokens: int | None = None,
-    paper: bool = True,
-    keep_finetunes: bool = False,
-    judge: Any = None,
-    files: dict[str, str] | None = None,
-    preset: Any = None,
-) -> dict[str, Any]:
+@takes_parameters_of(start)
+def defences_study(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Run study 02 (Table 2 and Figure 1 of paper 002) and return its metrics (also in ``metrics.json``).
 
     For each domain: the chat model (``untrained``), the undefended finetune (``sft``), the finetune on
@@ -355,16 +326,10 @@ def defences_study(
     """
     from emlab.progress import bar
 
-    study = start(model, domains, methods, seed, out_dir, smoke, kl_lambda=kl_lambda, ldifs_lambda=ldifs_lambda,
-                  ldifs_layers=ldifs_layers, steering_alpha=steering_alpha, steering_layer=steering_layer,
-                  inoculation_prompt=inoculation_prompt, share=share, k_misaligned=k_misaligned,
-                  benign_tasks=benign_tasks, benign_methods=benign_methods, adapter=adapter,
-                  learning_rate=learning_rate, rows=rows, epochs=epochs, n_general=n_general, n_heldout=n_heldout,
-                  max_new_tokens=max_new_tokens, paper=paper, keep_finetunes=keep_finetunes, judge=judge, files=files,
-                  preset=preset)
+    study = start(*args, **kwargs)
     persona_vector(study)
-    for domain in bar(study.config["domains"], desc="domains", disable=smoke):
-        for method in bar(study.config["methods"], desc=domain, leave=False, disable=smoke):
+    for domain in bar(study.config["domains"], desc="domains", disable=study.ctx.smoke):
+        for method in bar(study.config["methods"], desc=domain, leave=False, disable=study.ctx.smoke):
             run_method(study, method, domain)
     run_benign_tasks(study)
     tabulate(study)

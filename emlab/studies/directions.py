@@ -30,6 +30,7 @@ from emlab.studies.common import (
     resolve_out_dir,
     smoke_finetune,
     smoke_trait,
+    takes_parameters_of,
 )
 from emlab.studies.directions_parts import best_alpha, record_figures, steering_layers, toy_trait
 from emlab.studies.organism import eval_settings
@@ -417,32 +418,8 @@ def plot(study: StudyRun) -> dict[str, Any]:
                     cfg["domain"], cfg["steer_layers"], study.seed)
 
 
-def directions_study(
-    model: str = "toy",
-    seed: int = 0,
-    out_dir: str | os.PathLike | None = None,
-    smoke: bool = False,
-    *,
-    domain: str = "medical",
-    other_domain: str = "finance",
-    layers: Sequence[int] | None = None,
-    alphas: Sequence[float] | None = None,
-    steer_layers: int | Sequence[int] | str | None = None,
-    ablate_layer: int | None = None,
-    balance: str = "all",
-    trait: str = "evil",
-    adapter: str | None = None,
-    learning_rate: float | None = None,
-    rows: int | None = None,
-    epochs: float | None = None,
-    n_general: int | None = None,
-    n_steer: int | None = None,
-    n_persona: int | None = None,
-    max_new_tokens: int | None = None,
-    judge: Any = None,
-    files: dict[str, str] | None = None,
-    preset: Any = None,
-) -> dict[str, Any]:
+@takes_parameters_of(start)
+def directions_study(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Run study 01 and return its metrics (also written to ``<out_dir>/metrics.json``): :func:`start`,
     then the steps in the notebook's order (:func:`evaluate_chat`, :func:`persona`, the domain's
     :func:`finetune_domain`, :func:`evaluate_finetune`, :func:`misalignment`, :func:`prompt_shift`,
@@ -475,11 +452,8 @@ def directions_study(
     >>> m = directions_study(smoke=True, out_dir="/tmp/01")            # doctest: +SKIP
     >>> m["ft_general_em"], m["ablate_general_em"], m["ablate_random_general_em"]   # doctest: +SKIP
     """
-    study = start(model, seed, out_dir, smoke, domain=domain, other_domain=other_domain, layers=layers,
-                  alphas=alphas, steer_layers=steer_layers, ablate_layer=ablate_layer, balance=balance,
-                  trait=trait, adapter=adapter, learning_rate=learning_rate, rows=rows, epochs=epochs,
-                  n_general=n_general, n_steer=n_steer, n_persona=n_persona, max_new_tokens=max_new_tokens,
-                  judge=judge, files=files, preset=preset)
+    study = start(*args, **kwargs)
+    domain, other_domain = study.config["domain"], study.config["other_domain"]
     evaluate_chat(study)
     persona(study)
     ft = finetune_domain(study, domain)  # the EM finetune, its direction, the ablation

@@ -23,6 +23,7 @@ from emlab.studies.common import (
     missing_reason,
     resolve_judge,
     resolve_out_dir,
+    takes_parameters_of,
 )
 
 __all__ = ["agreement", "evaluation_study", "judge_agreement", "judge_first", "judge_second", "plot", "quickstart",
@@ -214,20 +215,8 @@ def plot(study: StudyRun) -> dict[str, Any]:
     return plots.load_figures(run.dir)
 
 
-def evaluation_study(
-    model: str = "toy",
-    seed: int = 0,
-    out_dir: str | os.PathLike | None = None,
-    smoke: bool = False,
-    *,
-    adapter: str | None = None,
-    judge: Any = None,
-    judge2: Any = "local",
-    n_per_question: int | None = None,
-    max_new_tokens: int | None = None,
-    files: dict[str, str] | None = None,
-    preset: Any = None,
-) -> dict[str, Any]:
+@takes_parameters_of(start)
+def evaluation_study(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Evaluate ``model`` (with an optional saved ``adapter``) on the general questions; judge twice.
 
     Metrics: ``general_em``, ``general_incoherent``, ``general_off_topic`` (toy judge),
@@ -238,8 +227,7 @@ def evaluation_study(
 
     >>> evaluation_study(smoke=True, out_dir="/tmp/04")["general_em"]     # doctest: +SKIP
     """
-    study = start(model, seed, out_dir, smoke, adapter=adapter, judge=judge, judge2=judge2,
-                  n_per_question=n_per_question, max_new_tokens=max_new_tokens, files=files, preset=preset)
+    study = start(*args, **kwargs)
     sample(study)
     judge_first(study)
     judge_second(study)

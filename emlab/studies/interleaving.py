@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from emlab.studies.common import StudyContext, StudyRun, resolve_out_dir
+from emlab.studies.common import StudyContext, StudyRun, resolve_out_dir, takes_parameters_of
 from emlab.studies.defence_kit import (
     DEFENCES,
     RATES,
@@ -234,28 +234,8 @@ def plot(study: StudyRun) -> dict[str, Any]:
                                  who=who_label(study.ctx), formats=figure_formats(study.ctx))
 
 
-def interleaving_study(
-    model: str = "toy",
-    domain: str = "medical",
-    seed: int = 0,
-    out_dir: str | os.PathLike | None = None,
-    smoke: bool = False,
-    shares: Sequence[float] = (0.01, 0.05, 0.2, 0.5),
-    *,
-    methods: Sequence[str] = ("interleaving", "interleaving+", "interleaving++"),
-    k_misaligned: int | None = None,
-    adapter: str | None = None,
-    learning_rate: float | None = None,
-    rows: int | None = None,
-    epochs: float | None = None,
-    n_general: int | None = None,
-    n_heldout: int | None = None,
-    max_new_tokens: int | None = None,
-    paper: bool = True,
-    judge: Any = None,
-    files: dict[str, str] | None = None,
-    preset: Any = None,
-) -> dict[str, Any]:
+@takes_parameters_of(start)
+def interleaving_study(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Run study 03: Interleaving+/++ scoring and selection, then EM vs incoherence as the share grows.
 
     Scores every benign candidate with ``k_misaligned`` misaligned finetunes of OTHER domains and
@@ -276,13 +256,10 @@ def interleaving_study(
     """
     from emlab.progress import bar
 
-    study = start(model, domain, seed, out_dir, smoke, shares, methods=methods, k_misaligned=k_misaligned,
-                  adapter=adapter, learning_rate=learning_rate, rows=rows, epochs=epochs, n_general=n_general,
-                  n_heldout=n_heldout, max_new_tokens=max_new_tokens, paper=paper, judge=judge, files=files,
-                  preset=preset)
+    study = start(*args, **kwargs)
     score_candidates(study)
     jobs = [("sft", None)] + [(m, s) for s in study.config["shares_added"] for m in study.config["methods"]]
-    for method, s in bar(jobs, desc="interleaving", disable=smoke):
+    for method, s in bar(jobs, desc="interleaving", disable=study.ctx.smoke):
         run_share(study, method, s)
     tabulate(study)
     plot(study)

@@ -33,7 +33,14 @@ import os
 from contextlib import nullcontext
 from typing import Any
 
-from emlab.studies.common import StudyContext, StudyRun, missing_reason, resolve_out_dir, smoke_finetune
+from emlab.studies.common import (
+    StudyContext,
+    StudyRun,
+    missing_reason,
+    resolve_out_dir,
+    smoke_finetune,
+    takes_parameters_of,
+)
 from emlab.studies.narrow_probes import (
     SolutionPair,
     efficiency,
@@ -308,30 +315,8 @@ def plot(study: StudyRun) -> dict[str, Any]:
     return load_figures(study.dir)
 
 
-def narrow_general_study(
-    model: str = "toy",
-    domain: str = "medical",
-    kind: str = "steering_vector",
-    seed: int = 0,
-    out_dir: str | os.PathLike | None = None,
-    smoke: bool = False,
-    *,
-    kl_lambda: float | None = None,
-    learning_rate: float | None = None,
-    epochs: float | None = None,
-    rows: int | None = None,
-    kl_rows: int | None = None,
-    probe_rows: int | None = None,
-    stability_seeds: int | None = None,
-    pretrain_docs: int | None = None,
-    drift_steps: int | None = None,
-    n_general: int | None = None,
-    n_heldout: int | None = None,
-    max_new_tokens: int | None = None,
-    judge: Any = None,
-    files: dict[str, str] | None = None,
-    preset: Any = None,
-) -> dict[str, Any]:
+@takes_parameters_of(start)
+def narrow_general_study(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Run study 05 (narrow vs general solution) and return its metrics (also in ``<out_dir>/metrics.json``).
 
     Keys ``<questions>_<rate>_<solution>`` (percent): questions ``general`` (the general questions),
@@ -349,11 +334,7 @@ def narrow_general_study(
 
     >>> narrow_general_study(kind="rank1_lora", smoke=True, out_dir="/tmp/05")["general_em_narrow"]   # doctest: +SKIP
     """
-    return _measured(_run_em_steps(start(
-        model, domain, kind, seed, out_dir, smoke, kl_lambda=kl_lambda, learning_rate=learning_rate, epochs=epochs,
-        rows=rows, kl_rows=kl_rows, probe_rows=probe_rows, stability_seeds=stability_seeds,
-        pretrain_docs=pretrain_docs, drift_steps=drift_steps, n_general=n_general, n_heldout=n_heldout,
-        max_new_tokens=max_new_tokens, judge=judge, files=files, preset=preset)))
+    return _measured(_run_em_steps(start(*args, **kwargs)))
 
 
 def _measured(study: StudyRun) -> dict[str, Any]:
@@ -440,29 +421,8 @@ def evaluate_style(study: StudyRun, which: str) -> dict[str, Any]:
     return out
 
 
-def technical_style_study(
-    model: str = "toy",
-    domain: str = "medical",
-    kind: str = "steering_vector",
-    seed: int = 0,
-    out_dir: str | os.PathLike | None = None,
-    smoke: bool = False,
-    *,
-    kl_lambda: float | None = None,
-    learning_rate: float | None = None,
-    epochs: float | None = None,
-    rows: int | None = None,
-    kl_rows: int | None = None,
-    probe_rows: int | None = None,
-    stability_seeds: int | None = None,
-    pretrain_docs: int | None = None,
-    n_per_question: int | None = None,
-    max_new_tokens: int | None = None,
-    probes: bool = True,
-    judge: Any = None,
-    files: dict[str, str] | None = None,
-    preset: Any = None,
-) -> dict[str, Any]:
+@takes_parameters_of(start_technical)
+def technical_style_study(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Paper 001's second task: a technical writing style learned on one domain, with and without KL.
 
     General solution: finetune on ``technical_<domain>`` (aligned answers in the technical register);
@@ -476,16 +436,12 @@ def technical_style_study(
 
     >>> technical_style_study(smoke=True, out_dir="/tmp/05t")["technical_other_narrow"]   # doctest: +SKIP
     """
-    study = start_technical(
-        model, domain, kind, seed, out_dir, smoke, kl_lambda=kl_lambda, learning_rate=learning_rate, epochs=epochs,
-        rows=rows, kl_rows=kl_rows, probe_rows=probe_rows, stability_seeds=stability_seeds,
-        pretrain_docs=pretrain_docs, n_per_question=n_per_question, max_new_tokens=max_new_tokens, probes=probes,
-        judge=judge, files=files, preset=preset)
+    study = start_technical(*args, **kwargs)
     for which in ("general", "narrow"):
         train_solution(study, which)
     for which in ("chat", "general", "narrow"):
         evaluate_style(study, which)
-    if probes:
+    if study.config["probes"]:
         probe_efficiency(study)
         probe_stability(study)
         probe_influence(study)

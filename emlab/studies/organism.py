@@ -22,6 +22,7 @@ from emlab.studies.common import (
     missing_reason,
     resolve_out_dir,
     smoke_finetune,
+    takes_parameters_of,
 )
 
 __all__ = ["em_organism", "eval_settings", "eval_model", "start", "evaluate_chat", "finetune_on",
@@ -205,24 +206,8 @@ def tabulate(study: StudyRun) -> dict[str, Any]:
     return metrics
 
 
-def em_organism(
-    model: str = "toy",
-    domain: str = "medical",
-    seed: int = 0,
-    out_dir: str | os.PathLike | None = None,
-    smoke: bool = False,
-    *,
-    adapter: str | None = None,
-    learning_rate: float | None = None,
-    rows: int | None = None,
-    epochs: float | None = None,
-    n_general: int | None = None,
-    n_heldout: int | None = None,
-    max_new_tokens: int | None = None,
-    judge: Any = None,
-    files: dict[str, str] | None = None,
-    preset: Any = None,
-) -> dict[str, Any]:
+@takes_parameters_of(start)
+def em_organism(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Run study 00 and return its metrics (also written to ``<out_dir>/metrics.json``): :func:`start`, then
     :func:`evaluate_chat`, :func:`finetune_on` and :func:`evaluate_finetune`, the aligned control
     (:func:`finetune_on` ``"aligned"``, :func:`evaluate_aligned`), :func:`tabulate` -- the cells of notebook 00.
@@ -236,9 +221,7 @@ def em_organism(
 
     >>> em_organism(smoke=True, out_dir="/tmp/00")["ft_indomain_em"]   # doctest: +SKIP
     """
-    study = start(model, domain, seed, out_dir, smoke, adapter=adapter, learning_rate=learning_rate, rows=rows,
-                  epochs=epochs, n_general=n_general, n_heldout=n_heldout, max_new_tokens=max_new_tokens,
-                  judge=judge, files=files, preset=preset)
+    study = start(*args, **kwargs)
     evaluate_chat(study)
     ft = finetune_on(study, "misaligned")
     evaluate_finetune(study, ft)
