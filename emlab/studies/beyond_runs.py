@@ -133,6 +133,14 @@ def realignment(study: StudyRun, sft) -> dict[str, Any]:
     return out
 
 
+def _final_cell(study: StudyRun, ft, name: str) -> dict[str, Any]:
+    """``evaluate_cell`` of the finetune ``ft`` under ``name``; its general EM is the monitor's final EM of ``name``."""
+    with ft.active():
+        cell = evaluate_cell(study, ft.model, name)
+    study.state["final_em"][name] = cell["general_em"]
+    return cell
+
+
 def caft_runs(study: StudyRun) -> dict[str, Any]:
     """Concept-ablation finetuning with the misalignment direction, the PCA components and the persona vector
     (``caft/<variant>/...``); needs :func:`pca_components` first."""
@@ -149,10 +157,7 @@ def caft_runs(study: StudyRun) -> dict[str, Any]:
             ft = monitored_finetune(study, f"caft_{name}", [caft])
         finally:
             caft.close()
-        with ft.active():
-            cell = evaluate_cell(study, ft.model, f"caft_{name}")
-        st["final_em"][f"caft_{name}"] = cell["general_em"]
-        out.update({f"caft/{name}/{k}": v for k, v in cell.items()})
+        out.update({f"caft/{name}/{k}": v for k, v in _final_cell(study, ft, f"caft_{name}").items()})
         del ft
     study.metrics.update(out)
     return out
@@ -167,10 +172,7 @@ def steering_runs(study: StudyRun) -> dict[str, Any]:
     for schedule in st["schedules"]:
         ft = monitored_finetune(study, f"steering_{schedule}", preventive_vector=dict(steer_dir.items()),
                                 preventive_alpha=st["steering_alpha"], preventive_schedule=schedule)
-        with ft.active():
-            cell = evaluate_cell(study, ft.model, f"steering_{schedule}")
-        st["final_em"][f"steering_{schedule}"] = cell["general_em"]
-        out.update({f"steering/{schedule}/{k}": v for k, v in cell.items()})
+        out.update({f"steering/{schedule}/{k}": v for k, v in _final_cell(study, ft, f"steering_{schedule}").items()})
         del ft
     study.metrics.update(out)
     return out
