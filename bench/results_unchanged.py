@@ -16,18 +16,9 @@ import re
 import sys
 
 from emlab.aggregate import sweep_runs
-from emlab.metrics import flatten
+from emlab.metrics import TIMING_KEYS, flatten, untimed
 
-_TIMING = re.compile(r"runtime|per_second|seconds|_s$|wall|time")
-
-
-def untimed(value):
-    """``value`` without wall-time keys at any depth (training logs are lists of dicts with ``train_runtime``)."""
-    if isinstance(value, dict):
-        return {k: untimed(v) for k, v in value.items() if not _TIMING.search(k)}
-    if isinstance(value, list):
-        return [untimed(v) for v in value]
-    return value
+_TIMING = re.compile(TIMING_KEYS)
 
 
 def cells(sweep: str) -> list[tuple[dict, dict]]:

@@ -32,11 +32,13 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
+    "TIMING_KEYS",
     "RESULT_COLUMNS",
     "Rate",
     "bootstrap_ci",
     "em_rate",
     "flatten",
+    "untimed",
     "incoherent_rate",
     "is_rate",
     "off_topic_rate",
@@ -192,6 +194,27 @@ def _summary(records: list[Mapping[str, Any]], kw: dict[str, Any]) -> dict[str, 
     if any("on_topic" in r for r in records):
         out["off_topic"] = off_topic_rate([r.get("on_topic") for r in records]).as_dict()
     return out
+
+
+#: Keys of wall times (training runtimes, rates per second, seconds): they differ from run to run.
+TIMING_KEYS = r"runtime|per_second|seconds|_s$|wall|time"
+
+
+def untimed(value: Any, pattern: str = TIMING_KEYS) -> Any:
+    """``value`` (a run's metrics) without the keys matching ``pattern`` at any depth (training logs are lists
+    of dicts with ``train_runtime``): what two runs of the same code must agree on.
+
+    >>> untimed({"loss": 1.0, "log": [{"train_runtime": 2.5, "step": 4}]})
+    {'loss': 1.0, 'log': [{'step': 4}]}
+    """
+    import re
+
+    key = re.compile(pattern)
+    if isinstance(value, Mapping):
+        return {k: untimed(v, pattern) for k, v in value.items() if not key.search(k)}
+    if isinstance(value, list):
+        return [untimed(v, pattern) for v in value]
+    return value
 
 
 def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -147,3 +147,13 @@ def test_results_table_leaves_out_what_is_not_a_number():
     assert results_table(metrics)["key"].tolist() == ["a/b/kept"]
     assert results_table({}).columns.tolist() == list(results_table(metrics).columns)
     assert flatten({"a": {"b": {"c": "x"}}, "d/e": None}) == {"a/b/c": "x", "d/e": None}  # flatten keeps everything
+
+
+def test_untimed_drops_wall_times_at_any_depth_and_keeps_the_rest():
+    from emlab.metrics import untimed
+
+    run = {"em": 12.5, "train_runtime": 3.2, "training": [{"loss": 1.0, "train_samples_per_second": 9.0}],
+           "nested": {"wall_s": 4, "n": 3}}
+    assert untimed(run) == {"em": 12.5, "training": [{"loss": 1.0}], "nested": {"n": 3}}
+    assert untimed(run, r"runtime")["training"] == [{"loss": 1.0, "train_samples_per_second": 9.0}]
+    assert run["train_runtime"] == 3.2  # the input is left as it was

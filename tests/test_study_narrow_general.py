@@ -4,10 +4,10 @@ finished finetunes, evaluations and drift back."""
 
 import json
 import math
-import re
 
 import pytest
 
+from emlab.metrics import untimed
 from emlab.studies import narrow_general as ng
 from emlab.studies.common import StudyRun
 from emlab.studies.narrow_general import (
@@ -76,20 +76,8 @@ def tech_run(tmp_path_factory):
     return out, technical_style_study(kind="rank1_lora", smoke=True, out_dir=out)
 
 
-_TIMING = re.compile(r"runtime|per_second")
-
-
-def _untimed(value):
-    """``value`` (metrics.json's content) without training wall times, which differ run to run."""
-    if isinstance(value, dict):
-        return {k: _untimed(v) for k, v in value.items() if not _TIMING.search(k)}
-    if isinstance(value, list):
-        return [_untimed(v) for v in value]
-    return value
-
-
 def _stored(out):
-    return _untimed(json.loads((out / "metrics.json").read_text()))
+    return untimed(json.loads((out / "metrics.json").read_text()), r"runtime|per_second")  # training wall times
 
 
 def _em_steps(study):
