@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from emlab import evaluation
 from emlab.studies import defence_kit, defences, interleaving
 
 METHODS = ["untrained", "sft", "persona_steering"]
@@ -14,7 +15,7 @@ def _no_recompute(monkeypatch, *modules):
     def refuse(*a, **k):
         raise AssertionError("recomputed a finished step")
 
-    monkeypatch.setattr(defence_kit, "eval_model", refuse)
+    monkeypatch.setattr(evaluation, "evaluate", refuse)  # every study sampling goes through it
     for module in modules:
         monkeypatch.setattr(module, "defended_finetune", refuse)
 

@@ -13,7 +13,6 @@ from typing import Any
 
 from emlab.studies.beyond_steps import conditional_cells, realign_part, sae_part
 from emlab.studies.common import StudyRun, finetune_config
-from emlab.studies.organism import eval_model
 
 __all__ = ["baseline", "caft_runs", "conditional_runs", "evaluate_cell", "inoculation_prompt_sweep",
            "monitored_finetune", "pca_components", "realignment", "sae_features", "steering_runs"]
@@ -25,21 +24,12 @@ def evaluate_cell(study: StudyRun, model, tag: str) -> dict[str, Any]:
 
     >>> evaluate_cell(study, study.ctx.model, "chat")["general_em"]      # doctest: +SKIP
     """
-    from emlab.evaluation import Evaluation
-
-    def one(questions, n: int, records: str):
-        saved = study.saved_records(records, expected=n * len(questions))
-        if saved is not None:
-            return Evaluation.from_records(saved, "question_id")
-        ev = eval_model(model, study.ctx, questions, n, study.settings, seed=study.seed)
-        study.run.write_records(records, ev.records)
-        return ev
-
     data, settings = study.data, study.settings
-    ev = one(data.general, settings["n_general"], f"samples/{tag}_general")
+    ev = study.evaluate_records(model, data.general, settings["n_general"], f"samples/{tag}_general")
     cell: dict[str, Any] = {"general_em": ev.em, "general_incoherent": ev.incoherent}
     if data.heldout:
-        cell["indomain_em"] = one(data.heldout, settings["n_heldout"], f"samples/{tag}_indomain").em
+        cell["indomain_em"] = study.evaluate_records(model, data.heldout, settings["n_heldout"],
+                                                     f"samples/{tag}_indomain").em
     return cell
 
 

@@ -247,6 +247,18 @@ class StudyRun:
                         max_new_tokens=self.settings["max_new_tokens"], seed=self.seed, run=self.run, name=name,
                         **kw)
 
+    def evaluate_records(self, model: Any, questions: Any, n: int, records: str):
+        """Like :meth:`evaluate`, but the records go to ``<records>.jsonl`` only (no summary in ``metrics.json``:
+        the studies whose metrics are cells of their own, 02 and 06) and are read back the same way."""
+        from emlab.evaluation import Evaluation, evaluate
+
+        if (saved := self.saved_records(records, expected=n * len(questions))) is not None:
+            return Evaluation.from_records(saved, "question_id")
+        ev = evaluate(model, self.ctx.tokenizer, questions, self.ctx.judge, n_per_question=n,
+                      max_new_tokens=self.settings["max_new_tokens"], seed=self.seed, progress=False)
+        self.run.write_records(records, ev.records)
+        return ev
+
     def saved_records(self, name: str, *, expected: int, metrics: Any = ("aligned", "coherent")) -> list | None:
         """The run folder's ``<name>.jsonl`` when it holds ``expected`` records with every one of ``metrics``
         scored, else None (missing, cut short by a kill, or judged during a judge outage: done again)."""

@@ -26,7 +26,7 @@ from emlab.studies.common import (
     smoke_trait,
 )
 from emlab.studies.directions import toy_trait
-from emlab.studies.organism import eval_model, eval_settings
+from emlab.studies.organism import eval_settings
 from emlab.training.methods import (
     INOCULATION_PROMPT,
     PAPER_SETTINGS,
@@ -90,7 +90,6 @@ def evaluate_cell(model, study: StudyRun, data: DomainData, tag: str, general=No
     """General and in-domain EM / incoherence / off-topic (percent) of one model; samples saved as records
     (``samples/<tag>_<part>.jsonl``), and read back instead of sampled again when a resumed run holds them all
     judged. ``general``: the general part of an earlier cell (the chat model's), not sampled again."""
-    from emlab.evaluation import Evaluation
 
     out: dict[str, float | None] = {}
     settings = study.settings
@@ -102,12 +101,7 @@ def evaluate_cell(model, study: StudyRun, data: DomainData, tag: str, general=No
     for part, questions, n in parts:
         if not questions:
             continue
-        name = f"samples/{tag}_{part}"
-        if (saved := study.saved_records(name, expected=n * len(questions))) is not None:
-            ev = Evaluation.from_records(saved, "question_id")
-        else:
-            ev = eval_model(model, study.ctx, questions, n, settings, seed=study.seed)
-            study.run.write_records(name, ev.records)
+        ev = study.evaluate_records(model, questions, n, f"samples/{tag}_{part}")
         out[f"{part}_em"] = ev.em
         out[f"{part}_incoherent"] = ev.incoherent
         if ev.off_topic is not None:
