@@ -30,12 +30,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["KL_VARIANTS", "PAPER", "PRESETS", "TOY", "Preset", "get_preset", "is_toy_name", "kl_settings", "preset_for"]
+__all__ = ["KL_VARIANTS", "NARROW_KL_LAMBDA", "PAPER", "PRESETS", "TOY", "Preset", "get_preset", "is_toy_name", "kl_settings", "preset_for"]
 
 #: KL variants: EMConfig fields each one sets. ``emlab`` (default): KL(ref || cur), the mass-covering
 #: direction of paper 001, averaged over the tokens that carry loss. ``authors``: the defences
 #: paper's public code, reverse KL(cur || ref) on the training batch (same token set and normaliser:
 #: emlab never divides by the vocabulary size nor averages over pads).
+#: Study 05's KL weight of the narrow solution per adapter kind (the KL is a token mean in nats, summed over
+#: the vocabulary); emlab's choice on the toy (paper 001 gives none), the default of every preset's ``narrow``.
+NARROW_KL_LAMBDA: dict[str, float] = {"steering_vector": 3.0, "rank1_lora": 3.0, "lora": 10.0}
+
 KL_VARIANTS: dict[str, dict[str, str]] = {
     "emlab": {"kl_direction": "forward", "kl_on": "batch", "kl_tokens": "loss_tokens"},
     "authors": {"kl_direction": "reverse", "kl_on": "batch", "kl_tokens": "loss_tokens"},
@@ -55,7 +59,8 @@ class Preset:
     ``steering_alpha``, ``share`` (benign rows ADDED, as a fraction of the finetuning rows),
     ``k_misaligned`` (Interleaving+ scorers), ``kl_variant`` (:data:`KL_VARIANTS`). ``finetune``:
     :class:`emlab.training.EMConfig` fields. ``defences``: the defences studies' sizes (``rows``,
-    ``domains``, ...). ``sources``: where each number comes from.
+    ``domains``, ...). ``narrow``: study 05's narrow solution, its KL weight per adapter kind (``kl_lambda``)
+    and learning rates per kind where EMConfig's default does not fit (``learning_rates``). ``sources``: where each number comes from.
     """
 
     name: str
@@ -79,6 +84,7 @@ class Preset:
     extra_questions: tuple[str, ...] = ()
     finetune: dict[str, Any] = field(default_factory=dict)
     defences: dict[str, Any] = field(default_factory=dict)
+    narrow: dict[str, Any] = field(default_factory=lambda: {"kl_lambda": dict(NARROW_KL_LAMBDA), "learning_rates": {}})
     sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -198,7 +204,10 @@ TOY = Preset(
     defences={"domains": ["medical", "legal"], "rows": 1000, "n_general": 20, "n_heldout": 20,
               "learning_rates": {"lora": 1e-4}, "benign_tasks": ["domainswap_tier1"],
               "benign": {"rows": 1000, "n_test": 100, "n_samples": 2}},
+    narrow={"kl_lambda": dict(NARROW_KL_LAMBDA), "learning_rates": {"rank1_lora": 3e-4}},
     sources={"eval": "emlab.studies.organism (n_general 40, n_heldout 4, 64 tokens)",
+             "narrow": "study 05 on the toy: rank-1 LoRA at 3e-4, where EMConfig's default (tuned on 7-14B models) "
+                       "leaves it undertrained",
              "defences": "the toy's study sizes since v2 (emlab.studies.defences.TOY_SETTINGS is read from here)",
              "methods": "emlab.studies.defences.PAPER_SETTINGS (k_misaligned 2 on the toy)"},
 )

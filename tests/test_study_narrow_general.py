@@ -183,3 +183,24 @@ def test_summarize_seeds_mean_and_std():
     out = summarize_seeds([{"x": 1.0, "y": None}, {"x": 3.0, "y": 2.0}, {"x": 5.0}])
     assert out["x"] == {"mean": 3.0, "std": 2.0, "n": 3}
     assert out["y"] == {"mean": 2.0, "std": None, "n": 1}
+
+
+def test_kl_weight_and_learning_rate_per_kind_come_from_the_preset(tmp_path):
+    """Study 05's narrow settings live in the preset (emlab.presets ``narrow``): the toy's values by default,
+    a changed preset's values when one is passed, an explicit argument over both."""
+    from emlab.presets import NARROW_KL_LAMBDA, PAPER, TOY
+
+    assert TOY.narrow == {"kl_lambda": {"steering_vector": 3.0, "rank1_lora": 3.0, "lora": 10.0},
+                          "learning_rates": {"rank1_lora": 3e-4}}
+    assert PAPER.narrow == {"kl_lambda": NARROW_KL_LAMBDA, "learning_rates": {}}
+    study = ng.start(kind="rank1_lora", smoke=True, out_dir=tmp_path / "a")
+    assert study.config["kl_lambda"] == 3.0 and study.finetune["learning_rate"] == 3e-4
+    assert study.config["preset"]["narrow"] == TOY.narrow
+    mine = TOY.replace(narrow={"kl_lambda": {"rank1_lora": 7.0}, "learning_rates": {"rank1_lora": 0.5}})
+    study = ng.start(kind="rank1_lora", smoke=True, out_dir=tmp_path / "b", preset=mine)
+    assert study.config["kl_lambda"] == 7.0 and study.finetune["learning_rate"] == 0.5
+    study = ng.start(kind="rank1_lora", smoke=True, out_dir=tmp_path / "c", preset=mine, kl_lambda=1.5,
+                     learning_rate=0.25)
+    assert study.config["kl_lambda"] == 1.5 and study.finetune["learning_rate"] == 0.25
+    with pytest.raises(ValueError, match="no narrow-solution KL weight for kind 'lora'"):
+        ng.start(kind="lora", smoke=True, out_dir=tmp_path / "d", preset=mine)

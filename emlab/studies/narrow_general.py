@@ -59,11 +59,6 @@ __all__ = ["KINDS", "evaluate_solution", "evaluate_style", "narrow_general_study
            "probe_influence", "probe_stability", "start", "start_technical", "summarize_seeds", "tabulate",
            "technical_style_study", "train_on_without_kl", "train_solution"]
 
-#: KL weight of the narrow solution, per kind (the KL is a token mean in nats, summed over the vocabulary).
-_KL_LAMBDA = {"steering_vector": 3.0, "rank1_lora": 3.0, "lora": 10.0}
-#: Learning rates on the toy where EMConfig's defaults (tuned on 7-14B models) are too small.
-_TOY_LEARNING_RATE = {"rank1_lora": 3e-4}
-
 #: Sizes at defaults and in smoke mode: finetuning and KL rows; rows for the efficiency / stability
 #: probes; stability seeds and eps grid (None: EPS_GRID); plain-text documents and random controls
 #: for the pre-training KL; drift steps, evaluation interval and samples per general question;
@@ -98,9 +93,13 @@ def _setup(model: str, domain: str, kind: str, smoke: bool, judge: Any, files: d
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
     ctx = StudyContext.create(model, smoke=smoke, judge=judge, files=files, protocol=preset)
-    lam = kl_lambda if kl_lambda is not None else _KL_LAMBDA[kind]
-    if learning_rate is None and ctx.is_toy:
-        learning_rate = _TOY_LEARNING_RATE.get(kind)
+    narrow = ctx.protocol.narrow  # the preset's KL weight and learning rate per kind (emlab.presets)
+    if kl_lambda is None and kind not in narrow["kl_lambda"]:
+        raise ValueError(f"preset {ctx.protocol.name!r} has no narrow-solution KL weight for kind {kind!r} "
+                         "(its narrow['kl_lambda']); pass kl_lambda=")
+    lam = kl_lambda if kl_lambda is not None else narrow["kl_lambda"][kind]
+    if learning_rate is None:
+        learning_rate = narrow["learning_rates"].get(kind)
     ft_over: dict[str, Any] = {k: v for k, v in {"learning_rate": learning_rate,
                                                  "num_train_epochs": epochs}.items() if v is not None}
     return ctx, lam, {**smoke_finetune(ctx), **ft_over}
