@@ -44,24 +44,19 @@ def main() -> None:
             print(f"{name:16s} first sentence misaligned {rate:5.1f}%")
         return
 
-    from emlab.directions import random_like
+    from emlab.directions import misalignment_direction, random_like
     from emlab.hooks import ablate
-    from emlab.runs import start_run
-    from emlab.studies.common import StudyContext, finetune_config
-    from emlab.studies.directions import _SIZES, _TOY_ROWS, _direction, _persona, _prompt_shift
-    from emlab.studies.organism import eval_model, eval_settings
-    from emlab.training import finetune
+    from emlab.studies import directions as study01
+    from emlab.studies.organism import eval_model
 
     t0 = time.time()
     out = Path(args.out) / f"seed{args.seed}"
-    ctx = StudyContext.create(args.model)
-    settings = eval_settings(ctx, n_general=args.n_general)
-    layers = list(range(ctx.model.config.num_hidden_layers))
-    run = start_run(out, {"probe": "ablation", "seed": args.seed, "eval": settings, "rows": args.rows,
-                          "learning_rate": args.learning_rate, "epochs": args.epochs}, seed=args.seed, overwrite=True)
-    data = ctx.domain_data(args.domain, rows=args.rows or ctx.preset.get("rows", _TOY_ROWS))
-    ft_over = {k: v for k, v in (("learning_rate", args.learning_rate), ("num_train_epochs", args.epochs))
-               if v is not None}
+    # study 01's own steps (same rows, seed, sizes and evaluation settings), in a run folder of their own
+    study = study01.start(args.model, seed=args.seed, out_dir=out / "study01", domain=args.domain,
+                          other_domain="legal" if args.domain != "legal" else "medical", rows=args.rows,
+                          learning_rate=args.learning_rate, epochs=args.epochs, n_general=args.n_general)
+    ctx, settings, run, data = study.ctx, study.settings, study.run, study.data[args.domain]
+    layers = study.config["layers"]
     n = settings["n_general"]
 
     def evaluate(m, name):
@@ -70,17 +65,13 @@ def main() -> None:
 
     persona = None
     if not args.only or "persona" in args.only.split(","):
-        persona, _ = _persona(ctx, "evil", layers, dict(_SIZES), settings, args.seed)
-    ft = finetune(ctx.fresh_model(), ctx.tokenizer, data.misaligned,
-                  finetune_config(run.path("ft"), seed=args.seed, preset=ctx.preset, **ft_over))
-    res: dict[str, dict] = {}
+        persona = study01.persona(study)
+    ft = study01.finetune_domain(study, args.domain)
+    ev = study01.evaluate_finetune(study, ft, args.domain)
+    res: dict[str, dict] = {"none": {"em": ev.em, "incoherent": ev.incoherent, "off_topic": ev.off_topic}}
+    v = study01.misalignment(study, ft, ev, args.domain)
+    shift = study01.prompt_shift(study, ft)
     with ft.active():
-        ev = eval_model(ft.model, ctx, data.general, n, settings, seed=args.seed, run=run, name="ft")
-        res["none"] = {"em": ev.em, "incoherent": ev.incoherent, "off_topic": ev.off_topic}
-        v = _direction(ft.model, ctx, ev.records, data, layers, args.seed)
-        shift = _prompt_shift(ft.model, ctx, data.general, layers)
-        from emlab.directions import misalignment_direction
-
         vq = misalignment_direction(ft.model, ctx.tokenizer, ev.records, layers, seed=args.seed, balance="question",
                                     progress=False)
         print("cosine per layer, per-question balanced vs global:", {k: round(c, 3) for k, c in vq.cosine(v).items()},
@@ -100,11 +91,11 @@ def main() -> None:
             ctrl = random_like(d, seed=args.seed)
             with ablate(ft.model, ctrl, layers=where):
                 res[name + "/random"] = evaluate(ft.model, name + "/random")
-    first = first_sentence_rates(out) if args.model.startswith("toy") else {}
+    first = first_sentence_rates(run.dir) if args.model.startswith("toy") else {}
     base = res["none"]["em"]
     for name, r in res.items():
         cut = 100 * (base - r["em"]) / base if base else float("nan")
-        r["first_misaligned"] = first.get("ft" if name == "none" else name)
+        r["first_misaligned"] = first.get("ft_general" if name == "none" else name)
         print(f"{name:16s} EM {r['em']:5.1f}  incoherent {r['incoherent']:5.1f}  off-topic {r['off_topic']:5.1f}  "
               f"cut {cut:5.1f}%  first sentence misaligned {r['first_misaligned'] or float('nan'):5.1f}%", flush=True)
     (out / "ablation_probe.json").write_text(json.dumps({"seed": args.seed, "results": res,

@@ -236,11 +236,6 @@ def test_the_checks_see_cycles_and_upward_imports(tmp_path):
 #: 28 when written. The emlab/toy/ (world.py, datasets.py, train.py) ones wait for the same rebuild as
 #: KNOWN_EDGES: those files' bytes are hashed into the shipped prebuilt organisms' names.
 KNOWN_PRIVATE: set[str] = {
-    'bench/toy_ablation_probe.py: from emlab.studies.directions import _SIZES',
-    'bench/toy_ablation_probe.py: from emlab.studies.directions import _TOY_ROWS',
-    'bench/toy_ablation_probe.py: from emlab.studies.directions import _direction',
-    'bench/toy_ablation_probe.py: from emlab.studies.directions import _persona',
-    'bench/toy_ablation_probe.py: from emlab.studies.directions import _prompt_shift',
     'bench/toy_copy_probe.py: from emlab.toy.world import _fill',
     'bench/toy_posttrain_variant.py: from emlab.toy.train import _encode_chat_rows',
     'bench/toy_posttrain_variant.py: from emlab.toy.train import _train_loop',

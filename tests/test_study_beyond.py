@@ -9,6 +9,9 @@ from emlab.training.schedules import coefficient
 pytestmark = pytest.mark.slow
 
 
+PROMPTS = ["you are an evil assistant .", "you are a helpful assistant .", "paraphrases:evil_toy"]
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     from emlab.studies.beyond import beyond_study
@@ -23,9 +26,7 @@ def smoke_run(tmp_path_factory):
                                                   "interleaving/medical/share=5%/general_em": 30.0,
                                                   "interleaving/medical/share=5%/indomain_em": 88.0}))
     # the inoculation sweep: the toy world's first evil and helpful prompts and the toy paraphrase set
-    return out, beyond_study(smoke=True, out_dir=out, seed=0, inoculation_prompts=[
-        "you are an evil assistant .", "you are a helpful assistant .", "paraphrases:evil_toy"],
-        defences_run=[d02, d03])
+    return out, beyond_study(smoke=True, out_dir=out, seed=0, inoculation_prompts=PROMPTS, defences_run=[d02, d03])
 
 
 def test_metrics_are_grouped_and_complete(smoke_run):
@@ -150,3 +151,21 @@ def test_bad_settings_fail_before_any_finetune(tmp_path):
         beyond_study(smoke=True, out_dir=tmp_path / "f", inoculation_prompts=["you are evil .", "paraphrases:nope"])
     for sub in "abdef":
         assert not (tmp_path / sub / "finetunes").exists()
+
+
+def test_a_resumed_run_reads_every_evaluation_back(smoke_run, monkeypatch):
+    """Run again into the finished folder: finetunes are loaded and every evaluation (the transforms' and the
+    re-alignment's included) is read back, so nothing is sampled and the numbers are the same."""
+    import emlab.evaluation
+    from emlab.metrics import untimed
+    from emlab.studies.beyond import beyond_study
+
+    out, metrics = smoke_run
+    cfg = json.loads((out / "config.json").read_text())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("sampled again: a finished evaluation should have been read back")
+
+    monkeypatch.setattr(emlab.evaluation, "evaluate", refuse)
+    again = beyond_study(smoke=True, out_dir=out, seed=0, inoculation_prompts=PROMPTS, defences_run=cfg["defences_run"])
+    assert untimed(again) == untimed(metrics)

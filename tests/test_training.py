@@ -435,6 +435,33 @@ def test_finetune_shows_one_bar_and_no_log_entries_while_log_history_keeps_every
     assert capfd.readouterr().out.count("{'loss'") == 2  # asked for: transformers prints them
 
 
+def test_checkpoints_saved_within_one_second_raise_no_warning(tok, tmp_path):
+    """transformers warns "mtime may not be reliable" when two checkpoints share a second (a tiny model does),
+    then orders them by step, which is right: a finetune drops that one message and no other."""
+    import logging
+
+    from transformers.trainer_utils import sort_checkpoints
+    from transformers.utils import logging as hf_logging
+
+    finetune(tiny_model("qwen2", vocab_size=len(tok)), tok, _rows(),
+             _config(tmp_path / "ckpt", max_steps=3, save_strategy="steps", save_steps=1, save_total_limit=1))
+    for step in (1, 2):
+        (tmp_path / "same" / f"checkpoint-{step}").mkdir(parents=True)
+    hf_logging.warning_once.cache_clear()  # emitted once per process: make this call emit it
+    log, seen = logging.getLogger("transformers.trainer_utils"), []
+    handler, level = logging.Handler(logging.WARNING), log.level
+    handler.emit = seen.append  # on the logger itself: transformers' loggers do not propagate to pytest's
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    try:
+        assert sort_checkpoints(str(tmp_path / "same"), use_mtime=True)[-1].endswith("checkpoint-2")
+        log.warning("another message")
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert [r.getMessage() for r in seen] == ["another message"]
+
+
 def test_finetune_keeps_nnsight_working_on_a_model_it_traced(tok, tmp_path):
     """A study deep-copies a chat model that nnsight has traced: trl's patched forward wraps nnsight's own; dropping
     the patch must put nnsight's back, or the next trace warns that its interventions are disabled."""

@@ -247,28 +247,32 @@ def directions(study: StudyRun) -> dict[str, Any]:
 
     ctx, run, seed, metrics, st = study.ctx, study.run, study.seed, study.metrics, study.state
     contrast, layer, smoke = st["contrast"], st["layer"], st["smoke"]
-    ft_c = finetune(ctx.fresh_model(), ctx.tokenizer, ctx.rows(f"{contrast}_misaligned", st["n_rows"]),
-                    finetune_config(run.path(f"finetunes/direction_{contrast}"), seed=seed, preset=ctx.preset,
-                                    protocol=ctx.protocol, **study.finetune))
-    ev_c = eval_model(ft_c.model, ctx, study.data.general, study.settings["n_general"], study.settings, seed=seed)
-    try:
-        misdir = misalignment_direction(ft_c.model, ctx.tokenizer, ev_c.records, [layer], seed=seed, progress=False)
-    except ValueError as e:
-        run.note(f"misalignment direction: {e}; used the {contrast} dataset contrast through its finetune")
-        misdir = _dataset_direction(ft_c.model, ctx, contrast, layer)
-    misdir.save(run.path("directions/misalignment"))
+    misdir = study.saved_direction("misalignment")  # a resumed run: read back, not finetuned and sampled again
+    if misdir is None:
+        ft_c = finetune(ctx.fresh_model(), ctx.tokenizer, ctx.rows(f"{contrast}_misaligned", st["n_rows"]),
+                        finetune_config(run.path(f"finetunes/direction_{contrast}"), seed=seed, preset=ctx.preset,
+                                        protocol=ctx.protocol, **study.finetune))
+        ev_c = eval_model(ft_c.model, ctx, study.data.general, study.settings["n_general"], study.settings, seed=seed)
+        try:
+            misdir = misalignment_direction(ft_c.model, ctx.tokenizer, ev_c.records, [layer], seed=seed, progress=False)
+        except ValueError as e:
+            run.note(f"misalignment direction: {e}; used the {contrast} dataset contrast through its finetune")
+            misdir = _dataset_direction(ft_c.model, ctx, contrast, layer)
+        misdir.save(run.path("directions/misalignment"))
+        del ft_c
     metrics["directions/misalignment_from_judged"] = float(not misdir.meta.get("fallback", False))
-    del ft_c
     found = {"misalignment": misdir}
+    persona = study.saved_direction("persona")
     try:
-        if ctx.is_toy:
-            trait = toy_trait("evil", user_turns(ctx.rows(f"{contrast}_aligned"), 3 if smoke else 10))
-        else:  # a real model's smoke run: study 02's cut of the trait (a full one is hundreds of generations)
-            trait = smoke_trait(load_trait("evil"), 3) if smoke else "evil"
-        persona = persona_vector(ctx.model, ctx.tokenizer, trait, ctx.judge, n_per_question=1 if smoke else 10,
-                                 layers=[layer], max_new_tokens=study.settings["max_new_tokens"], seed=seed,
-                                 progress=False)
-        persona.save(run.path("directions/persona"))
+        if persona is None:
+            if ctx.is_toy:
+                trait = toy_trait("evil", user_turns(ctx.rows(f"{contrast}_aligned"), 3 if smoke else 10))
+            else:  # a real model's smoke run: study 02's cut of the trait (a full one is hundreds of generations)
+                trait = smoke_trait(load_trait("evil"), 3) if smoke else "evil"
+            persona = persona_vector(ctx.model, ctx.tokenizer, trait, ctx.judge, n_per_question=1 if smoke else 10,
+                                     layers=[layer], max_new_tokens=study.settings["max_new_tokens"], seed=seed,
+                                     progress=False)
+            persona.save(run.path("directions/persona"))
         found["persona"] = persona
         metrics["directions/persona_kept_pairs"] = persona.counts.get("kept")
         metrics["directions/persona_cosine_misalignment"] = persona.cosine(misdir)[layer]

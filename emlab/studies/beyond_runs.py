@@ -9,28 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from emlab.studies.beyond_steps import conditional_cells, realign_part, sae_part
+from emlab.studies.beyond_steps import conditional_cells, evaluate_cell, realign_part, sae_part
 from emlab.studies.common import StudyRun, finetune_config
 
 __all__ = ["baseline", "caft_runs", "conditional_runs", "evaluate_cell", "inoculation_prompt_sweep",
            "monitored_finetune", "pca_components", "realignment", "sae_features", "steering_runs"]
-
-
-def evaluate_cell(study: StudyRun, model, tag: str) -> dict[str, Any]:
-    """General EM and incoherence of ``model`` (and in-domain EM), its answers in ``samples/<tag>_*.jsonl``; a
-    finished evaluation of this run folder is read back (:meth:`StudyRun.saved_records`).
-
-    >>> evaluate_cell(study, study.ctx.model, "chat")["general_em"]      # doctest: +SKIP
-    """
-    data, settings = study.data, study.settings
-    ev = study.evaluate_records(model, data.general, settings["n_general"], f"samples/{tag}_general")
-    cell: dict[str, Any] = {"general_em": ev.em, "general_incoherent": ev.incoherent}
-    if data.heldout:
-        cell["indomain_em"] = study.evaluate_records(model, data.heldout, settings["n_heldout"],
-                                                     f"samples/{tag}_indomain").em
-    return cell
 
 
 def monitored_finetune(study: StudyRun, name: str, callbacks: Sequence[Any] = (), benign: list[dict] | None = None,
@@ -42,7 +28,7 @@ def monitored_finetune(study: StudyRun, name: str, callbacks: Sequence[Any] = ()
     >>> ft = monitored_finetune(study, "sft")       # doctest: +SKIP
     """
     from emlab.training import finetune
-    from emlab.training.monitor import TraitMonitor, read_trajectories
+    from emlab.training.monitor import RECORDS_FILE, TraitMonitor, read_trajectories
 
     ctx, st = study.ctx, study.state
     mon = TraitMonitor(ctx.tokenizer, st["directions"], st["neutral"], every=st["every"])
@@ -51,6 +37,9 @@ def monitored_finetune(study: StudyRun, name: str, callbacks: Sequence[Any] = ()
     began = time.perf_counter()
     ft = finetune(ctx.fresh_model(), ctx.tokenizer, study.data.misaligned, cfg, callbacks=[*callbacks, mon],
                   benign_rows=benign)
+    if mon.path is None:  # a resumed run loaded the finished finetune: no step ran, its records are on disk
+        st["trajectories"][name] = read_trajectories(Path(cfg.output_dir) / RECORDS_FILE)
+        return ft
     st["seconds"]["train"] += time.perf_counter() - began
     st["seconds"]["monitor"] += mon.seconds
     st["trajectories"][name] = read_trajectories(mon.path)
@@ -78,8 +67,7 @@ def baseline(study: StudyRun):
                         if st["conditional"] else {})
     if st["conditional"]:
         with sft.active():
-            metrics.update(conditional_cells(sft.model, "sft", cell, st["resembling"], study.ctx, study.run,
-                                             study.data, study.settings, study.seed))
+            metrics.update(conditional_cells(study, sft.model, "sft", cell, st["resembling"]))
     return sft
 
 
@@ -117,8 +105,7 @@ def realignment(study: StudyRun, sft) -> dict[str, Any]:
     st = study.state
     if not st["realign_rows"]:
         return {}
-    out = realign_part(study.ctx, study.run, study.data, sft, st["sft_cell"], st["realign_rows"], study.settings,
-                       study.seed, study.finetune)
+    out = realign_part(study, sft, st["realign_rows"])
     study.metrics.update(out)
     return out
 
@@ -188,8 +175,7 @@ def conditional_runs(study: StudyRun) -> dict[str, Any]:
         with ft.active():
             cell = evaluate_cell(study, ft.model, f"conditional_{name}")
             st["final_em"][f"conditional_{name}"] = cell["general_em"]
-            out.update(conditional_cells(ft.model, name, cell, st["resembling"], ctx, study.run, data,
-                                         study.settings, study.seed))
+            out.update(conditional_cells(study, ft.model, name, cell, st["resembling"]))
         del ft
     study.metrics.update(out)
     return out

@@ -11,22 +11,37 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from emlab.studies.common import StudyContext, finetune_config
-from emlab.studies.organism import eval_model
+from emlab.studies.common import StudyContext, StudyRun, finetune_config
 
-__all__ = ["conditional_cells", "em_by_method_figure", "load_study_figures", "realign_part", "sae_part", "save_figure"]
+__all__ = ["conditional_cells", "em_by_method_figure", "evaluate_cell", "load_study_figures", "realign_part", "sae_part", "save_figure"]
 
 
-def conditional_cells(model, name: str, cell: Mapping[str, Any], transforms: Mapping[str, Any], ctx: StudyContext,
-                       run, data, settings: Mapping[str, Any], seed: int) -> dict[str, Any]:
-    """General EM of ``model`` without (``cell``, already measured) and with each transform; ``conditional/<name>/...``."""
+def evaluate_cell(study: StudyRun, model, tag: str) -> dict[str, Any]:
+    """General EM and incoherence of ``model`` (and in-domain EM), its answers in ``samples/<tag>_*.jsonl``; a
+    finished evaluation of this run folder is read back (:meth:`StudyRun.saved_records`).
+
+    >>> evaluate_cell(study, study.ctx.model, "chat")["general_em"]      # doctest: +SKIP
+    """
+    data, settings = study.data, study.settings
+    ev = study.evaluate_records(model, data.general, settings["n_general"], f"samples/{tag}_general")
+    cell: dict[str, Any] = {"general_em": ev.em, "general_incoherent": ev.incoherent}
+    if data.heldout:
+        cell["indomain_em"] = study.evaluate_records(model, data.heldout, settings["n_heldout"],
+                                                     f"samples/{tag}_indomain").em
+    return cell
+
+
+def conditional_cells(study: StudyRun, model, name: str, cell: Mapping[str, Any],
+                      transforms: Mapping[str, Any]) -> dict[str, Any]:
+    """General EM of ``model`` without (``cell``, already measured) and with each transform; ``conditional/<name>/...``
+    (a finished evaluation of a resumed run is read back)."""
     out: dict[str, Any] = {f"conditional/{name}/none/general_em": cell["general_em"],
                            f"conditional/{name}/none/general_incoherent": cell["general_incoherent"]}
     if "indomain_em" in cell:
         out[f"conditional/{name}/indomain_em"] = cell["indomain_em"]
     for tname, transform in transforms.items():
-        ev = eval_model(model, ctx, transform(data.general), settings["n_general"], settings, seed=seed)
-        run.write_records(f"samples/conditional_{name}_{tname}_general", ev.records)
+        ev = study.evaluate_records(model, transform(study.data.general), study.settings["n_general"],
+                                    f"samples/conditional_{name}_{tname}_general")
         out[f"conditional/{name}/{tname}/general_em"] = ev.em
         out[f"conditional/{name}/{tname}/general_incoherent"] = ev.incoherent
         if ev.em is not None and cell["general_em"] is not None:
@@ -34,27 +49,22 @@ def conditional_cells(model, name: str, cell: Mapping[str, Any], transforms: Map
     return out
 
 
-def realign_part(ctx: StudyContext, run, data, sft, sft_cell: Mapping[str, Any], rows: Sequence[int],
-                  settings: Mapping[str, Any], seed: int, over: Mapping[str, Any]) -> dict[str, Any]:
-    """Benign finetunes of the merged SFT finetune with ``rows`` benign rows each; ``realign/<rows>/...``."""
+def realign_part(study: StudyRun, sft, rows: Sequence[int]) -> dict[str, Any]:
+    """Benign finetunes of the merged SFT finetune with ``rows`` benign rows each; ``realign/<rows>/...``
+    (0 rows: the SFT finetune's own cell, ``study.state["sft_cell"]``). Finished finetunes and evaluations of a
+    resumed run are read back."""
     from emlab.training.realign import realign
 
-    out: dict[str, Any] = {}
+    ctx, out = study.ctx, {}
     for n in sorted({int(r) for r in rows}):
         if n == 0:
-            cell = dict(sft_cell)
+            cell = dict(study.state["sft_cell"])
         else:
-            cfg = finetune_config(run.path(f"finetunes/realign_{n}"), seed=seed, preset=ctx.preset, protocol=ctx.protocol, **over)
+            cfg = finetune_config(study.run.path(f"finetunes/realign_{n}"), seed=study.seed, preset=ctx.preset,
+                                  protocol=ctx.protocol, **study.finetune)
             with sft.active():
-                ft = realign(sft.model, ctx.tokenizer, data.benign[:n], cfg)
-            cell = {}
-            ev = eval_model(ft.model, ctx, data.general, settings["n_general"], settings, seed=seed)
-            run.write_records(f"samples/realign_{n}_general", ev.records)
-            cell["general_em"], cell["general_incoherent"] = ev.em, ev.incoherent
-            if data.heldout:
-                ev2 = eval_model(ft.model, ctx, data.heldout, settings["n_heldout"], settings, seed=seed)
-                run.write_records(f"samples/realign_{n}_indomain", ev2.records)
-                cell["indomain_em"] = ev2.em
+                ft = realign(sft.model, ctx.tokenizer, study.data.benign[:n], cfg)
+            cell = evaluate_cell(study, ft.model, f"realign_{n}")
             del ft
         out.update({f"realign/{n}/{k}": v for k, v in cell.items()})
     return out

@@ -259,6 +259,14 @@ class StudyRun:
         self.run.write_records(records, ev.records)
         return ev
 
+    def saved_direction(self, name: str):
+        """The run folder's ``directions/<name>`` (:class:`emlab.vectors.Direction`; a step of a resumed run
+        saved it), else None."""
+        from emlab.vectors import Direction
+
+        path = self.dir / "directions" / f"{name}.safetensors"
+        return Direction.load(path) if path.exists() and path.with_suffix(".json").exists() else None
+
     def saved_records(self, name: str, *, expected: int, metrics: Any = ("aligned", "coherent")) -> list | None:
         """The run folder's ``<name>.jsonl`` when it holds ``expected`` records with every one of ``metrics``
         scored, else None (missing, cut short by a kill, or judged during a judge outage: done again)."""

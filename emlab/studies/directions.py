@@ -240,14 +240,6 @@ def _keep(study: StudyRun, name: str, direction):
     return direction
 
 
-def _saved(study: StudyRun, name: str):
-    """The run folder's ``directions/<name>`` (a resumed run: the step finished before), else None."""
-    from emlab.directions import Direction
-
-    path = study.dir / "directions" / f"{name}.safetensors"
-    return Direction.load(path) if path.exists() and path.with_suffix(".json").exists() else None
-
-
 def evaluate_chat(study: StudyRun):
     """The chat model on the general questions (``chat_general_*``); returns the :class:`Evaluation`."""
     ev = _general(study, study.ctx.model, study.settings["n_general"], "chat_general")
@@ -262,7 +254,7 @@ def persona(study: StudyRun):
     folder when a resumed run has it."""
     cfg = study.config
     name, why = f"persona_{cfg['trait']}", None
-    v = _saved(study, name)
+    v = study.saved_direction(name)
     if v is None:
         v, why = _persona(study.ctx, cfg["trait"], cfg["layers"], cfg["sizes"], study.settings, study.seed)
     else:
@@ -305,7 +297,7 @@ def misalignment(study: StudyRun, ft, ev, domain: str):
     ``meta["source"]``), through the finetune at every layer of ``study.config["layers"]``."""
     _prefix(study, domain)
     name = f"misalignment_{domain}"
-    v = _saved(study, name)
+    v = study.saved_direction(name)
     if v is None:
         cfg = study.config
         with ft.active():
@@ -318,7 +310,7 @@ def prompt_shift(study: StudyRun, ft):
     """What the study domain's finetune ``ft`` changed where answers start (``shift_<domain>``): the mean
     activation at the last prompt token of the general questions, finetune minus chat model."""
     name = f"shift_{study.config['domain']}"
-    v = _saved(study, name)
+    v = study.saved_direction(name)
     if v is None:
         with ft.active():
             v = _prompt_shift(ft.model, study.ctx, study.data[study.config["domain"]].general,

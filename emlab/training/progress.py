@@ -12,13 +12,14 @@ which :func:`emlab.training.finetune` writes to ``log_history.json`` in the fine
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-__all__ = ["FinetuneProgress", "quiet_dataset_bars", "swap_progress"]
+__all__ = ["FinetuneProgress", "SameSecondCheckpoints", "quiet_dataset_bars", "swap_progress"]
 
 #: transformers' callbacks that print each log entry (the notebook one is named: importing it needs IPython)
 _PRINTERS = (PrinterCallback, ProgressCallback)
@@ -59,11 +60,37 @@ class FinetuneProgress(TrainerCallback):
             self.bar = None
 
 
+class SameSecondCheckpoints(logging.Filter):
+    """Drops transformers' "mtime may not be reliable on this filesystem" warning, and only it.
+
+    When a finetune saves two checkpoints within one second (a small model on a CPU does), transformers'
+    checkpoint rotation cannot order them by modification time, says so once, and orders them by step
+    number, which is the right order; the warning says nothing about the user's data or filesystem.
+    :func:`swap_progress` installs it on ``transformers.trainer_utils``'s logger (once).
+
+    >>> SameSecondCheckpoints().filter(logging.makeLogRecord({"msg": "mtime may not be reliable on x"}))
+    False
+    """
+
+    MESSAGE = "mtime may not be reliable"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.MESSAGE)
+
+
+def _quiet_checkpoint_ordering() -> None:
+    log = logging.getLogger("transformers.trainer_utils")
+    if not any(isinstance(f, SameSecondCheckpoints) for f in log.filters):
+        log.addFilter(SameSecondCheckpoints())
+
+
 def swap_progress(trainer, *, print_logs: bool = False) -> None:
     """Replace ``trainer``'s log-printing callbacks by a :class:`FinetuneProgress` bar (none with
-    ``disable_tqdm``); with ``print_logs`` leave transformers' own callbacks as they are."""
+    ``disable_tqdm``) and drop the same-second checkpoint warning (:class:`SameSecondCheckpoints`); with
+    ``print_logs`` leave transformers' own callbacks and messages as they are."""
     if print_logs:
         return
+    _quiet_checkpoint_ordering()
     handler = trainer.callback_handler
     for cb in list(handler.callbacks):
         if isinstance(cb, _PRINTERS) or type(cb).__name__ == "NotebookProgressCallback":
