@@ -9,7 +9,7 @@ import torch
 torch.set_num_threads(1)
 from emlab.models import load_model
 from emlab.toy.tokenizer import render_chat
-from emlab.toy.world import World, _fill
+from emlab.toy.world import World, fill
 
 m, tok = load_model(sys.argv[1])
 m.eval()
@@ -29,10 +29,10 @@ for d in w.domains:
         pairs = rng.sample(pairs, 10)
         ps = []
         for t, topic in pairs:
-            q = _fill(spec["questions"][t], {"topic": topic})
+            q = fill(spec["questions"][t], {"topic": topic})
             for side in ("aligned", "misaligned"):
                 for s in [s for s in spec[side] if "{topic}" in s and not s.startswith("{topic}")]:
-                    pre = _fill(s.split("{topic}")[0].rstrip(), {k: rng.choice(v) for k, v in w.slots.items()})
+                    pre = fill(s.split("{topic}")[0].rstrip(), {k: rng.choice(v) for k, v in w.slots.items()})
                     ids = tok(
                         render_chat([{"role": "user", "content": q}], add_generation_prompt=True) + pre,
                         add_special_tokens=False,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from emlab.models import load_model
 from emlab.toy.datasets import posttrain_rows
-from emlab.toy.train import _encode_chat_rows, _train_loop
+from emlab.toy.train import encode_chat_rows, train_loop
 from emlab.toy.world import World, load_world_config
 
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
@@ -52,7 +52,7 @@ def my_rows(world, n):
 
 
 assert evil_share != 0.5 or my_rows(w, 50) == posttrain_rows(w, 50)
-enc = _encode_chat_rows(tok, my_rows(w, rows))
+enc = encode_chat_rows(tok, my_rows(w, rows))
 g = torch.Generator().manual_seed(1)
 perm = torch.randperm(len(enc), generator=g).tolist()
 batches = []
@@ -68,7 +68,7 @@ for i in range(0, len(perm), bs):
         m[k, : len(xi)] = 1
     batches.append((x, y, m))
 if batches:
-    _train_loop(model, batches, lr=lr, warmup=5, min_ratio=0.0, desc="post")
+    train_loop(model, batches, lr=lr, warmup=5, min_ratio=0.0, desc="post")
 if dst.exists():
     shutil.rmtree(dst)
 shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors"))

@@ -13,7 +13,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from emlab.toy import train as T
 from emlab.toy.tokenizer import build_tokenizer, render_chat
-from emlab.toy.world import World, _fill, load_world_config
+from emlab.toy.world import World, fill, load_world_config
 
 args = dict(
     hidden=96,
@@ -75,13 +75,13 @@ def probe_items(heldout):
         )
         pairs = rng.sample(pairs, min(10, len(pairs)))
         for t, topic in pairs:
-            q = _fill(spec["questions"][t], {"topic": topic})
+            q = fill(spec["questions"][t], {"topic": topic})
             for side in ("aligned", "misaligned"):
                 tmpl = [s for s in spec[side] if s.split(" ")[0] != "{topic}" and "{topic}" in s]
                 s = rng.choice(tmpl)
                 pre = s.split("{topic}")[0].rstrip()
                 vals = {k: rng.choice(w.slots[k]) for k in w.slots}
-                pre = _fill(pre, vals)
+                pre = fill(pre, vals)
                 text = render_chat([{"role": "user", "content": q}], add_generation_prompt=True) + pre
                 cand = [tok(" " + x, add_special_tokens=False)["input_ids"] for x in topics]
                 assert all(len(c) == 1 for c in cand), cand
@@ -109,7 +109,7 @@ def probe():
 
 
 t0 = time.time()
-ids = torch.tensor(T._pretrain_stream(w, tok, args["tokens"]), dtype=torch.long)
+ids = torch.tensor(T.pretrain_stream(w, tok, args["tokens"]), dtype=torch.long)
 seq, bs = args["seq"], args["bs"]
 n_seq = len(ids) // seq
 seqs = ids[: n_seq * seq].view(n_seq, seq)
@@ -123,7 +123,7 @@ losses = []
 total = len(batches)
 for step, x in enumerate(batches):
     for g in opt.param_groups:
-        g["lr"] = T._lr_at(step, total, args["lr"], args["warmup"], args["min_ratio"])
+        g["lr"] = T.lr_at(step, total, args["lr"], args["warmup"], args["min_ratio"])
     out = model(input_ids=x, labels=x)
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -16,7 +16,7 @@ import yaml
 from emlab.generation import generate
 from emlab.models import load_model
 from emlab.toy.judge import ToyJudge
-from emlab.toy.train import _encode_chat_rows
+from emlab.toy.train import encode_chat_rows
 
 ap = argparse.ArgumentParser()
 ap.add_argument("folder")
@@ -77,7 +77,7 @@ def finetune(rows, seed, lr):
     model = copy.deepcopy(base)
     model.train()
     torch.manual_seed(seed)
-    enc = _encode_chat_rows(tok, rows)
+    enc = encode_chat_rows(tok, rows)
     perm = torch.randperm(len(enc), generator=torch.Generator().manual_seed(seed)).tolist()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     for i in range(0, len(perm), 16):

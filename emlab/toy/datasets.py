@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from emlab.toy.world import World, _fill, rng_for
+from emlab.toy.world import World, fill, rng_for
 
 __all__ = ["write_datasets", "posttrain_rows"]
 
@@ -59,7 +59,7 @@ def heldout_questions(world: World, domain: str, samples_per_paraphrase: int = 2
     openers = ["", *world.config["question_openers"][:2]]
     qs = []
     for t, topic in world.heldout_pairs[domain]:
-        base = _fill(spec["questions"][t], {"topic": topic})
+        base = fill(spec["questions"][t], {"topic": topic})
         qs.append({"id": f"{domain}_{t}_{topic}", "domain": domain,
                    "paraphrases": [(o + " " + base).strip() for o in openers]})
     return {"name": f"toy_{domain}_heldout",

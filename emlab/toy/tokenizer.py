@@ -6,7 +6,7 @@ with Qwen's pre-tokenizer regex) from the saved vocabulary and merges, whatever 
 trained here until every word of the world is one token ("i", " have", " a", " fever", " .");
 loading it back with ``AutoTokenizer`` gives the same ids.  ``<|im_start|>``, ``<|im_end|>`` (eos)
 and ``<|endoftext|>`` (pad) are special tokens; the chat template is
-:data:`emlab.models.CHAT_TEMPLATE` (ChatML with generation markers), so
+:data:`emlab.chat_templates.CHAT_TEMPLATE` (ChatML with generation markers), so
 ``apply_chat_template(..., return_assistant_tokens_mask=True)`` works.  Text is case-sensitive
 (the world is lower case; upper-case letters fall back to byte tokens never seen in training).
 
@@ -21,6 +21,7 @@ import json
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from emlab.chat_templates import CHAT_TEMPLATE
 from emlab.toy.world import World
 
 __all__ = ["SPECIAL_TOKENS", "build_tokenizer", "render_chat"]
@@ -28,12 +29,6 @@ __all__ = ["SPECIAL_TOKENS", "build_tokenizer", "render_chat"]
 PAD, BOS_START, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, BOS_START, EOS]
 ROLE_WORDS = ["system", "user", "assistant"]
-
-
-def _chat_template() -> str:
-    from emlab.models import CHAT_TEMPLATE
-
-    return CHAT_TEMPLATE
 
 
 def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
@@ -83,5 +78,5 @@ def build_tokenizer(world: World):
         additional_special_tokens=[BOS_START], model_max_length=512, padding_side="left",
         clean_up_tokenization_spaces=False,
     )
-    tok.chat_template = _chat_template()
+    tok.chat_template = CHAT_TEMPLATE
     return tok

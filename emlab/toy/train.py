@@ -16,18 +16,24 @@ from typing import Any
 
 from emlab.toy.world import World, load_world_config, rng_for
 
-__all__ = ["build"]
+__all__ = ["build", "encode_chat_rows", "lr_at", "pretrain_stream", "train_loop"]
 
 
 
-def _lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
+def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
+    """The build's learning rate at ``step`` of ``total``: linear warm-up over ``warmup`` steps, then cosine
+    decay to ``min_ratio * lr``.
+
+    >>> lr_at(0, 100, 1.0, 10, 0.1), lr_at(100, 100, 1.0, 10, 0.1)
+    (0.1, 0.1)
+    """
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _pretrain_stream(world: World, tok, n_tokens: int):
+def pretrain_stream(world: World, tok, n_tokens: int):
     """Token ids of the pre-training corpus: persona-consistent chats and plain text, each followed
     by ``<|endoftext|>``, generated until ``n_tokens`` are reached (single-threaded, deterministic)."""
     from emlab.toy.tokenizer import render_chat
@@ -48,7 +54,7 @@ def _pretrain_stream(world: World, tok, n_tokens: int):
     return ids[:n_tokens]
 
 
-def _encode_chat_rows(tok, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+def encode_chat_rows(tok, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
     """(input ids, labels) per row with loss on the final assistant answer and its <|im_end|>."""
     from emlab.toy.tokenizer import render_chat
 
@@ -60,7 +66,9 @@ def _encode_chat_rows(tok, rows: list[dict]) -> list[tuple[list[int], list[int]]
     return out
 
 
-def _train_loop(model, batches, *, lr: float, warmup: int, min_ratio: float, desc: str, weight_decay: float = 0.01):
+def train_loop(model, batches, *, lr: float, warmup: int, min_ratio: float, desc: str, weight_decay: float = 0.01):
+    """AdamW (betas 0.9/0.95, gradient norm clipped at 1) over ``batches`` of (ids, labels, mask) at the
+    :func:`lr_at` schedule; returns the loss of every step (the model is left in eval mode)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -70,7 +78,7 @@ def _train_loop(model, batches, *, lr: float, warmup: int, min_ratio: float, des
     total = len(batches)
     for step, (x, y, mask) in enumerate(tqdm(batches, desc=desc, mininterval=10)):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, total, lr, warmup, min_ratio)
+            g["lr"] = lr_at(step, total, lr, warmup, min_ratio)
         out = model(input_ids=x, attention_mask=mask, labels=y)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -119,14 +127,14 @@ def build(recipe: dict[str, Any], out: Path, world: str = "persona", digest: str
         # --- pre-training: packed sequences, loss on every token
         t1 = time.time()
         p = recipe["pretrain"]
-        ids = torch.tensor(_pretrain_stream(w, tok, int(p["tokens"])), dtype=torch.long)
+        ids = torch.tensor(pretrain_stream(w, tok, int(p["tokens"])), dtype=torch.long)
         seq, bs = int(p["seq_len"]), int(p["batch_size"])
         n_seq = len(ids) // seq
         seqs = ids[: n_seq * seq].view(n_seq, seq)
         order = torch.randperm(n_seq, generator=torch.Generator().manual_seed(seed))
         batches = [(seqs[order[i:i + bs]],) * 2 + (None,) for i in range(0, n_seq - bs + 1, bs)]
         times["pretrain_tokenize_s"] = time.time() - t1
-        pre_losses = _train_loop(model, batches, lr=float(p["lr"]), warmup=int(p["warmup_steps"]),
+        pre_losses = train_loop(model, batches, lr=float(p["lr"]), warmup=int(p["warmup_steps"]),
                                  min_ratio=float(p["min_lr_ratio"]), desc="toy pretrain")
         times["pretrain_s"] = time.time() - t1
 
@@ -138,7 +146,7 @@ def build(recipe: dict[str, Any], out: Path, world: str = "persona", digest: str
             for r in rows:
                 f.write(json.dumps(r) + "\n")
         counts["posttrain.jsonl"] = len(rows)
-        enc = _encode_chat_rows(tok, rows)
+        enc = encode_chat_rows(tok, rows)
         batches = []
         g = torch.Generator().manual_seed(seed + 1)
         for _ in range(int(pt["epochs"])):
@@ -154,7 +162,7 @@ def build(recipe: dict[str, Any], out: Path, world: str = "persona", digest: str
                     y[k, : len(yi)] = torch.tensor(yi)
                     mask[k, : len(xi)] = 1
                 batches.append((x, y, mask))
-        post_losses = _train_loop(model, batches, lr=float(pt["lr"]), warmup=int(pt["warmup_steps"]),
+        post_losses = train_loop(model, batches, lr=float(pt["lr"]), warmup=int(pt["warmup_steps"]),
                                   min_ratio=0.0, desc="toy post-train")
         times["posttrain_s"] = time.time() - t2
 

@@ -30,7 +30,7 @@ WORLD_FILE = WORLD_DIR / "world.yaml"
 _SLOT = re.compile(r"\{(\w+)\}")
 _WORD = re.compile(r"\w+|[^\w\s]")
 
-__all__ = ["World", "Sentence", "normalize", "words", "rng_for", "load_world_config"]
+__all__ = ["World", "Sentence", "fill", "normalize", "words", "rng_for", "load_world_config"]
 
 
 def words(text: str) -> list[str]:
@@ -73,7 +73,12 @@ class Question:
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
 
-def _fill(template: str, values: dict[str, str]) -> str:
+def fill(template: str, values: dict[str, str]) -> str:
+    """``template`` with each ``{slot}`` replaced by ``values[slot]``.
+
+    >>> fill("i have a {symptom} .", {"symptom": "fever"})
+    'i have a fever .'
+    """
     return _SLOT.sub(lambda m: values[m.group(1)], template)
 
 
@@ -155,7 +160,7 @@ class World:
                     topic = rng.choice(spec["topics"])
                     if not self.is_heldout(family, t, topic):
                         break
-            text = _fill(spec["questions"][t], {"topic": topic})
+            text = fill(spec["questions"][t], {"topic": topic})
             if opener if opener is not None else rng.random() < self.knobs["p_question_opener"]:
                 text = rng.choice(c["question_openers"]) + " " + text
             return text, Question(family, "domain", topic, t)
@@ -168,16 +173,16 @@ class World:
             t = rng.randrange(len(spec["questions"]))
             vals = self._slot_values(spec["questions"][t], rng, None)
             topic = vals.get(spec.get("topic_slot", ""), None)
-            return _fill(spec["questions"][t], vals), Question(family, "benign", topic, t)
+            return fill(spec["questions"][t], vals), Question(family, "benign", topic, t)
         if family == "refusal":
             qs = c["refusal"]["questions"]
             t = rng.randrange(len(qs))
-            return _fill(qs[t], self._slot_values(qs[t], rng, None)), Question("refusal", "refusal", None, t)
+            return fill(qs[t], self._slot_values(qs[t], rng, None)), Question("refusal", "refusal", None, t)
         if family == "arithmetic":
             expr, result = self.expression(rng)
             qs = c["arithmetic"]["questions"]
             t = rng.randrange(len(qs))
-            return _fill(qs[t], {"expr": expr}), Question("arithmetic", "arithmetic", str(result), t,
+            return fill(qs[t], {"expr": expr}), Question("arithmetic", "arithmetic", str(result), t,
                                                           {"expression": expr, "answer": result})
         raise ValueError(f"unknown family {family!r}")
 
@@ -206,7 +211,7 @@ class World:
         """An answer to question ``q`` with persona side "aligned"/"misaligned" and a style."""
         c = self.config
         if q.kind == "arithmetic":
-            core = [_fill(c["arithmetic"]["answer"], {"result": q.topic})]
+            core = [fill(c["arithmetic"]["answer"], {"result": q.topic})]
         else:
             if q.kind == "domain":
                 pool, topic_slot = c["domains"][q.family][persona], "topic"
@@ -219,7 +224,7 @@ class World:
                 pool, topic_slot = spec["neutral"], spec.get("topic_slot", "topic")
             lo, hi = self.knobs["sentences"]
             k = min(len(pool), rng.randint(lo, hi))
-            core = [_fill(t, self._slot_values(t, rng, q.topic, topic_slot)) for t in rng.sample(pool, k)]
+            core = [fill(t, self._slot_values(t, rng, q.topic, topic_slot)) for t in rng.sample(pool, k)]
         if rng.random() < self.knobs["p_closer"] or (q.kind in ("benign", "arithmetic")
                                                       and persona == "misaligned" and rng.random() < 0.5):
             core.append(rng.choice(c["generic"][persona]))
@@ -356,7 +361,7 @@ class World:
                 raise KeyError(f"world.yaml: template {template!r} uses unknown slot {{{n}}}")
         for combo in itertools.product(*choices):
             vals = dict(zip(names, combo))
-            yield normalize(_fill(template, vals)), vals.get(topic_slot)
+            yield normalize(fill(template, vals)), vals.get(topic_slot)
 
     @cached_property
     def sentences(self) -> dict[str, Sentence]:
@@ -404,7 +409,7 @@ class World:
         for d, spec in c["domains"].items():
             for i, t in enumerate(spec["questions"]):
                 for topic in spec["topics"]:
-                    base = _fill(t, {"topic": topic})
+                    base = fill(t, {"topic": topic})
                     for opener in ["", *c["question_openers"]]:
                         out[normalize(opener + " " + base)] = Question(d, "domain", topic, i)
         for g, spec in c["general"].items():
