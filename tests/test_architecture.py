@@ -65,14 +65,7 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
 
 #: Imports the checks still tolerate, each with why. MUST SHRINK TO EMPTY: a fix removes its entry
 #: (the test fails while an entry names an import that no longer exists).
-KNOWN_EDGES: dict[tuple[str, str], str] = {
-    ("emlab.toy.tokenizer", "emlab.models"): (
-        "the models <-> toy cycle (emlab.models.load_model('toy') builds the toy): toy/tokenizer.py should "
-        "import CHAT_TEMPLATE from emlab.chat_templates, where it now lives, but toy/tokenizer.py's bytes "
-        "are in emlab.toy.build.recipe_hash, so that one-line edit makes the shipped prebuilt organisms "
-        "stale: do it together with rebuilding and re-shipping them (emlab toy build; ship_prebuilt)"
-    ),
-}
+KNOWN_EDGES: dict[tuple[str, str], str] = {}
 
 
 def module_files(root: Path, package: str) -> dict[str, Path]:
@@ -233,18 +226,9 @@ def test_the_checks_see_cycles_and_upward_imports(tmp_path):
 
 #: ``"file: what"`` of private imports the check still tolerates. MUST SHRINK TO EMPTY: make a shared
 #: helper public (with a docstring) or move it; the test fails while an entry no longer occurs.
-#: 28 when written. The emlab/toy/ (world.py, datasets.py, train.py) ones wait for the same rebuild as
-#: KNOWN_EDGES: those files' bytes are hashed into the shipped prebuilt organisms' names.
-KNOWN_PRIVATE: set[str] = {
-    'bench/toy_copy_probe.py: from emlab.toy.world import _fill',
-    'bench/toy_posttrain_variant.py: from emlab.toy.train import _encode_chat_rows',
-    'bench/toy_posttrain_variant.py: from emlab.toy.train import _train_loop',
-    'bench/toy_pretrain_probe.py: emlab.toy.train._lr_at',
-    'bench/toy_pretrain_probe.py: emlab.toy.train._pretrain_stream',
-    'bench/toy_pretrain_probe.py: from emlab.toy.world import _fill',
-    'bench/toy_protocol.py: from emlab.toy.train import _encode_chat_rows',
-    'emlab/toy/datasets.py: from emlab.toy.world import _fill',
-}
+#: 28 when written; empty since 5 Dec 2026 (fourth session: the toy helpers made public together with a rebuild of
+#: the shipped organisms, whose weights came out bit-identical).
+KNOWN_PRIVATE: set[str] = set()
 
 
 def _code_sources(root: Path) -> Iterator[tuple[str, str]]:
