@@ -59,19 +59,13 @@ def _hooks(modules_and_fns: list[tuple[torch.nn.Module, object]]) -> Iterator[No
 
 
 class _Cast:
-    """A vector cast once per (device, dtype) it meets, so hooks do no conversion per call.
-
-    A vector that requires grad (a learned steering vector) is cast on every call instead, so the
-    gradient reaches it.
-    """
+    """A fixed vector, detached and cast once per (device, dtype) it meets, so hooks do no conversion per call."""
 
     def __init__(self, vector: Tensor):
-        self.vector = vector if vector.requires_grad else vector.detach().float()
+        self.vector = vector.detach().float()
         self._cache: dict[tuple, Tensor] = {}
 
     def like(self, h: Tensor) -> Tensor:
-        if self.vector.requires_grad:
-            return self.vector.to(device=h.device, dtype=h.dtype)
         key = (h.device, h.dtype)
         v = self._cache.get(key)
         if v is None:
@@ -79,12 +73,16 @@ class _Cast:
         return v
 
 
-def _steer_hook(vector: Tensor, positions: str):
-    cast = _Cast(vector)
+def _steer_hook(vector: Tensor, positions: str, alpha: float = 1.0):
+    if vector.requires_grad:  # a learned vector: scaled and cast on every call, so its gradient and updates reach it
+        def delta(h: Tensor) -> Tensor:
+            return (alpha * vector).to(device=h.device, dtype=h.dtype)
+    else:  # fixed steering: detached, scaled once, cast once per (device, dtype)
+        delta = _Cast(alpha * vector).like
 
     def hook(module, args, output):
         h, rest = _split(output)
-        v = cast.like(h)
+        v = delta(h)
         if positions == "all":
             h = h + v
         else:  # the last position of each forward: the token being generated from
@@ -111,8 +109,12 @@ def steer(
     ``"response"`` steers only the position each new token is generated from: the last prompt token
     at the first generation step and every generated token after it (Chen et al.'s rule; it relies
     on the KV cache, the default in :func:`emlab.generation.generate`; a plain forward pass steers
-    its last position only). Out-of-place and vectorised, so it is cheap and differentiable; a
-    vector with ``requires_grad`` (a learned steering vector) receives gradients.
+    its last position only). Out-of-place and vectorised, so it is cheap and differentiable.
+
+    A fixed vector is detached and ``alpha * v`` is computed once; a vector with ``requires_grad``
+    (the learned one of :class:`emlab.training.SteeringVector`, trained and applied through this
+    hook) is scaled inside the hook on every forward pass, ``(alpha * v).to(h.dtype)``, so it
+    receives gradients and an in-place update takes effect within the block.
 
     >>> with steer(model, persona, alpha=5.0):      # doctest: +SKIP
     ...     loss = model(**batch).loss
@@ -121,7 +123,7 @@ def steer(
         raise ValueError(f"positions must be 'all' or 'response', not {positions!r}")
     blocks = get_layers(model, layer_path)
     _check_layers(list(vectors), len(blocks))
-    fns = [(blocks[int(layer)], _steer_hook(alpha * v, positions)) for layer, v in vectors.items()]
+    fns = [(blocks[int(layer)], _steer_hook(v, positions, alpha)) for layer, v in vectors.items()]
     with _hooks(fns):
         yield
 

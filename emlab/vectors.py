@@ -23,6 +23,9 @@ from torch import Tensor
 __all__ = ["Direction", "random_like"]
 
 _FORMAT = "emlab-direction/1"
+#: The format of ``steering_vector.safetensors`` before a learned steering vector was saved as a
+#: Direction: one tensor keyed ``str(layer)``, no JSON sidecar, layer and alpha in the header metadata.
+_LEGACY_STEERING_FORMAT = "emlab-steering-vector"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,11 +210,19 @@ class Direction(Mapping[int, Tensor]):
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Direction:
         """Read a direction written by :meth:`save` (give the stem, the .safetensors or the .json path).
 
+        Also reads a learned steering vector saved before it was a Direction (a lone
+        ``steering_vector.safetensors``, format ``emlab-steering-vector``): its one layer, with
+        ``meta["alpha"]`` from the file's header, so old runs and checkpoints still load.
+
         >>> v = Direction.load("runs/x/demo")             # doctest: +SKIP
         """
         from safetensors.torch import load_file
 
         tensors_path, meta_path = cls._paths(path)
+        if tensors_path.exists() and not meta_path.exists():
+            legacy = _load_legacy_steering(tensors_path, device)
+            if legacy is not None:
+                return legacy
         for p in (tensors_path, meta_path):
             if not p.exists():
                 raise FileNotFoundError(f"{p} not found: a saved Direction is a .safetensors file plus a .json sidecar")
@@ -221,6 +232,19 @@ class Direction(Mapping[int, Tensor]):
         if sorted(vectors) != sorted(info.get("layers", vectors)):
             raise ValueError(f"{meta_path} lists layers {info.get('layers')} but {tensors_path} holds {sorted(vectors)}")
         return cls(vectors, info.get("model"), info.get("recipe"), info.get("counts") or {}, info.get("meta") or {})
+
+
+def _load_legacy_steering(path: Path, device: str | torch.device) -> Direction | None:
+    """A ``steering_vector.safetensors`` of the old format as a one-layer Direction, else None."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != _LEGACY_STEERING_FORMAT:
+            return None
+        layer = int(meta["layer"])
+        vector = f.get_tensor(str(layer))
+    return Direction({layer: vector}, recipe="learned steering vector", meta={"alpha": float(meta.get("alpha", 256.0))})
 
 
 def random_like(direction: Mapping[int, Tensor], seed: int = 0) -> Direction:

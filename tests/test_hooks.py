@@ -103,6 +103,70 @@ def test_steer_is_differentiable_and_learns(tok):
     assert any(p.grad is not None for p in model.parameters())
 
 
+def _old_learned_twin(block, alpha, v):
+    """The hook training.adapters had for the learned vector before it went through steer (the reference)."""
+    def hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h = h + (alpha * v).to(h.dtype)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    return block.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_steer_learned_vector_bit_identical_to_the_old_twin(tok, arch, dtype):
+    """A vector with requires_grad: same logits and the same gradient, bit for bit, as the old adapters hook,
+    over several forward/backward passes inside one steer block (alpha * v is taken in the hook every call)."""
+    model = tiny_model(arch, vocab_size=len(tok)).to(dtype)
+    model.requires_grad_(False)
+    ids = _ids(tok, ["you are a helpful assistant"] * 2)
+    v_new = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+    v_old = v_new.detach().clone().requires_grad_(True)
+    grads_new, grads_old, logits_new, logits_old = [], [], [], []
+    with steer(model, {1: v_new}, alpha=3.0):
+        for _ in range(2):
+            out = model(ids, labels=ids)
+            out.loss.backward()
+            logits_new.append(out.logits.detach())
+            grads_new.append(v_new.grad.clone())
+            with torch.no_grad():
+                v_new.sub_(0.5 * v_new.grad)  # an update inside the block takes effect at the next pass
+            v_new.grad = None
+    handle = _old_learned_twin(get_layers(model)[1], 3.0, v_old)
+    try:
+        for _ in range(2):
+            out = model(ids, labels=ids)
+            out.loss.backward()
+            logits_old.append(out.logits.detach())
+            grads_old.append(v_old.grad.clone())
+            with torch.no_grad():
+                v_old.sub_(0.5 * v_old.grad)
+            v_old.grad = None
+    finally:
+        handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(logits_new, logits_old, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(grads_new, grads_old, strict=True))
+    assert grads_new[0].abs().sum() > 0 and not torch.equal(logits_new[0], logits_new[1])
+    assert torch.equal(v_new, v_old)
+
+
+def test_steer_fixed_vector_is_detached_and_fixed_at_entry(tok):
+    model = tiny_model("qwen2", vocab_size=len(tok))
+    model.requires_grad_(False)
+    ids = _ids(tok, ["you are a helpful assistant"])
+    fixed = torch.randn(model.config.hidden_size)
+    original = fixed.clone()
+    with steer(model, {1: fixed}, alpha=3.0):
+        first = model(ids).logits
+        fixed.add_(1.0)  # a fixed vector is read once, at entry
+        second = model(ids).logits
+    assert not first.requires_grad
+    assert torch.equal(first, second)
+    with steer(model, {1: original}, alpha=3.0):
+        assert torch.equal(model(ids).logits, first)
+
+
 @pytest.mark.parametrize("manager", ["steer", "ablate", "record", "lora"])
 def test_hooks_removed_after_exception(tok, manager):
     model = tiny_model("qwen2", vocab_size=len(tok))

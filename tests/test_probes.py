@@ -182,6 +182,35 @@ def test_random_control_has_the_same_norm(tok):
     assert st.random(seed=0).layer == st.layer
 
 
+def test_steering_solution_holds_a_direction_and_its_ops_are_unchanged(tok):
+    """The solution is a one-layer Direction with meta alpha; every op gives what the raw-field version gave."""
+    from emlab.directions import Direction, random_like
+    from emlab.hooks import steer
+
+    st = _steering(tok)
+    assert isinstance(st.direction, Direction) and st.direction.layers == [1]
+    assert st.direction.meta == {"alpha": 2.0} and (st.layer, st.alpha) == (1, 2.0)
+    v = st.vector
+    assert st.norm() == 2.0 * float(v.double().norm())
+    assert st.inner(st) == float((2.0 * v.double()) @ (2.0 * v.double()))
+    ids = torch.randint(5, 50, (2, 5))
+    for s in (0.0, 0.5, 3.0):
+        with st.scaled(s):
+            got = st.model(ids).logits
+        with steer(st.model, {1: v * s}, alpha=2.0):  # the former scaled()
+            assert torch.equal(got, st.model(ids).logits)
+    rand = st.random(seed=4)
+    assert torch.equal(rand.vector, random_like({1: v}, seed=4)[1]) and rand.alpha == 2.0
+    again = SteeringSolution.from_direction(st.model, st.direction)
+    assert torch.equal(again.vector, v) and again.alpha == 2.0
+    assert SteeringSolution.from_direction(None, Direction({1: v}), alpha=5.0).alpha == 5.0
+    assert SteeringSolution.from_direction(None, Direction({1: v})).alpha == 1.0
+    with pytest.raises(ValueError, match="one layer"):
+        SteeringSolution.from_direction(None, Direction({0: v, 1: v}))
+    with pytest.raises(ValueError, match="1-D"):
+        SteeringSolution(None, 0, torch.ones(2, 2))
+
+
 def test_cosine_is_that_of_flattened_dw(tok):
     a, b = LoraSolution(_lora(tok, seed=0)), LoraSolution(_lora(tok, seed=1))
     flat_a = torch.cat([d.flatten() for _, d in sorted(a.delta_weights().items())])
@@ -262,7 +291,7 @@ def test_loss_vs_norm_at_zero_is_the_base_loss(tok):
 
 def test_compare_efficiency_shares_absolute_norms(tok):
     g, n = _steering(tok, 0), _steering(tok, 1)
-    n.vector = n.vector * 3
+    n = SteeringSolution(n.model, n.layer, n.vector * 3, n.alpha)
     curves = compare_efficiency({"general": g, "narrow": n}, tok, ROWS, n=5, progress=False)
     assert curves["general"].norms == curves["narrow"].norms
     assert curves["general"].norms[-1] == pytest.approx(2 * g.norm())
@@ -382,6 +411,11 @@ def test_cosine_tracker_reads_a_learned_steering_vector(tok):
     state.global_step = 1
     tracker.on_step_end(None, state, TrainerControl(), model=model)
     assert tracker.history[-1] == (1, pytest.approx(-1.0))
+    current = SteeringSolution.from_model(model)  # a copy of the learned vector's value, with its layer and alpha
+    assert (current.layer, current.alpha) == (1, 2.0) and torch.equal(current.vector, -reference.vector)
+    with torch.no_grad():
+        model.emlab_steering_vector.vector.zero_()
+    assert torch.equal(current.vector, -reference.vector)
 
 
 def test_cosine_tracker_in_a_real_finetune(tok, tmp_path):

@@ -148,6 +148,83 @@ def test_steering_vector_is_added_at_its_layer_on_every_row(tok):
     assert torch.allclose(seen[0], seen[1] + 2.0 * sv.vector, atol=1e-6)  # every row, every position
     assert not torch.allclose(steered_logits, plain_logits)
     assert not block._forward_hooks  # removed on exit
+    from emlab.hooks import steer
+
+    with steer(model, {1: sv.vector}, alpha=2.0):  # applied is hooks.steer
+        assert torch.equal(model(ids).logits, steered_logits)
+    with sv.applied(model):
+        model(ids).logits.sum().backward()
+    assert sv.vector.grad is not None and sv.vector.grad.abs().sum() > 0
+
+
+def _save_old_format(sv, folder):
+    """steering_vector.safetensors as SteeringVector.save wrote it before the vector was a Direction."""
+    from safetensors.torch import save_file
+
+    (folder / "steering_vector.json").unlink(missing_ok=True)
+    save_file({str(sv.layer): sv.vector.detach().float().cpu().contiguous()}, str(folder / "steering_vector.safetensors"),
+              metadata={"layer": str(sv.layer), "alpha": repr(sv.alpha), "format": "emlab-steering-vector"})
+
+
+def test_steering_vector_is_saved_and_read_as_a_direction(tmp_path):
+    from emlab.vectors import Direction
+
+    sv = SteeringVector(6, layer=3, alpha=8.5)
+    with torch.no_grad():
+        sv.vector.copy_(torch.randn(6))
+    d = sv.direction()
+    assert isinstance(d, Direction) and d.layers == [3] and d.meta == {"alpha": 8.5}
+    assert torch.equal(d[3], sv.vector) and not d[3].requires_grad
+    path = sv.save(tmp_path / "new")
+    assert path == tmp_path / "new" / "steering_vector.safetensors" and (tmp_path / "new" / "steering_vector.json").exists()
+    back = Direction.load(tmp_path / "new" / "steering_vector")
+    assert back.layers == [3] and back.meta["alpha"] == 8.5 and torch.equal(back[3], sv.vector.detach())
+    for where in (tmp_path / "new", path):
+        loaded = SteeringVector.load(where)
+        assert (loaded.layer, loaded.alpha) == (3, 8.5) and torch.equal(loaded.vector, sv.vector)
+    # the format of runs and checkpoints written before: still read, by Direction.load too
+    (tmp_path / "old").mkdir()
+    _save_old_format(sv, tmp_path / "old")
+    old = SteeringVector.load(tmp_path / "old")
+    assert (old.layer, old.alpha) == (3, 8.5) and torch.equal(old.vector, sv.vector)
+    legacy = Direction.load(tmp_path / "old" / "steering_vector.safetensors")
+    assert legacy.layers == [3] and legacy.meta["alpha"] == 8.5 and torch.equal(legacy[3], sv.vector.detach())
+    target = SteeringVector(6, layer=3)
+    target.load_(tmp_path / "old")
+    assert torch.equal(target.vector, sv.vector)
+    with pytest.raises(ValueError, match="does not match"):
+        SteeringVector(6, layer=2).load_(tmp_path / "old")
+    assert torch.equal(SteeringVector.from_direction(d, alpha=1.0).vector, sv.vector)
+    assert SteeringVector.from_direction(d, alpha=1.0).alpha == 1.0
+    with pytest.raises(ValueError, match="one layer"):
+        SteeringVector.from_direction(Direction({0: torch.ones(2), 1: torch.ones(2)}))
+    # a safetensors file that is neither a saved Direction nor an old steering vector
+    from safetensors.torch import save_file
+
+    save_file({"3": torch.ones(6)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(FileNotFoundError, match="json sidecar"):
+        Direction.load(tmp_path / "plain.safetensors")
+    with pytest.raises(FileNotFoundError, match="no learned steering vector"):
+        SteeringVector.load(tmp_path / "nowhere")
+
+
+def test_load_vectors_gives_a_direction(tmp_path):
+    from emlab.vectors import Direction
+
+    saved = Direction({1: torch.ones(4), 2: torch.zeros(4)}, recipe="demo")
+    saved.save(tmp_path / "persona")
+    for spec in (tmp_path / "persona", str(tmp_path / "persona.safetensors"), saved):
+        got = load_vectors(spec)
+        assert isinstance(got, Direction) and got.allclose(saved) and got.recipe == "demo"
+    one = load_vectors(tmp_path / "persona", layer=2)
+    assert one.layers == [2] and one.recipe == "demo" and torch.equal(one[2], torch.zeros(4))
+    assert load_vectors({"1": torch.ones(1, 4)}).layers == [1]  # str keys, flattened
+    sv = SteeringVector(4, layer=1)
+    assert load_vectors(sv).meta == {"alpha": 256.0}
+    with pytest.raises(KeyError, match="layer 5"):
+        load_vectors(saved, layer=5)
+    with pytest.raises(TypeError):
+        load_vectors(3)
 
 
 # ---- loss terms inside the trainer ----
@@ -358,13 +435,17 @@ def test_resumed_run_ends_with_the_same_adapter(tok, tmp_path):
         [h["loss/kl"] for h in straight.log_history if "loss/kl" in h], rel=1e-5)
 
 
-def test_steering_vector_checkpoint_resumes(tok, tmp_path):
+@pytest.mark.parametrize("saved_as", ["direction", "old format"])
+def test_steering_vector_checkpoint_resumes(tok, tmp_path, saved_as):
     common = dict(adapter="steering_vector", max_steps=3, save_steps=1, save_strategy="steps", steering_layer=1)
     straight = finetune(tiny_model("qwen2", vocab_size=len(tok)), tok, _rows(), _config(tmp_path / "a", **common))
     finetune(tiny_model("qwen2", vocab_size=len(tok)), tok, _rows(), _config(tmp_path / "b", **common),
              callbacks=[_StopAt(1)])
     ckpt = tmp_path / "b" / "out" / "checkpoint-1"
     assert (ckpt / "steering_vector.safetensors").exists() and not (ckpt / "model.safetensors").exists()
+    assert (ckpt / "steering_vector.json").exists()
+    if saved_as == "old format":  # a checkpoint written before the vector was a Direction resumes the same
+        _save_old_format(SteeringVector.load(ckpt), ckpt)
     resumed = finetune(tiny_model("qwen2", vocab_size=len(tok)), tok, _rows(),
                        _config(tmp_path / "b", resume_from_checkpoint=True, **common))
     assert torch.allclose(straight.steering_vector.vector, resumed.steering_vector.vector, atol=1e-6)

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from emlab.vectors import Direction, random_like
+
 __all__ = ["LoraSolution", "Solution", "SteeringSolution", "cosine", "orthogonal_perturbation"]
 
 
@@ -136,8 +138,10 @@ def cosine(a: Solution, b: Solution) -> float:
 class SteeringSolution(Solution):
     """A steering vector: ``alpha * vector`` added to block ``layer``'s output at every position of every row.
 
-    The norm is ``|alpha| * ||vector||``, the norm of what is added to the residual stream. Hooks go
-    through :func:`emlab.hooks.steer`.
+    It holds a one-layer :class:`~emlab.vectors.Direction` (``direction``) with the multiplier in
+    ``direction.meta["alpha"]``; ``layer``, ``vector`` and ``alpha`` read it. The norm is
+    ``|alpha| * ||vector||``, the norm of what is added to the residual stream. Hooks go through
+    :func:`emlab.hooks.steer`.
 
     >>> sol = SteeringSolution(model, layer=2, vector=v, alpha=256.0)   # doctest: +SKIP
     >>> with sol.scaled(0.5):                                           # doctest: +SKIP
@@ -148,10 +152,24 @@ class SteeringSolution(Solution):
         if vector.dim() != 1:
             raise ValueError(f"a steering vector is 1-D (hidden size), got shape {tuple(vector.shape)}")
         self.model = model
-        self.layer = int(layer)
-        self.vector = vector.detach()
-        self.alpha = float(alpha)
+        self.direction = Direction({int(layer): vector.detach()}, recipe="steering solution",
+                                   meta={"alpha": float(alpha)})
         self.layer_path = layer_path
+
+    @classmethod
+    def from_direction(cls, model, direction: Mapping[int, Tensor], alpha: float | None = None, *,
+                       layer_path: str | None = None) -> SteeringSolution:
+        """The solution of a one-layer direction; alpha from ``alpha``, else its ``meta["alpha"]``, else 1.
+
+        >>> SteeringSolution.from_direction(None, Direction({2: torch.ones(4)}, meta={"alpha": 3.0})).norm()
+        6.0
+        """
+        if len(direction) != 1:
+            raise ValueError(f"a steering solution lives at one layer, the direction has {sorted(direction)}")
+        (layer, vector), = direction.items()
+        if alpha is None:
+            alpha = getattr(direction, "meta", {}).get("alpha", 1.0)
+        return cls(model, layer, vector, alpha, layer_path=layer_path)
 
     @classmethod
     def from_model(cls, model) -> SteeringSolution:
@@ -165,7 +183,22 @@ class SteeringSolution(Solution):
         sv = steering_vector(model)
         if sv is None:
             raise ValueError("this model carries no learned steering vector (finetune with adapter='steering_vector')")
-        return cls(unwrap(model), sv.layer, sv.vector.detach().clone(), sv.alpha)
+        return cls.from_direction(unwrap(model), sv.direction())
+
+    @property
+    def layer(self) -> int:
+        """The block whose output is steered."""
+        return self.direction.layers[0]
+
+    @property
+    def vector(self) -> Tensor:
+        """The vector, without alpha."""
+        return self.direction[self.layer]
+
+    @property
+    def alpha(self) -> float:
+        """The multiplier (``direction.meta["alpha"]``)."""
+        return self.direction.meta["alpha"]
 
     def __repr__(self) -> str:
         return f"SteeringSolution(layer={self.layer}, alpha={self.alpha}, norm={self.norm():.4g})"
@@ -188,7 +221,7 @@ class SteeringSolution(Solution):
         """
         from emlab.hooks import steer
 
-        return steer(self.model, {self.layer: self.vector * s}, alpha=self.alpha, layer_path=self.layer_path)
+        return steer(self.model, self.direction * s, alpha=self.alpha, layer_path=self.layer_path)
 
     def perturbed(self, eps: float, seed: int = 0) -> AbstractContextManager[None]:
         """Steer with the vector rotated by ``arcsin(eps)`` at the same norm.
@@ -204,9 +237,7 @@ class SteeringSolution(Solution):
         >>> round(SteeringSolution(None, 0, torch.ones(4)).random(seed=1).norm(), 6)
         2.0
         """
-        from emlab.directions import random_like
-
-        return self._with(random_like({self.layer: self.vector}, seed=seed)[self.layer])
+        return self._with(random_like(self.direction, seed=seed)[self.layer])
 
     def inner(self, other: Solution) -> float:
         """``<alpha v, alpha' v'>``; both vectors must live at the same layer.

@@ -49,7 +49,7 @@ def train(ctx: StudyContext, rows: list[dict], kind: str, seed: int, path, ft_ov
     res = finetune(ctx.fresh_model(), ctx.tokenizer, rows, cfg, kl_rows=kl_rows if kl_lambda > 0 else None)
     if kind == "steering_vector":
         sv = detach_steering_vector(res.model)
-        return SteeringSolution(ctx.model, sv.layer, sv.vector.detach().clone(), sv.alpha), res.log_history
+        return SteeringSolution.from_direction(ctx.model, sv.direction()), res.log_history
     return LoraSolution(res.model), res.log_history
 
 

@@ -9,9 +9,8 @@
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from emlab.models import get_layers, lora_config, rank1_lora_config, unwrap
+from emlab.vectors import Direction
 
 __all__ = [
     "STEERING_FILE",
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 #: File name of a saved learned steering vector (inside a checkpoint or output folder).
-STEERING_FILE = "steering_vector.safetensors"
+STEERING_FILE = "steering_vector.safetensors"  # + steering_vector.json, the Direction sidecar (newer runs)
 _ATTR = "emlab_steering_vector"
 
 
@@ -39,11 +39,12 @@ class SteeringVector(nn.Module):
     """One trainable vector ``v`` (init 0); ``alpha * v`` is added to block ``layer``'s output at every position.
 
     It lives on the model as a submodule (so optimisers, DDP and ``state_dict`` see it) and acts
-    only inside :meth:`applied`.
+    only inside :meth:`applied`, which is :func:`emlab.hooks.steer`. Read out, saved and loaded it
+    is a one-layer :class:`~emlab.vectors.Direction` with ``meta["alpha"]`` (:meth:`direction`).
 
     >>> sv = SteeringVector(hidden_size=8, layer=1, alpha=256.0)
-    >>> sv.vectors()[1].shape
-    torch.Size([8])
+    >>> sv.direction().layers, sv.direction().meta
+    ([1], {'alpha': 256.0})
     """
 
     def __init__(self, hidden_size: int, layer: int, alpha: float = 256.0):
@@ -55,61 +56,68 @@ class SteeringVector(nn.Module):
     def extra_repr(self) -> str:
         return f"hidden_size={self.vector.numel()}, layer={self.layer}, alpha={self.alpha}"
 
-    def vectors(self) -> dict[int, Tensor]:
-        """``{layer: v}`` (without alpha), the form :func:`emlab.hooks.steer` takes.
+    def direction(self) -> Direction:
+        """The vector's current value (a detached copy) as a one-layer Direction, alpha in ``meta["alpha"]``.
 
-        >>> SteeringVector(4, 0).vectors()[0].tolist()
-        [0.0, 0.0, 0.0, 0.0]
+        >>> d = SteeringVector(4, 0, alpha=2.0).direction()
+        >>> d[0].tolist(), d.meta["alpha"], d.recipe
+        ([0.0, 0.0, 0.0, 0.0], 2.0, 'learned steering vector')
         """
-        return {self.layer: self.vector}
+        return Direction({self.layer: self.vector.detach().clone()}, recipe="learned steering vector",
+                         meta={"alpha": self.alpha})
+
+    @classmethod
+    def from_direction(cls, direction: Mapping[int, Tensor], alpha: float | None = None) -> SteeringVector:
+        """A steering vector holding a one-layer direction's vector; alpha from ``alpha``, else ``meta["alpha"]``.
+
+        >>> SteeringVector.from_direction(Direction({3: torch.ones(2)}, meta={"alpha": 8.0})).alpha
+        8.0
+        """
+        if len(direction) != 1:
+            raise ValueError(f"a learned steering vector lives at one layer, the direction has {sorted(direction)}")
+        (layer, vec), = direction.items()
+        if alpha is None:
+            alpha = getattr(direction, "meta", {}).get("alpha", 256.0)
+        sv = cls(vec.numel(), layer, float(alpha))
+        with torch.no_grad():
+            sv.vector.copy_(vec)
+        return sv
 
     def applied(self, model):
         """Context manager adding ``alpha * v`` to the layer's output while active, with gradient to ``v``.
 
-        :func:`emlab.hooks.steer` detaches its vectors (right for fixed steering), so the learned
-        vector needs this differentiable twin; it follows the same rules: every row and position,
-        tensor or tuple block outputs, hook removed in ``finally``.
+        It is :func:`emlab.hooks.steer` with the parameter itself, which steer scales inside its
+        hook on every forward pass because it requires grad.
 
         >>> with sv.applied(model): out = model(ids)     # doctest: +SKIP
         """
-        return _add_to_output(get_layers(model)[self.layer], self)
+        from emlab.hooks import steer
+
+        return steer(model, {self.layer: self.vector}, alpha=self.alpha)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write ``steering_vector.safetensors`` (the vector, with layer and alpha as metadata) into ``folder``.
+        """Write :meth:`direction` (float32) as ``steering_vector.safetensors`` + ``steering_vector.json`` in ``folder``.
 
         >>> sv.save("runs/x")                              # doctest: +SKIP
+        PosixPath('runs/x/steering_vector.safetensors')
         """
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / STEERING_FILE
-        save_file({str(self.layer): self.vector.detach().float().cpu().contiguous()}, str(path),
-                  metadata={"layer": str(self.layer), "alpha": repr(self.alpha), "format": "emlab-steering-vector"})
-        return path
+        return self.direction().to(torch.float32).save(folder / STEERING_FILE)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SteeringVector:
-        """Read a vector written by :meth:`save` (a folder or the file itself).
+        """Read a vector written by :meth:`save`, or by the older format (a folder or the file itself).
 
         >>> SteeringVector.load("runs/x").alpha            # doctest: +SKIP
         256.0
         """
-        from safetensors import safe_open
-
         path = Path(path)
         if path.is_dir():
             path = path / STEERING_FILE
-        if not path.exists():
+        if not path.with_suffix(".safetensors").exists():
             raise FileNotFoundError(f"{path}: no learned steering vector there (expected {STEERING_FILE}).")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            layer = int(meta["layer"])
-            vec = f.get_tensor(str(layer))
-        sv = cls(vec.numel(), layer, float(meta.get("alpha", 256.0)))
-        with torch.no_grad():
-            sv.vector.copy_(vec)
-        return sv
+        return cls.from_direction(Direction.load(path))
 
     def load_(self, path: str | os.PathLike) -> None:
         """Copy a saved vector into this one in place (used on resume).
@@ -122,20 +130,6 @@ class SteeringVector(nn.Module):
                              f"this one (layer {self.layer}, {self.vector.numel()} dims)")
         with torch.no_grad():
             self.vector.copy_(other.vector.to(self.vector.device, self.vector.dtype))
-
-
-@contextmanager
-def _add_to_output(block: nn.Module, sv: SteeringVector) -> Iterator[None]:
-    def hook(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
-        h = h + (sv.alpha * sv.vector).to(h.dtype)
-        return (h, *output[1:]) if isinstance(output, tuple) else h
-
-    handle = block.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def steering_vector(model) -> SteeringVector | None:
@@ -222,49 +216,29 @@ def detach_steering_vector(model) -> SteeringVector | None:
     return sv
 
 
-_LAYER_KEY = re.compile(r"(\d+)$")
+def load_vectors(spec: Any, layer: int | None = None) -> Direction:
+    """A :class:`~emlab.vectors.Direction` from a saved one (its stem or .safetensors path), a
+    ``{layer: tensor}`` mapping (a Direction is taken as is) or a :class:`SteeringVector`.
 
+    With ``layer`` given only that layer is kept.
 
-def load_vectors(spec: Any, layer: int | None = None) -> dict[int, Tensor]:
-    """Per-layer vectors from a safetensors file, a ``{layer: tensor}`` mapping, or an object with ``.vectors``.
-
-    File keys are layer numbers (``"12"``, or a name ending in the number such as ``"layer.12"`` as
-    :meth:`emlab.directions.Direction.save` writes; the stem of such a file works too). A
-    ``Direction`` is a mapping and is taken as is. With ``layer`` given only that layer is returned.
-
-    >>> load_vectors({3: torch.ones(4), 5: torch.zeros(4)}, layer=3)
-    {3: tensor([1., 1., 1., 1.])}
+    >>> load_vectors({3: torch.ones(4), 5: torch.zeros(4)}, layer=3).layers
+    [3]
     """
     if isinstance(spec, str | os.PathLike):
-        from safetensors.torch import load_file
-
-        path = Path(spec)
-        if not path.exists() and Path(f"{path}.safetensors").exists():
-            path = Path(f"{path}.safetensors")  # the stem of a saved emlab.directions.Direction
-        if not path.exists():
-            raise FileNotFoundError(f"persona vector file {path} does not exist.")
-        raw: Mapping[Any, Tensor] = load_file(str(path))
-    elif hasattr(spec, "vectors") and not isinstance(spec, Mapping):
-        raw = spec.vectors() if callable(spec.vectors) else spec.vectors
+        direction = Direction.load(spec)
+    elif isinstance(spec, SteeringVector):
+        direction = spec.direction()
+    elif isinstance(spec, Direction):
+        direction = spec
     elif isinstance(spec, Mapping):
-        raw = spec
+        direction = Direction({int(k): torch.as_tensor(v).flatten() for k, v in spec.items()})
     else:
-        raise TypeError(f"expected a safetensors path or a mapping layer -> tensor, got {type(spec).__name__}")
-    vectors: dict[int, Tensor] = {}
-    for key, value in raw.items():
-        if isinstance(key, int):
-            idx = key
-        else:
-            m = _LAYER_KEY.search(str(key))
-            if m is None:
-                raise ValueError(f"vector key {key!r} does not name a layer (expected e.g. '12' or 'layers.12').")
-            idx = int(m.group(1))
-        vectors[idx] = torch.as_tensor(value).detach().flatten()
-    if layer is not None:
-        if layer not in vectors:
-            raise KeyError(f"layer {layer} not among the vector's layers {sorted(vectors)}")
-        vectors = {layer: vectors[layer]}
-    if not vectors:
-        raise ValueError("the persona vector holds no layer")
-    return vectors
-
+        raise TypeError(f"expected a saved Direction's path, a mapping layer -> tensor or a SteeringVector, "
+                        f"got {type(spec).__name__}")
+    if layer is None:
+        return direction
+    if layer not in direction:
+        raise KeyError(f"layer {layer} not among the vector's layers {direction.layers}")
+    return Direction({layer: direction[layer]}, direction.model, direction.recipe, dict(direction.counts),
+                     dict(direction.meta))
