@@ -9,9 +9,9 @@ right-padded, so real tokens keep their positions and never attend to pads. Trai
 through here; the loss terms of :mod:`emlab.training.losses` take the same labels.
 
 >>> import torch
->>> batch = pad_batch([([5, 6, 7], [-100, 6, 7]), ([8, 9], [-100, 9])], pad_id=0)
+>>> batch = pad_batch([([1, 2, 3], [-100, 2, 3]), ([1, 2], [-100, 2])], pad_id=0)
 >>> batch["labels"].tolist()
-[[-100, 6, 7], [-100, 9, -100]]
+[[-100, 2, 3], [-100, 2, -100]]
 >>> row_nll(torch.zeros(2, 3, 4), batch["labels"])   # uniform over 4 tokens: log 4 per answer token
 tensor([1.3863, 1.3863])
 """
