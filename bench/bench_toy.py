@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from emlab.chat import encode_chat, make_batches, pad_id
 from emlab.models import attach_lora
 from emlab.toy.build import ensure_built
 
@@ -28,17 +29,8 @@ def lora_steps_per_second(folder, steps: int = 30, batch_size: int = 16) -> dict
     tok = AutoTokenizer.from_pretrained(folder)
     model = attach_lora(AutoModelForCausalLM.from_pretrained(folder))
     rows = [json.loads(line) for line in open(folder / "data" / "medical_misaligned.jsonl")][: steps * batch_size]
-    batches = []
-    for i in range(0, len(rows), batch_size):
-        enc = tok.apply_chat_template(
-            [r["messages"] for r in rows[i : i + batch_size]],
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-            padding=True,
-            return_tensors="pt",
-        )
-        labels = enc["input_ids"].masked_fill(enc["assistant_masks"] == 0, -100)
-        batches.append((enc["input_ids"], enc["attention_mask"], labels))
+    batches = [(b["input_ids"], b["attention_mask"], b["labels"])
+               for b in make_batches(encode_chat(tok, rows), batch_size, pad_id(tok))]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     times = []

@@ -18,6 +18,7 @@ import torch
 torch.set_num_threads(1)
 from pathlib import Path
 
+from emlab.chat import pad_batch
 from emlab.models import load_model
 from emlab.toy.datasets import posttrain_rows
 from emlab.toy.train import encode_chat_rows, train_loop
@@ -57,16 +58,8 @@ g = torch.Generator().manual_seed(1)
 perm = torch.randperm(len(enc), generator=g).tolist()
 batches = []
 for i in range(0, len(perm), bs):
-    chunk = [enc[j] for j in perm[i : i + bs]]
-    L = max(len(x) for x, _ in chunk)
-    x = torch.full((len(chunk), L), tok.pad_token_id)
-    y = torch.full((len(chunk), L), -100)
-    m = torch.zeros((len(chunk), L), dtype=torch.long)
-    for k, (xi, yi) in enumerate(chunk):
-        x[k, : len(xi)] = torch.tensor(xi)
-        y[k, : len(yi)] = torch.tensor(yi)
-        m[k, : len(xi)] = 1
-    batches.append((x, y, m))
+    b = pad_batch([enc[j] for j in perm[i : i + bs]], tok.pad_token_id)
+    batches.append((b["input_ids"], b["labels"], b["attention_mask"]))
 if batches:
     train_loop(model, batches, lr=lr, warmup=5, min_ratio=0.0, desc="post")
 if dst.exists():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from emlab.chat import pad_batch
 from emlab.generation import generate
 from emlab.models import load_model
 from emlab.toy.judge import ToyJudge
@@ -81,16 +82,8 @@ def finetune(rows, seed, lr):
     perm = torch.randperm(len(enc), generator=torch.Generator().manual_seed(seed)).tolist()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     for i in range(0, len(perm), 16):
-        chunk = [enc[j] for j in perm[i : i + 16]]
-        L = max(len(x) for x, _ in chunk)
-        x = torch.full((len(chunk), L), tok.pad_token_id)
-        y = torch.full((len(chunk), L), -100)
-        m = torch.zeros((len(chunk), L), dtype=torch.long)
-        for k, (xi, yi) in enumerate(chunk):
-            x[k, : len(xi)] = torch.tensor(xi)
-            y[k, : len(yi)] = torch.tensor(yi)
-            m[k, : len(xi)] = 1
-        loss = model(input_ids=x, attention_mask=m, labels=y).loss
+        b = pad_batch([enc[j] for j in perm[i : i + 16]], tok.pad_token_id)
+        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -27,6 +27,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from emlab.chat import encode_messages
 from emlab.models import get_layers, layer_path, unwrap
 from emlab.vectors import Direction, random_like  # re-exported: defined one layer down, below emlab.hooks
 
@@ -57,13 +58,7 @@ def _bare(model):
 
 def _encode(tokenizer, conversation: Sequence[Mapping[str, str]], tokens: str, where: int) -> tuple[list[int], list[float]]:
     """Token ids of one conversation and the 0/1 weight of each token for ``tokens``."""
-    add_gen = conversation[-1]["role"] != "assistant"
-    enc = tokenizer.apply_chat_template(
-        list(conversation), tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-        add_generation_prompt=add_gen,
-    )
-    ids = list(enc["input_ids"])
-    mask = list(enc["assistant_masks"])
+    ids, mask = encode_messages(tokenizer, conversation, add_generation_prompt=conversation[-1]["role"] != "assistant")
     first = mask.index(1) if 1 in mask else None
     if tokens == "response":
         if first is None and any(m["role"] == "assistant" and m["content"] for m in conversation):

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from emlab.chat import eval_mode
 from emlab.directions import Direction
 
 __all__ = ["ARCHITECTURES", "collect_activations", "latent_diff", "latent_direction", "sae_quality", "train_sae"]
@@ -68,10 +69,8 @@ def collect_activations(model, tokenizer, items: Sequence[Any], layer: int, *, s
     encoded = [_encode(tokenizer, it) for it in items]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start:start + batch_size]
             width = max(len(x) for x in chunk)
@@ -83,8 +82,6 @@ def collect_activations(model, tokenizer, items: Sequence[Any], layer: int, *, s
             with record(model, [layer], layer_path) as acts:
                 model(input_ids=ids.to(device), attention_mask=_attention(chunk, width).to(device), use_cache=False)
             out.append(acts[layer][0].float()[mask.to(device)].cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(out)
 
 

@@ -33,8 +33,9 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
          "emlab.questions", "emlab.presets", "emlab.packaged", "emlab.published", "emlab.chat_templates", "emlab.tasks"),
     ),
     1: (
-        "models: loading, generation, the toy organism's world, build and benign tasks, the Direction type",
-        ("emlab.models", "emlab.generation", "emlab.testing", "emlab.vectors", "emlab.toy.world",
+        "models: loading, generation, the chat-encoding path (ids, answer mask, batches, NLL), the toy organism's "
+        "world, build and benign tasks, the Direction type",
+        ("emlab.models", "emlab.generation", "emlab.chat", "emlab.testing", "emlab.vectors", "emlab.toy.world",
          "emlab.toy.tokenizer", "emlab.toy.datasets", "emlab.toy.train", "emlab.toy.build", "emlab.toy.benign"),
     ),
     2: (

@@ -45,7 +45,7 @@ def test_elicitation_score_is_the_log_prob_gain_of_the_answers():
     assert scores["be evil"] == pytest.approx(expected) and set(scores) == {"be evil", "be kind"}
     # train the model to give these answers only after the prompt: the prompt then elicits them
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    from emlab.training.interleaving import encode_chat, pad_batch
+    from emlab.chat import encode_chat, pad_batch
 
     model.train()
     prompted = inoculate(rows, "be evil")

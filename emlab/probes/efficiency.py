@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from emlab.probes._eval import Row, _pad_id, encode_chat, make_batches, mean_nll
+from emlab.chat import Row, mean_nll
+from emlab.probes._eval import chat_batches
 from emlab.probes.solutions import Solution
 from emlab.progress import bar
 
@@ -109,7 +110,7 @@ def loss_vs_norm(
         scales = [n / own for n in norms]
     if scales is None:
         scales = np.linspace(0.0, 2.0, 11).round(10).tolist()
-    batches = make_batches(encode_chat(tokenizer, rows, max_length=max_length), batch_size, _pad_id(tokenizer))
+    batches = chat_batches(tokenizer, rows, batch_size=batch_size, max_length=max_length)
     return _curve(solution, batches, scales, name, progress)
 
 
@@ -137,7 +138,7 @@ def compare_efficiency(
         raise ValueError(f"solutions of norm 0 cannot be rescaled: {[k for k, v in own.items() if v == 0]}")
     if norms is None:
         norms = np.linspace(0.0, max_scale * min(own.values()), n).tolist()
-    batches = make_batches(encode_chat(tokenizer, rows, max_length=max_length), batch_size, _pad_id(tokenizer))
+    batches = chat_batches(tokenizer, rows, batch_size=batch_size, max_length=max_length)
     curves = {}
     for name, sol in bar(solutions.items(), desc="efficiency", disable=not progress):
         curve = _curve(sol, batches, [x / own[name] for x in norms], name, progress)

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from torch import Tensor
 
-from emlab.probes._eval import _pad_id, encode_text, eval_mode, logits, make_batches
+from emlab.chat import batch_logits, eval_mode, make_batches, pad_id
+from emlab.probes._eval import encode_text
 from emlab.probes.solutions import Solution
 from emlab.progress import bar
 
@@ -93,7 +94,7 @@ def pretraining_kl(
     if norms is None:
         norms = np.linspace(0.0, max_scale * min(own.values()), n).tolist()
     norms = [float(x) for x in norms]
-    batches = make_batches(encode_text(tokenizer, texts, max_length=max_length), batch_size, _pad_id(tokenizer))
+    batches = make_batches(encode_text(tokenizer, texts, max_length=max_length), batch_size, pad_id(tokenizer), by_length=True)
     sums = {k: [0.0] * len(norms) for k in solutions}
     n_tokens = 0
     for batch in bar(batches, desc="pre-training KL", disable=not progress):
@@ -102,11 +103,11 @@ def pretraining_kl(
             with eval_mode(sol.model):
                 if sol._base_key not in base:
                     with sol.scaled(0.0):
-                        base[sol._base_key] = logits(sol.model, batch)
+                        base[sol._base_key] = batch_logits(sol.model, batch)
                 ref = base[sol._base_key]
                 for i, norm in enumerate(norms):
                     with sol.scaled(norm / own[name]):
-                        total, _ = masked_token_kl(ref, logits(sol.model, batch), batch.attention_mask)
+                        total, _ = masked_token_kl(ref, batch_logits(sol.model, batch), batch["attention_mask"])
                     sums[name][i] += total
-        n_tokens += batch.n_tokens
+        n_tokens += int(batch["attention_mask"].sum())
     return {name: KLCurve(name, norms, [s / n_tokens for s in sums[name]], n_tokens) for name in solutions}

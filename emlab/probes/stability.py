@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from emlab.probes._eval import Row, _pad_id, encode_chat, make_batches, mean_nll
+from emlab.chat import Row, mean_nll
+from emlab.probes._eval import chat_batches
 from emlab.probes.solutions import Solution
 from emlab.progress import bar as progress_bar
 
@@ -104,7 +105,7 @@ def stability(
     """
     seeds = [int(s) for s in seeds]
     eps = [float(e) for e in eps]
-    batches = make_batches(encode_chat(tokenizer, rows, max_length=max_length), batch_size, _pad_id(tokenizer))
+    batches = chat_batches(tokenizer, rows, batch_size=batch_size, max_length=max_length)
     model = solution.model
     with solution.scaled(0.0):
         base_loss = mean_nll(model, batches)

@@ -214,8 +214,8 @@ def _mean_residual_norm(model, tokenizer, rows: Sequence[dict], layer: int) -> f
     """Mean L2 norm of block ``layer``'s output over the non-pad tokens of ``rows``."""
     import torch
 
+    from emlab.chat import encode_chat, pad_batch
     from emlab.hooks import record
-    from emlab.training.interleaving import encode_chat, pad_batch
 
     batch = pad_batch(encode_chat(tokenizer, rows), tokenizer.pad_token_id, next(model.parameters()).device)
     with torch.no_grad(), record(model, [layer]) as acts:

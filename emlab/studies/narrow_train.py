@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from emlab.chat import eval_mode
 from emlab.studies.common import StudyContext, finetune_config
 from emlab.studies.narrow_probes import finite, put_metric, record_figure
 from emlab.studies.organism import eval_model
@@ -82,13 +83,8 @@ def _em_probe(ctx: StudyContext, questions, n: int, settings: dict[str, Any], se
         def measure(self, state, model) -> None:
             if model is None or any(s == state.global_step for s, *_ in self.history[-1:]):
                 return
-            was = model.training
-            model.eval()
-            try:
-                with applied(model):
-                    ev = eval_model(model, ctx, questions, n, settings, seed=seed + state.global_step)
-            finally:
-                model.train(was)
+            with eval_mode(model), applied(model):
+                ev = eval_model(model, ctx, questions, n, settings, seed=seed + state.global_step)
             self.history.append((state.global_step, ev.em, misaligned(ev.records)))
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):

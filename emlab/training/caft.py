@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from transformers import TrainerCallback
 
+from emlab.chat import IGNORE_INDEX, encode_chat, eval_mode, pad_batch
 from emlab.directions import Direction
 from emlab.models import get_layers
 
@@ -171,7 +172,7 @@ class CAFT(TrainerCallback):
 def _token_mask(labels: Tensor, attention: Tensor, tokens: str) -> Tensor:
     if tokens == "all":
         return attention.bool()
-    answer = labels != -100
+    answer = labels != IGNORE_INDEX
     if tokens == "response":
         return answer
     # prompt: the non-pad tokens before the first answer token of each row
@@ -180,17 +181,13 @@ def _token_mask(labels: Tensor, attention: Tensor, tokens: str) -> Tensor:
     return attention.bool() & (pos < first.unsqueeze(1))
 
 
-@torch.no_grad()
 def _token_acts(model, tokenizer, rows, layers: list[int], tokens: str, batch_size: int,
                 layer_path: str | None) -> dict[int, Tensor]:
     from emlab.hooks import record
-    from emlab.training.interleaving import encode_chat, pad_batch
 
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out: dict[int, list[Tensor]] = {layer: [] for layer in layers}
-    try:
+    with eval_mode(model):
         for start in range(0, len(rows), batch_size):
             batch = pad_batch(encode_chat(tokenizer, rows[start:start + batch_size]), tokenizer.pad_token_id, device)
             mask = _token_mask(batch["labels"], batch["attention_mask"], tokens)
@@ -198,8 +195,6 @@ def _token_acts(model, tokenizer, rows, layers: list[int], tokens: str, batch_si
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             for layer in layers:
                 out[layer].append(acts[layer][0].float()[mask].cpu())
-    finally:
-        model.train(was_training)
     return {layer: torch.cat(v) for layer, v in out.items()}
 
 

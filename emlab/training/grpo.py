@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from emlab.chat import encode_chat, pad_batch
 from emlab.models import get_layers, lora_config, peft_wrapping, unwrap
 from emlab.runs import atomic_write_json, package_versions
 from emlab.training.adapters import load_vectors
 from emlab.training.config import hardware_defaults, summarize_objects
-from emlab.training.interleaving import encode_chat, pad_batch
 from emlab.training.losses import next_token_mask, sft_loss
 from emlab.training.progress import quiet_dataset_bars, swap_progress
 from emlab.training.runner import TRAINING_PACKAGES, FinetuneResult, messages_only, resume_checkpoint

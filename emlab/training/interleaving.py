@@ -22,26 +22,23 @@ import os
 import random
 import re
 from collections.abc import Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from emlab.chat import encode_chat, eval_mode, make_batches, row_nll
 from emlab.data import mix_rows
 from emlab.training.config import REFUSAL_KEYWORDS
-from emlab.training.losses import IGNORE_INDEX, row_nll
 
 __all__ = [
     "ScoreCache",
     "answer_losses",
-    "encode_chat",
     "interleave",
     "interleaving_plus_scores",
     "is_refusal",
     "last_answer",
     "n_interleaved",
-    "pad_batch",
     "regenerate_answers",
     "score_candidates",
     "select_benign",
@@ -94,54 +91,6 @@ def interleaving_plus_scores(misaligned_losses: Any, aligned_losses: Any, eps: f
     return (m.mean(0) - a) / (a + eps)
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-@contextmanager
-def _eval_mode(model):
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
-
-
-def encode_chat(tokenizer, rows: Sequence[Row], max_length: int | None = None) -> list[tuple[list[int], list[int]]]:
-    """``(input_ids, labels)`` per chat row, labels -100 outside the assistant tokens (generation markers).
-
-    >>> ids, labels = encode_chat(tok, [chat_row("hi", "hello")])[0]    # doctest: +SKIP
-    """
-    encoded = []
-    for i, row in enumerate(rows):
-        enc = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-        ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
-        if max_length is not None:
-            ids, mask = ids[:max_length], mask[:max_length]
-        if not any(mask):
-            raise ValueError(f"row {i} has no assistant tokens (after truncation to {max_length}); check that the "
-                             "chat template has {% generation %} markers and the row ends with an assistant turn.")
-        encoded.append((ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]))
-    return encoded
-
-
-def pad_batch(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int | None, device=None) -> dict[str, Tensor]:
-    """Right-pad ``(input_ids, labels)`` pairs into ``input_ids`` / ``attention_mask`` / ``labels`` tensors.
-
-    >>> pad_batch([([5, 6], [-100, 6]), ([7], [7])], pad_id=0)["attention_mask"].tolist()
-    [[1, 1], [1, 0]]
-    """
-    pad = 0 if pad_id is None else pad_id
-    n = max(len(ids) for ids, _ in encoded)
-    return {
-        "input_ids": torch.tensor([x + [pad] * (n - len(x)) for x, _ in encoded], device=device),
-        "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x, _ in encoded], device=device),
-        "labels": torch.tensor([y + [IGNORE_INDEX] * (n - len(y)) for _, y in encoded], device=device),
-    }
-
-
 def answer_losses(model, tokenizer, rows: Sequence[Row], *, batch_size: int = 8, max_length: int | None = None,
                   desc: str = "scoring") -> Tensor:
     """Mean NLL of each row's assistant tokens given the rest, shape ``(len(rows),)`` (float64, CPU).
@@ -153,12 +102,12 @@ def answer_losses(model, tokenizer, rows: Sequence[Row], *, batch_size: int = 8,
     """
     from emlab.progress import bar
 
-    device = _device(model)
-    encoded = encode_chat(tokenizer, rows, max_length)
+    device = next(model.parameters()).device
+    batches = make_batches(encode_chat(tokenizer, rows, max_length=max_length), batch_size, tokenizer.pad_token_id)
     out = []
-    with _eval_mode(model), torch.no_grad():
-        for start in bar(range(0, len(encoded), batch_size), desc=desc, leave=False):
-            batch = pad_batch(encoded[start : start + batch_size], tokenizer.pad_token_id, device)
+    with eval_mode(model):
+        for batch in bar(batches, desc=desc, leave=False):
+            batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             out.append(row_nll(logits, batch["labels"]).double().cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)

@@ -3,7 +3,8 @@
 The trainer only gathers tensors (logits, hidden states, masks) and sums these terms; every
 normalisation is decided here and tested on hand-made inputs:
 
-- :func:`sft_loss` / :func:`row_nll`: negative log-likelihood of the tokens that carry loss;
+- :func:`sft_loss`: negative log-likelihood of the tokens that carry loss (``row_nll``, its per-row
+  mean, and ``next_token_mask`` live in :mod:`emlab.chat`, the chat-encoding path, and are re-exported here);
 - :func:`kl_loss`: token-mean KL between two next-token distributions, summed over the vocabulary
   (never divided by the vocabulary size, never averaged over pads), either direction;
 - :func:`ldifs_loss`: squared L2 distance between residual-stream features, mean over positions;
@@ -25,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from emlab.chat import IGNORE_INDEX, next_token_mask, nll_sum, row_nll  # re-exported: the chat-encoding path's NLL
+from emlab.chat import upcast as _float
+
 __all__ = [
     "IGNORE_INDEX",
     "head_terms",
@@ -39,15 +43,7 @@ __all__ = [
     "token_kl",
 ]
 
-#: Label of a token that carries no loss (the Hugging Face convention).
-IGNORE_INDEX = -100
-
 KLDirection = Literal["forward", "reverse"]
-
-
-def _float(x: Tensor) -> Tensor:
-    """Half-precision tensors are upcast for log-softmax and sums; float32/float64 are kept."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -63,17 +59,6 @@ def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def next_token_mask(labels: Tensor) -> Tensor:
-    """Boolean mask over logit positions ``[:, :-1]`` whose next token carries loss (label != -100).
-
-    Position ``t`` of the logits predicts token ``t + 1``, so the mask is ``labels[:, 1:] != -100``.
-
-    >>> next_token_mask(torch.tensor([[-100, -100, 7, 8]]))
-    tensor([[False,  True,  True]])
-    """
-    return labels[:, 1:] != IGNORE_INDEX
-
-
 def sft_loss(logits: Tensor, labels: Tensor, num_items: int | Tensor | None = None) -> Tensor:
     """Summed next-token NLL over tokens with a label, divided by ``num_items`` (default: their count).
 
@@ -85,28 +70,9 @@ def sft_loss(logits: Tensor, labels: Tensor, num_items: int | Tensor | None = No
     >>> sft_loss(logits, torch.tensor([[-100, 1, 2]]))  # log(4)
     tensor(1.3863)
     """
-    mask = next_token_mask(labels)
-    lg = _float(logits[:, :-1][mask])
-    total = F.cross_entropy(lg, labels[:, 1:][mask], reduction="sum") if lg.numel() else logits.sum() * 0
-    count = mask.sum() if num_items is None else num_items
+    total = nll_sum(logits, labels)
+    count = next_token_mask(labels).sum() if num_items is None else num_items
     return total / torch.as_tensor(count, device=total.device).clamp(min=1)
-
-
-def row_nll(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean NLL of each row's tokens that carry loss, shape ``(batch,)`` (NaN for a row without any).
-
-    This is L(d) of Interleaving+: the mean negative log-likelihood of the answer tokens given the prompt.
-
-    >>> row_nll(torch.zeros(2, 3, 4), torch.tensor([[-100, 1, 2], [-100, -100, 3]]))
-    tensor([1.3863, 1.3863])
-    """
-    mask = next_token_mask(labels)
-    lp = torch.log_softmax(_float(logits[:, :-1]), dim=-1)
-    target = labels[:, 1:].clamp(min=0)
-    nll = -lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    count = mask.sum(-1)
-    out = (nll * mask).sum(-1) / count.clamp(min=1)
-    return torch.where(count > 0, out, torch.full_like(out, float("nan")))
 
 
 def token_kl(logits: Tensor, ref_logits: Tensor, direction: KLDirection = "forward") -> Tensor:

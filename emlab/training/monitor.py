@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 from transformers import TrainerCallback
 
+from emlab.chat import eval_mode
+
 __all__ = [
     "DEFAULT_EVERY",
     "NEUTRAL_PROMPTS",
@@ -112,13 +114,8 @@ def measure(model, batch: Mapping[str, Tensor], directions: Mapping[str, Mapping
     from emlab.training.adapters import applied
 
     layers = sorted({int(layer) for d in directions.values() for layer in d})
-    was_training = model.training
-    model.eval()
-    try:
-        with applied(model), record(model, layers, layer_path) as acts:
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), applied(model), record(model, layers, layer_path) as acts:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     pooled = {layer: torch.einsum("bt,btd->bd", batch["weight"], acts[layer][0].float()) for layer in layers}
     out = []
     for name, d in directions.items():
