@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Direction", "random_like"]
+__all__ = ["Direction", "one_layer", "random_like"]
 
 _FORMAT = "emlab-direction/1"
 #: The format of ``steering_vector.safetensors`` before a learned steering vector was saved as a
@@ -245,6 +245,22 @@ def _load_legacy_steering(path: Path, device: str | torch.device) -> Direction |
         layer = int(meta["layer"])
         vector = f.get_tensor(str(layer))
     return Direction({layer: vector}, recipe="learned steering vector", meta={"alpha": float(meta.get("alpha", 256.0))})
+
+
+def one_layer(direction: Mapping[int, Tensor], what: str, alpha: float | None = None,
+              default_alpha: float = 1.0) -> tuple[int, Tensor, float]:
+    """``(layer, vector, alpha)`` of a one-layer direction: alpha from ``alpha``, else its ``meta["alpha"]``, else
+    ``default_alpha``; ``what`` names the one-layer thing in the error for a direction at several layers.
+
+    >>> one_layer(Direction({2: torch.ones(3)}, meta={"alpha": 4.0}), "a steering solution")[::2]
+    (2, 4.0)
+    """
+    if len(direction) != 1:
+        raise ValueError(f"{what} lives at one layer, the direction has {sorted(direction)}")
+    (layer, vector), = direction.items()
+    if alpha is None:
+        alpha = getattr(direction, "meta", {}).get("alpha", default_alpha)
+    return int(layer), vector, float(alpha)
 
 
 def random_like(direction: Mapping[int, Tensor], seed: int = 0) -> Direction:

@@ -292,3 +292,17 @@ def test_misalignment_direction_balanced_per_question(model, tok):
         misalignment_direction(model, tok, [recs[0], recs[6]], layers=[1], balance="question", progress=False)
     with pytest.raises(ValueError, match="balance must be"):
         misalignment_direction(model, tok, recs, layers=[1], balance="nope", progress=False)
+
+
+def test_one_layer_unpacks_a_one_layer_direction_and_its_alpha():
+    import torch
+
+    from emlab.vectors import Direction, one_layer
+
+    d = Direction({2: torch.ones(3)}, meta={"alpha": 4.0})
+    layer, vector, alpha = one_layer(d, "a thing")
+    assert (layer, alpha) == (2, 4.0) and torch.equal(vector, torch.ones(3))
+    assert one_layer(d, "a thing", alpha=0.5)[2] == 0.5
+    assert one_layer({1: torch.zeros(2)}, "a thing", default_alpha=256.0)[::2] == (1, 256.0)
+    with pytest.raises(ValueError, match="a thing lives at one layer, the direction has \\[0, 1\\]"):
+        one_layer({0: torch.zeros(2), 1: torch.zeros(2)}, "a thing")

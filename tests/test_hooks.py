@@ -123,26 +123,25 @@ def test_steer_learned_vector_bit_identical_to_the_old_twin(tok, arch, dtype):
     ids = _ids(tok, ["you are a helpful assistant"] * 2)
     v_new = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
     v_old = v_new.detach().clone().requires_grad_(True)
-    grads_new, grads_old, logits_new, logits_old = [], [], [], []
-    with steer(model, {1: v_new}, alpha=3.0):
+
+    def two_steps(v):
+        """Two forward/backward passes, each followed by an update of ``v``; (logits, grads) of each."""
+        logits, grads = [], []
         for _ in range(2):
             out = model(ids, labels=ids)
             out.loss.backward()
-            logits_new.append(out.logits.detach())
-            grads_new.append(v_new.grad.clone())
+            logits.append(out.logits.detach())
+            grads.append(v.grad.clone())
             with torch.no_grad():
-                v_new.sub_(0.5 * v_new.grad)  # an update inside the block takes effect at the next pass
-            v_new.grad = None
+                v.sub_(0.5 * v.grad)  # an update inside the block takes effect at the next pass
+            v.grad = None
+        return logits, grads
+
+    with steer(model, {1: v_new}, alpha=3.0):
+        logits_new, grads_new = two_steps(v_new)
     handle = _old_learned_twin(get_layers(model)[1], 3.0, v_old)
     try:
-        for _ in range(2):
-            out = model(ids, labels=ids)
-            out.loss.backward()
-            logits_old.append(out.logits.detach())
-            grads_old.append(v_old.grad.clone())
-            with torch.no_grad():
-                v_old.sub_(0.5 * v_old.grad)
-            v_old.grad = None
+        logits_old, grads_old = two_steps(v_old)
     finally:
         handle.remove()
     assert all(torch.equal(a, b) for a, b in zip(logits_new, logits_old, strict=True))

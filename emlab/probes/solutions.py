@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from emlab.vectors import Direction, random_like
+from emlab.vectors import Direction, one_layer, random_like
 
 __all__ = ["LoraSolution", "Solution", "SteeringSolution", "cosine", "orthogonal_perturbation"]
 
@@ -164,11 +164,7 @@ class SteeringSolution(Solution):
         >>> SteeringSolution.from_direction(None, Direction({2: torch.ones(4)}, meta={"alpha": 3.0})).norm()
         6.0
         """
-        if len(direction) != 1:
-            raise ValueError(f"a steering solution lives at one layer, the direction has {sorted(direction)}")
-        (layer, vector), = direction.items()
-        if alpha is None:
-            alpha = getattr(direction, "meta", {}).get("alpha", 1.0)
+        layer, vector, alpha = one_layer(direction, "a steering solution", alpha)
         return cls(model, layer, vector, alpha, layer_path=layer_path)
 
     @classmethod

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from emlab.models import get_layers, lora_config, rank1_lora_config, unwrap
-from emlab.vectors import Direction
+from emlab.vectors import Direction, one_layer
 
 __all__ = [
     "STEERING_FILE",
@@ -73,12 +73,8 @@ class SteeringVector(nn.Module):
         >>> SteeringVector.from_direction(Direction({3: torch.ones(2)}, meta={"alpha": 8.0})).alpha
         8.0
         """
-        if len(direction) != 1:
-            raise ValueError(f"a learned steering vector lives at one layer, the direction has {sorted(direction)}")
-        (layer, vec), = direction.items()
-        if alpha is None:
-            alpha = getattr(direction, "meta", {}).get("alpha", 256.0)
-        sv = cls(vec.numel(), layer, float(alpha))
+        layer, vec, alpha = one_layer(direction, "a learned steering vector", alpha, default_alpha=256.0)
+        sv = cls(vec.numel(), layer, alpha)
         with torch.no_grad():
             sv.vector.copy_(vec)
         return sv
