@@ -85,6 +85,16 @@ class Claim:
     paper_source: str = ""
     hypotheses: tuple[str, ...] = ()
     margin: float = MARGIN_PP
+    where: tuple[tuple[str, Any], ...] = ()  # (setting, value) pairs a run must have, e.g. (("kind", "lora"),)
+
+    def applies_to(self, settings: dict[str, Any]) -> bool:
+        """Whether a run with these settings (its ``config.json`` and sweep parameters) counts for the claim.
+
+        >>> c = Claim("x", "001", "t", "05_narrow_vs_general", "a", "b", 1, where=(("kind", "lora"),))
+        >>> c.applies_to({"kind": "lora", "seed": 0}), c.applies_to({"kind": "steering_vector"}), c.applies_to({})
+        (True, False, False)
+        """
+        return all(k in settings and settings[k] == v for k, v in self.where)
 
     def pattern(self, key: str) -> re.Pattern[str]:
         """A regex of a key template: ``{domain}``/``{task}`` match one path segment each."""
@@ -193,6 +203,38 @@ def _table2_claims(paper: pd.DataFrame) -> list[Claim]:
     return out
 
 
+#: Study 05's claims per adapter kind: (id, text, a, b, unit, paper source, hypothesis beside _TOY).
+_CLAIMS_05 = (
+    ("narrow_solution", "a KL term on out-of-domain data gives a narrow solution: less general EM than the general one",
+     "general_em_general", "general_em_narrow", "pp", "001 Figure 3", _STEER_NARROW),
+    ("efficiency", "the general solution reaches lower loss at the same norm (loss narrow minus general at matched norm)",
+     "loss_at_matched_norm_narrow", "loss_at_matched_norm_general", "nats", "001 Figure 4(a)", _STEER_NARROW),
+    ("stability", "the general solution is more stable: its loss rises less under rotations by arcsin(0.5)",
+     "stability_dloss_at_eps_0.5_narrow", "stability_dloss_at_eps_0.5_general", "nats", "001 Figure 4(b)",
+     _STEER_NARROW),
+    ("pretraining_kl", "the general solution moves pre-training predictions more (KL on plain text at the matched norm)",
+     "pretrain_kl_at_norm_general", "pretrain_kl_at_norm_narrow", "nats", "001 Figure 5",
+     "the toy's plain-text corpus is the toy world's own text, not a pre-training mix"),
+    ("narrow_drifts_to_general",
+     "trained on without its KL, the narrow solution turns toward the general one (cosine end minus start)",
+     "drift_cosine_end", "drift_cosine_start", "cosine", "001 (KL removed: EM generalises)", _STEER_NARROW),
+)
+
+
+def _claims_05(kind: str) -> list[Claim]:
+    """Paper 001's claims on study 05's runs of one adapter kind: ids ``001/<claim>`` for LoRA (the scorecard's
+    first 05 sweep), ``001/<claim>/<kind>`` for the others (paper 001 trains steering vectors and rank-1 LoRAs too).
+
+    >>> [c.id for c in _claims_05("steering_vector")][:2], _claims_05("lora")[0].where
+    (['001/narrow_solution/steering_vector', '001/efficiency/steering_vector'], (('kind', 'lora'),))
+    """
+    suffix = "" if kind == "lora" else f"/{kind}"
+    label = {"lora": "LoRA", "steering_vector": "steering vector", "rank1_lora": "rank-1 LoRA"}.get(kind, kind)
+    return [Claim(f"001/{name}{suffix}", "001", f"{text} [{label}]", "05_narrow_vs_general", a, b, 1, unit=unit,
+                  paper_source=source, hypotheses=(hyp, _TOY), where=(("kind", kind),))
+            for name, text, a, b, unit, source, hyp in _CLAIMS_05]
+
+
 def build_claims(paper: pd.DataFrame, benign: pd.DataFrame) -> list[Claim]:
     """The registry, with paper 002's numbers from ``paper`` (``load_paper_table(table=None)``) and ``benign``
     (``paper002_benign.csv``)."""
@@ -249,28 +291,8 @@ def build_claims(paper: pd.DataFrame, benign: pd.DataFrame) -> list[Claim]:
               "finetunes on different domains converge to one direction (cosine across domains above a random one)",
               "01_directions", "cross_domain_cosine", "random_cosine", 1, unit="cosine",
               paper_source="001 §2 (convergent representation)", hypotheses=(_TOY,)),
-        Claim("001/narrow_solution", "001",
-              "a KL term on out-of-domain data gives a narrow solution: less general EM than the general one",
-              "05_narrow_vs_general", "general_em_general", "general_em_narrow", 1,
-              paper_source="001 Figure 3", hypotheses=(_STEER_NARROW, _TOY)),
-        Claim("001/efficiency", "001",
-              "the general solution reaches lower loss at the same norm (loss narrow minus general at matched norm)",
-              "05_narrow_vs_general", "loss_at_matched_norm_narrow", "loss_at_matched_norm_general", 1, unit="nats",
-              paper_source="001 Figure 4(a)", hypotheses=(_STEER_NARROW, _TOY)),
-        Claim("001/stability", "001",
-              "the general solution is more stable: its loss rises less under rotations by arcsin(0.5)",
-              "05_narrow_vs_general", "stability_dloss_at_eps_0.5_narrow", "stability_dloss_at_eps_0.5_general", 1,
-              unit="nats", paper_source="001 Figure 4(b)", hypotheses=(_STEER_NARROW, _TOY)),
-        Claim("001/pretraining_kl", "001",
-              "the general solution moves pre-training predictions more (KL on plain text at the matched norm)",
-              "05_narrow_vs_general", "pretrain_kl_at_norm_general", "pretrain_kl_at_norm_narrow", 1, unit="nats",
-              paper_source="001 Figure 5",
-              hypotheses=("the toy's plain-text corpus is the toy world's own text, not a pre-training mix", _TOY)),
-        Claim("001/narrow_drifts_to_general", "001",
-              "trained on without its KL, the narrow solution turns toward the general one (cosine end minus start)",
-              "05_narrow_vs_general", "drift_cosine_end", "drift_cosine_start", 1, unit="cosine",
-              paper_source="001 (KL removed: EM generalises)", hypotheses=(_STEER_NARROW, _TOY)),
     ]
+    claims += _claims_05("lora") + _claims_05("steering_vector")
     claims += _organism_claims()
     ids = [c.id for c in claims]
     dup = {i for i in ids if ids.count(i) > 1}

@@ -20,15 +20,49 @@ from typing import Any
 
 import pandas as pd
 
-from emlab.aggregate import SWEEP_FILE, load_table, summarize
+from emlab.aggregate import SWEEP_FILE, load_table, summarize, sweep_runs
 from emlab.claims import MARGIN_PP, PAPER_MODEL, Claim, default_claims, verdict
 from emlab.runs import atomic_write_text
 
-__all__ = ["claims_markdown", "effect_table", "scorecard", "write_claims"]
+__all__ = ["PLAN_FILE", "claims_markdown", "effect_table", "expand_sweeps", "plan_commands", "plan_sweep_dirs",
+           "read_plan", "scorecard", "write_claims"]
 
 
 # ------------------------------------------------------------------------------------------------
 # Scoring
+
+
+#: The file in a scorecard folder (``emlab claims-sweeps --out-dir``) naming the commands that made it and its sweeps.
+PLAN_FILE = "claims_sweeps.json"
+
+
+def read_plan(folder: Path) -> dict[str, Any] | None:
+    """A scorecard folder's ``claims_sweeps.json`` (None when it has none)."""
+    try:
+        info = json.loads((folder / PLAN_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise ValueError(f"{folder / PLAN_FILE}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{folder / PLAN_FILE}: not a JSON object")
+    return info
+
+
+def plan_sweep_dirs(folder: str | os.PathLike) -> list[Path] | None:
+    """The sweep folders of a scorecard folder made by :func:`emlab.claims_sweeps.run_scorecard_sweeps` (those that exist, in the
+    order first run); None when ``folder`` has no ``claims_sweeps.json``."""
+    root = Path(folder)
+    info = read_plan(root)
+    if info is None:
+        return None
+    return [root / s["name"] for s in info.get("sweeps", []) if (root / s["name"] / "sweep.json").exists()]
+
+
+def plan_commands(folder: str | os.PathLike) -> list[str]:
+    """The commands recorded in a scorecard folder's ``claims_sweeps.json``, oldest first (none without one)."""
+    info = read_plan(Path(folder)) or {}
+    return [str(c) for c in info.get("commands", [])]
 
 
 def _sweep_info(path: Path) -> dict[str, Any]:
@@ -40,16 +74,34 @@ def _sweep_info(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path / SWEEP_FILE}: not valid JSON ({e})") from None
 
 
+def expand_sweeps(sweeps: Iterable[str | os.PathLike]) -> list[Path]:
+    """Sweep folders, with each scorecard folder (one with ``claims_sweeps.json``) replaced by its sweeps."""
+    out: list[Path] = []
+    for s in map(Path, sweeps):
+        inner = plan_sweep_dirs(s)
+        out += [s] if inner is None else inner
+    return out
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def effect_table(sweeps: Iterable[str | os.PathLike], claims: Sequence[Claim]) -> pd.DataFrame:
     """One row per (claim, seed): the effect averaged over that seed's runs, in every sweep given.
 
     Columns ``claim, sweep, seed, value, runs`` (``sweep``: the sweeps holding the seed's runs, joined by
     ``, ``). Runs of one seed are pooled across sweeps, so a scorecard may combine, say, a sweep of the
     medical domain and one of the other domains (one seed, one unit). A run without a seed parameter is
-    its own unit.
+    its own unit. A claim with ``where`` reads only the runs whose settings (the run's ``config.json``,
+    else its sweep parameters) have those values. Scorecard folders are expanded (:func:`expand_sweeps`).
     """
     rows = []
-    for sweep in map(Path, sweeps):
+    for sweep in expand_sweeps(sweeps):
         info = _sweep_info(sweep)
         stem = info.get("notebook_stem") or Path(info.get("notebook", "")).stem
         mine = [c for c in claims if c.notebook == stem]
@@ -58,10 +110,15 @@ def effect_table(sweeps: Iterable[str | os.PathLike], claims: Sequence[Claim]) -
         table = load_table(sweep)
         if table.empty:
             continue
+        params = table.attrs.get("parameters") or []
+        run_dirs = {d.name: d for d, _ in sweep_runs(sweep)}
         for run, group in table.groupby("run", sort=False):
             metrics = dict(zip(group["metric"], group["value"].astype(float)))
             seed = group["seed"].iloc[0] if "seed" in group.columns else run
+            settings = {**{k: group[k].iloc[0] for k in params}, **_run_config(run_dirs.get(run, sweep / str(run)))}
             for c in mine:
+                if not c.applies_to(settings):
+                    continue
                 v = c.run_effect(metrics)
                 if v is not None:
                     rows.append({"claim": c.id, "sweep": str(sweep), "seed": str(seed), "value": v})
@@ -201,7 +258,11 @@ def write_claims(sweeps: Sequence[str | os.PathLike], out: str | os.PathLike = "
     sweeps = [Path(s) for s in sweeps]
     card = scorecard(sweeps, data_dir=data_dir)
     out = Path(out)
-    commands = [_sweep_command(s) for s in sweeps] + ([command] if command else [])
+    commands = []
+    for s in sweeps:
+        made_by = plan_commands(s) if plan_sweep_dirs(s) is not None else [_sweep_command(s)]
+        commands += [c for c in made_by if c not in commands]
+    commands += [command] if command else []
     files: list[Path] = []
     fig_name = None
     if figure and (card["n"] > 0).any():

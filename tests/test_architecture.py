@@ -55,7 +55,8 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
     ),
     5: (
         "studies, sweeps and the command line",
-        ("emlab.studies", "emlab.sweep_cells", "emlab.sweep_executors", "emlab.sweeps", "emlab.cli", "emlab._cli"),
+        ("emlab.studies", "emlab.sweep_cells", "emlab.sweep_executors", "emlab.sweeps", "emlab.claims_sweeps", "emlab.cli",
+         "emlab._cli"),
     ),
     6: (
         "the package root: its public names come from anywhere below; no module imports it",

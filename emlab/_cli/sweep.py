@@ -45,8 +45,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out-dir", metavar="DIR", help="the sweep folder (default: RUNS_DIR/sweeps/<stem>-<hash>)")
     p.add_argument("--runs-dir", default="runs", metavar="DIR", help="default: runs")
-    p.add_argument("--executor", choices=("local", "slurm"), default="local", help="default: local")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their run folders, run nothing")
+    add_run_arguments(p)
+    p.set_defaults(func=sweep_command)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of how a sweep runs (executor, limits, local workers, Slurm resources), shared by
+    ``emlab sweep`` and ``emlab claims-sweeps``; :func:`make_executor` reads them back."""
+    p.add_argument("--executor", choices=("local", "slurm"), default="local", help="default: local")
     p.add_argument("--kernel", default="python3", help="Jupyter kernel name (default: python3)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="time limit per notebook cell (default: none)")
     p.add_argument(
@@ -85,7 +92,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="give up on cells still pending after this long (default: 21600)",
     )
-    p.set_defaults(func=sweep_command)
 
 
 def _cells(args: argparse.Namespace) -> list[dict]:
@@ -108,7 +114,8 @@ def _cells(args: argparse.Namespace) -> list[dict]:
     return [{**c, **g} for c in listed for g in grid]
 
 
-def _executor(args: argparse.Namespace) -> sweeps.LocalExecutor | sweeps.SlurmExecutor:
+def make_executor(args: argparse.Namespace) -> sweeps.LocalExecutor | sweeps.SlurmExecutor:
+    """The executor the options of :func:`add_run_arguments` ask for."""
     if args.executor == "slurm":
         return sweeps.SlurmExecutor(
             partition=args.partition,
@@ -130,7 +137,7 @@ def sweep_command(args: argparse.Namespace) -> int:
 
     try:
         cells = _cells(args)
-        executor = _executor(args)
+        executor = make_executor(args)
         if args.dry_run:
             root = args.out_dir or sweeps.default_sweep_dir(args.notebook, cells, args.runs_dir)
             print(f"{len(cells)} cells of {args.notebook} -> {root}")
