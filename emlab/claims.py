@@ -31,7 +31,8 @@ import pandas as pd
 
 from emlab.plots import METHOD_LABELS
 
-__all__ = ["Claim", "MARGIN_PP", "PAPER_MODEL", "build_claims", "default_claims", "paper_number", "verdict"]
+__all__ = ["Claim", "MARGIN_PP", "PAPER_MODEL", "build_claims", "default_claims", "paper_number", "study05_claims",
+           "verdict"]
 
 #: Half-width (percentage points of EM) inside which an effect counts as "no effect", for the paper's
 #: numbers (which Table 2 effects are "no effect" claims) and for emlab's interval.
@@ -221,11 +222,11 @@ _CLAIMS_05 = (
 )
 
 
-def _claims_05(kind: str) -> list[Claim]:
+def study05_claims(kind: str) -> list[Claim]:
     """Paper 001's claims on study 05's runs of one adapter kind: ids ``001/<claim>`` for LoRA (the scorecard's
     first 05 sweep), ``001/<claim>/<kind>`` for the others (paper 001 trains steering vectors and rank-1 LoRAs too).
 
-    >>> [c.id for c in _claims_05("steering_vector")][:2], _claims_05("lora")[0].where
+    >>> [c.id for c in study05_claims("steering_vector")][:2], study05_claims("lora")[0].where
     (['001/narrow_solution/steering_vector', '001/efficiency/steering_vector'], (('kind', 'lora'),))
     """
     suffix = "" if kind == "lora" else f"/{kind}"
@@ -292,7 +293,7 @@ def build_claims(paper: pd.DataFrame, benign: pd.DataFrame) -> list[Claim]:
               "01_directions", "cross_domain_cosine", "random_cosine", 1, unit="cosine",
               paper_source="001 §2 (convergent representation)", hypotheses=(_TOY,)),
     ]
-    claims += _claims_05("lora") + _claims_05("steering_vector")
+    claims += study05_claims("lora") + study05_claims("steering_vector")
     claims += _organism_claims()
     ids = [c.id for c in claims]
     dup = {i for i in ids if ids.count(i) > 1}

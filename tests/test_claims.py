@@ -180,10 +180,16 @@ def test_registry_numbers_from_the_paper_tables():
 @need_paper
 def test_cli_writes_page_figure_and_csv_fast(tmp_path, capsys):
     sw = make_sweep(tmp_path / "02", "02_defences", defences_runs(seeds=range(6)))
-    runs05 = [({"seed": s}, {"loss_at_matched_norm_narrow": 2.0 + 0.01 * s, "loss_at_matched_norm_general": 1.5,
-                             "general_em_general": 30.0, "general_em_narrow": 32.0 + s})
+    runs05 = [({"seed": s, "kind": "lora"}, {"loss_at_matched_norm_narrow": 2.0 + 0.01 * s,
+                                             "loss_at_matched_norm_general": 1.5,
+                                             "general_em_general": 30.0, "general_em_narrow": 32.0 + s})
               for s in range(5)]
+    # steering-vector runs of 05 without a swept kind: their config.json says it; they count only for
+    # the claims 001/*/steering_vector
+    runs05 += [({"seed": s}, {"general_em_general": 40.0 + s, "general_em_narrow": 10.0}) for s in range(3)]
     sw5 = make_sweep(tmp_path / "05", "05_narrow_vs_general", runs05)
+    for i in range(5, 8):
+        (sw5 / "cells" / f"c{i}" / "config.json").write_text(json.dumps({"kind": "steering_vector", "seed": i - 5}))
     out = tmp_path / "docs" / "claims.md"
     start = time.perf_counter()
     rc = main(["claims", str(sw), str(sw5), "--out", str(out), "--paper-data", str(PAPER_DATA)])
@@ -205,6 +211,10 @@ def test_cli_writes_page_figure_and_csv_fast(tmp_path, capsys):
     assert card.loc["001/efficiency", "verdict"] == "holds"
     assert card.loc["001/narrow_solution", "verdict"] == "opposite"
     assert card.loc["001/stability", "verdict"] == "not measured"
+    assert card.loc["001/narrow_solution", "n"] == 5 and card.loc["001/narrow_solution", "mean"] == pytest.approx(-4.0)
+    sv = card.loc["001/narrow_solution/steering_vector"]
+    assert sv["n"] == 3 and sv["mean"] == pytest.approx(31.0) and sv["verdict"] == "holds"
+    assert card.loc["001/efficiency/steering_vector", "verdict"] == "not measured"
     assert (out.parent / "claims_figure.html").exists()
     assert "![effect and interval per claim]" not in page  # no PNG asked for, none embedded
     assert "claims:" in capsys.readouterr().out
