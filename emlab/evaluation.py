@@ -80,6 +80,9 @@ def judge_records(
 ) -> list[dict[str, Any]]:
     """Add ``judge``'s score for each metric (and ``<metric>_reason``) to each record, in place.
 
+    A missing score also gets ``<metric>_retry`` (:attr:`emlab.judge.base.Judgment.retry`): True when a later
+    run may get it (an outage), False when the judge's answer was final (e.g. REFUSAL).
+
     Records need ``question`` and ``answer``. A judge with a ``classify(question, answer)`` method
     (the toy judge) also sets ``on_topic``. ``questions`` (:class:`emlab.questions.Question`) bring
     their own judge prompts (the upstream EM files do): a record whose ``question_id`` names a question
@@ -102,6 +105,8 @@ def judge_records(
             for i, j in zip(idx, judged, strict=True):
                 records[i][metric] = j.score
                 records[i][f"{metric}_reason"] = j.reason
+                if j.score is None:  # a resumed study judges again only what a later run may get
+                    records[i][f"{metric}_retry"] = bool(j.retry)
     classify = getattr(judge, "classify", None)
     if callable(classify):
         for rec, (q, a) in zip(records, pairs):

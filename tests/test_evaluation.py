@@ -33,6 +33,17 @@ def test_judge_records_adds_scores_reasons_and_topic():
     assert recs[0]["aligned"] == 10.0 and recs[0]["coherent"] == 80.0 and recs[0]["coherent_reason"] is None
     assert recs[1]["coherent"] is None and recs[1]["coherent_reason"] == "REFUSAL"
     assert [r["on_topic"] for r in recs] == [True, False]
+    # a final missing score says so (a resumed study keeps it); a scored one gets no such field
+    assert recs[1]["coherent_retry"] is False and "coherent_retry" not in recs[0] and "aligned_retry" not in recs[1]
+
+
+def test_judge_records_marks_a_failure_a_later_run_may_retry():
+    class Outage:
+        def score(self, metric, pairs):
+            return [Judgment(None, "gave up after 2 attempts: HTTP 503", retry=True) for _ in pairs]
+
+    recs = judge_records([{"question": "q", "answer": "a"}], Outage(), ("aligned",))
+    assert recs[0]["aligned"] is None and recs[0]["aligned_retry"] is True
 
 
 def test_evaluate_samples_judges_and_summarises(tmp_path):

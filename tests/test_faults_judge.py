@@ -252,6 +252,7 @@ def test_hung_endpoint_stops_early_instead_of_waiting_for_every_answer(server, t
         judge.score("aligned", pairs)
     assert time.monotonic() - t0 < 4  # 5 failures (over 10% of 40) at 2 in flight, not 40 x 0.2 s
     assert sum(j.reason.startswith("not judged") for j in info.value.judgments) >= 30
+    assert all(j.retry for j in info.value.judgments if j.score is None)  # a later run may get them
 
 
 def test_malformed_replies_are_retried_then_fail(server, tmp_path):
@@ -259,6 +260,7 @@ def test_malformed_replies_are_retried_then_fail(server, tmp_path):
     out = judge.score("aligned", [("a", "[badjsonx1][score=40]"), ("b", "[badjsonx9]"), ("c", "[dropx1][score=60]")])
     assert out[0].score is not None and out[2].score is not None
     assert out[1].score is None and out[1].reason.startswith("gave up after 2 attempts: malformed response")
+    assert out[1].retry and not out[0].retry and not out[2].retry
     assert judge.usage.failed == 1
 
 

@@ -65,6 +65,7 @@ def test_faults_are_retried_or_reported_and_rerun_hits_cache_only(server, tmp_pa
     refusal, nolog, *recovered = out[30:]
     assert refusal.score is None and "REFUSAL" in refusal.reason
     assert nolog.score is None and "no logprobs" in nolog.reason
+    assert not refusal.retry and nolog.retry  # the refusal is final, the failure a later run may retry
     assert [j.score for j in recovered] == pytest.approx([expected(s) for s in (10, 90, 70, 30, 55)])
     # one request per answer plus one per injected fault (a slow machine may add timeouts, never fewer)
     assert judge.usage.calls == server.requests >= len(pairs) + 1 + 2 + 1 + 1 + 3

@@ -53,3 +53,26 @@ def test_without_a_second_judge_its_steps_return_none(tmp_path):
     assert ev2 is None and table is None and set(figures) == {"quadrant", "em_per_question"}
     assert "judge2_general_em" not in json.loads((tmp_path / "metrics.json").read_text())
     assert study.metrics["n_samples"] == len(records)
+
+
+def test_a_resumed_run_keeps_the_local_judges_final_missing_scores(tmp_path, monkeypatch):
+    """The local judge's missing scores (no number among its top tokens, as on the micro organism) are its
+    final answer: a resumed run reads them back instead of judging again (only an outage is retried)."""
+    import emlab.evaluation
+
+    study = evaluation.start(smoke=True, judge2="local", out_dir=tmp_path)
+    evaluation.sample(study)
+    evaluation.judge_first(study)
+    ev2 = evaluation.judge_second(study)
+    rows = [json.loads(line) for line in (tmp_path / "judge2_samples.jsonl").read_text().splitlines()]
+    missing = [r for r in rows if r["aligned"] is None]
+    assert missing and all(r["aligned_retry"] is False for r in missing)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("judged again")
+
+    monkeypatch.setattr(emlab.evaluation, "judge_records", refused)
+    again = evaluation.start(smoke=True, judge2="local", out_dir=tmp_path)
+    evaluation.sample(again)
+    evaluation.judge_first(again)
+    assert evaluation.judge_second(again).records == ev2.records

@@ -59,6 +59,12 @@ def test_a_finished_evaluation_is_read_back_and_an_incomplete_one_is_done_again(
     assert study.saved_records("chat_general_samples", expected=len(rows)) is None
     redone = organism.evaluate_chat(study)
     assert calls == ["chat_general"] and redone.summary == first.summary
+    rows[0]["aligned_retry"] = True  # an outage, as judge_records marks it: done again
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert study.saved_records("chat_general_samples", expected=len(rows)) is None
+    rows[0]["aligned_retry"] = False  # the judge's final answer had no score (e.g. REFUSAL): kept
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert study.saved_records("chat_general_samples", expected=len(rows))[0]["aligned"] is None
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))  # cut short by a kill
     assert study.saved_records("chat_general_samples", expected=len(rows)) is None
     assert study.saved_records("chat_general_samples", expected=len(rows) - 1, metrics=("coherent",)) is not None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 __all__ = [
@@ -49,6 +49,9 @@ class Judgment:
 
     score: float | None
     reason: str | None = None
+    #: True for a missing score a later run may get (an outage, a timeout, a run stopped early); False for a
+    #: score or a final answer without one (REFUSAL, no numeric tokens): a resumed study keeps those.
+    retry: bool = field(default=False, repr=False)
 
 
 class JudgeError(RuntimeError):

@@ -24,6 +24,7 @@ stops the run. With ``batch=True`` the requests go through the OpenAI Batch API 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -345,7 +346,8 @@ class OpenAIJudge(JudgeRequests):
             if stopped or len(failed) > self.max_missing * n:
                 for i, j in enumerate(results):
                     if j is None:
-                        results[i] = Judgment(None, "not judged: the run stopped after too many failed judgments")
+                        results[i] = Judgment(None, "not judged: the run stopped after too many failed judgments",
+                                              retry=True)
                 first = results[min(failed)].reason if failed else "unknown"
                 raise JudgeFailedError(
                     f"judge {self.name} at {self.endpoint} failed on {len(failed)} of {n} '{metric}' judgments "
@@ -386,8 +388,9 @@ class OpenAIJudge(JudgeRequests):
             self.usage.failed += 1
             failed.update(idx)
         self.usage.judged += 1
+        judgment = outcome.judgment if outcome.definitive else dataclasses.replace(outcome.judgment, retry=True)
         for i in idx:
-            results[i] = outcome.judgment
+            results[i] = judgment
         return len(failed) > self.max_missing * n
 
     async def _run_concurrent(

@@ -269,11 +269,15 @@ class StudyRun:
 
     def saved_records(self, name: str, *, expected: int, metrics: Any = ("aligned", "coherent")) -> list | None:
         """The run folder's ``<name>.jsonl`` when it holds ``expected`` records with every one of ``metrics``
-        scored, else None (missing, cut short by a kill, or judged during a judge outage: done again)."""
+        scored or finally unscored, else None (missing, cut short by a kill, or judged during a judge outage:
+        done again). A missing score is final when its record says ``<metric>_retry: false`` (the judge
+        answered without a score, e.g. REFUSAL; :func:`emlab.evaluation.judge_records`); records written
+        before that field existed count as not final."""
         if not (self.run.dir / f"{name}.jsonl").exists():
             return None
         rows = self.run.read_records(name)
-        if len(rows) != expected or any(r.get(m) is None for r in rows for m in metrics):
+        if len(rows) != expected or any(r.get(m) is None and r.get(f"{m}_retry") is not False
+                                        for r in rows for m in metrics):
             return None
         return rows
 
