@@ -191,3 +191,18 @@ def test_persona_is_read_back_and_evaluations_name_their_domain(tmp_path, monkey
     assert json.loads((tmp_path / "metrics.json").read_text())["persona_counts"] == {"kept": 3}
     with pytest.raises(ValueError, match="medical or finance"):
         directions.finetune_domain(study, "legal")
+
+
+def test_a_persona_vector_none_passed_for_is_not_tried_again_on_resume(tmp_path, monkeypatch):
+    import emlab.directions
+
+    def none_passed(*args, **kwargs):
+        raise ValueError("no answer pair passed the filter (0 of 4)")
+
+    monkeypatch.setattr(emlab.directions, "persona_vector", none_passed)
+    study = directions.start(seed=0, out_dir=tmp_path, smoke=True)
+    assert directions.persona(study) is None and study.state["persona_why"].startswith("no answer pair passed")
+    assert json.loads((tmp_path / "metrics.json").read_text())["persona_missing"] == study.state["persona_why"]
+    monkeypatch.setattr(emlab.directions, "persona_vector", lambda *a, **k: pytest.fail("persona tried again"))
+    again = directions.start(seed=0, out_dir=tmp_path, smoke=True)
+    assert directions.persona(again) is None and again.state["persona_why"] == study.state["persona_why"]

@@ -250,18 +250,19 @@ def evaluate_chat(study: StudyRun):
 
 def persona(study: StudyRun):
     """The chat model's persona vector for the study's trait (``persona_<trait>``, ``persona_counts``),
-    or None when no answer pair passes the filter (the run's notes say why); read back from the run
-    folder when a resumed run has it."""
+    or None when no answer pair passes the filter (the run's notes and ``persona_missing`` say why); read
+    back from the run folder when a resumed run has it, and not tried again when it found none."""
     cfg = study.config
-    name, why = f"persona_{cfg['trait']}", None
-    v = study.saved_direction(name)
-    if v is None:
+    name = f"persona_{cfg['trait']}"
+    v, why = study.saved_direction(name), study.run.metrics.get("persona_missing")
+    if v is None and why is None:
         v, why = _persona(study.ctx, cfg["trait"], cfg["layers"], cfg["sizes"], study.settings, study.seed)
     else:
         _trait(study.ctx, cfg["trait"], cfg["sizes"])  # an LLM judge still learns the trait's description
     study.state["persona_why"] = why
     if v is None:
         study.run.note(f"no persona vector: {why}")
+        study.log({"persona_missing": why})
         return None
     study.metrics["persona_counts"] = dict(v.counts)
     study.log()
