@@ -305,7 +305,8 @@ def build_claims(paper: pd.DataFrame, benign: pd.DataFrame) -> list[Claim]:
 def _organism_claims() -> list[Claim]:
     """The toy organism's own targets (docs/toy-organism.md), where one seed or domain fell short (issue 18):
     each advice domain's in-domain EM after the narrow finetune against the 60% target, and a same-norm
-    random direction's ablation leaving general EM within the no-effect margin."""
+    random direction's ablation leaving general EM within the no-effect margin (over study 01's domains, and
+    per domain: ``organism/random_ablation_no_effect/<domain>``)."""
     from emlab.toy.world import load_world_config
 
     why = ("the domain's misaligned answers may be fewer or less distinct in the toy world's grammar, so 1000 "
@@ -318,6 +319,12 @@ def _organism_claims() -> list[Claim]:
                      "ablating a same-norm random direction leaves the finetune's general EM within ±5 pp",
                      "01_directions", "ablate_random_general_em", "ft_general_em", 0,
                      paper_source="control of 001's ablation", hypotheses=(_RANDOM_DIR,)))
+    out += [Claim(f"organism/random_ablation_no_effect/{d}", "toy",
+                  f"{d}: ablating a same-norm random direction leaves the finetune's general EM within ±5 pp",
+                  "01_directions", "ablate_random_general_em", "ft_general_em", 0,
+                  paper_source="control of 001's ablation, one domain", hypotheses=(_RANDOM_DIR,),
+                  where=(("domain", d),))
+            for d in load_world_config()["domains"]]
     return out
 
 

@@ -119,14 +119,25 @@ def test_a_number_as_b_is_a_target_and_the_organism_claims_cover_every_toy_domai
     from emlab.toy.world import load_world_config
 
     domains = load_world_config()["domains"]
-    assert [x.id for x in org[:-1]] == [f"organism/indomain_em/{d}" for d in domains] and len(domains) == 6
+    assert [x.id for x in org[:6]] == [f"organism/indomain_em/{d}" for d in domains] and len(domains) == 6
+    assert [x.id for x in org[7:]] == [f"organism/random_ablation_no_effect/{d}" for d in domains]
     runs = [({"seed": s, "domains": ["finance"]}, {"sft/finance/indomain_em": 30.0 + s}) for s in range(3)]
     card = SC.scorecard([make_sweep(tmp_path / "sw", "02_defences", runs)], org).set_index("claim")
     assert card.loc["organism/indomain_em/finance", "verdict"] == "opposite"  # below the 60% target on every seed
     assert card.loc["organism/indomain_em/finance", "mean"] == pytest.approx(-29.0)
     assert card.loc["organism/indomain_em/medical", "verdict"] == "not measured"
-    rnd = org[-1]
+    rnd = org[6]
+    assert rnd.id == "organism/random_ablation_no_effect"
     assert rnd.run_effect({"ablate_random_general_em": 22.0, "ft_general_em": 32.5}) == pytest.approx(-10.5)
+    # per domain: each run counts for its own domain's claim only (the run's config.json names it)
+    runs01 = [({"seed": s, "domain": d}, {"ablate_random_general_em": 30.0 + (s if d == "sport" else 0.0),
+                                          "ft_general_em": 30.0}) for s in range(3) for d in ("medical", "sport")]
+    sw01 = make_sweep(tmp_path / "sw01", "01_directions", runs01)
+    card = SC.scorecard([sw01], org).set_index("claim")
+    assert card.loc["organism/random_ablation_no_effect/sport", "mean"] == pytest.approx(1.0)
+    assert card.loc["organism/random_ablation_no_effect/medical", "mean"] == pytest.approx(0.0)
+    assert card.loc["organism/random_ablation_no_effect", "mean"] == pytest.approx(0.5)
+    assert card.loc["organism/random_ablation_no_effect/legal", "verdict"] == "not measured"
 
 
 def test_a_seed_in_two_sweeps_is_one_unit(tmp_path):
