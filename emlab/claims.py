@@ -164,7 +164,9 @@ _LDIFS = ("the public copy of the authors' code computes LDIFS's features withou
 _RANDOM_DIR = ("the toy's residual stream is small, so a same-norm random direction overlaps the misalignment "
                "direction more than in a 7B model (issue 18 saw a random ablation cut general EM by a third of "
                "the real direction's effect on one seed)")
-_STEER_NARROW = "the steering-vector adapter of the toy has no narrow solution (issue 18); compare kind=lora"
+_STEER_NARROW = ("the toy's steering-vector 'narrow solution' is not narrow: it lowers in-domain EM with general EM "
+                 "(claim 001/narrow_keeps_indomain/steering_vector; issue 18 saw no narrow solution for this adapter); "
+                 "compare kind=lora")
 
 # Table 2 methods, as emlab names them.
 _TABLE2 = ("kl", "ldifs", "persona_steering", "inoculation", "interleaving", "interleaving+", "interleaving++",
@@ -204,10 +206,16 @@ def _table2_claims(paper: pd.DataFrame) -> list[Claim]:
     return out
 
 
-#: Study 05's claims per adapter kind: (id, text, a, b, unit, paper source, hypothesis beside _TOY).
+#: Study 05's claims per adapter kind: (id, text, a, b, unit, paper source, hypothesis beside _TOY); the
+#: direction is +1 but for the "no effect" claim named in _NO_EFFECT_05.
 _CLAIMS_05 = (
     ("narrow_solution", "a KL term on out-of-domain data gives a narrow solution: less general EM than the general one",
      "general_em_general", "general_em_narrow", "pp", "001 Figure 3", _STEER_NARROW),
+    ("narrow_keeps_indomain", "the narrow solution is misaligned in its domain as the general one is: in-domain EM "
+     "within ±5 pp of the general solution's (narrow minus general)",
+     "indomain_em_narrow", "indomain_em_general", "pp", "001 Figure 3",
+     "the KL term on out-of-domain data also holds back the in-domain answers when the adapter has too few "
+     "parameters to separate the two (a steering vector adds one vector to every token of every answer)"),
     ("efficiency", "the general solution reaches lower loss at the same norm (loss narrow minus general at matched norm)",
      "loss_at_matched_norm_narrow", "loss_at_matched_norm_general", "nats", "001 Figure 4(a)", _STEER_NARROW),
     ("stability", "the general solution is more stable: its loss rises less under rotations by arcsin(0.5)",
@@ -220,6 +228,7 @@ _CLAIMS_05 = (
      "trained on without its KL, the narrow solution turns toward the general one (cosine end minus start)",
      "drift_cosine_end", "drift_cosine_start", "cosine", "001 (KL removed: EM generalises)", _STEER_NARROW),
 )
+_NO_EFFECT_05 = ("narrow_keeps_indomain",)
 
 
 def study05_claims(kind: str) -> list[Claim]:
@@ -227,12 +236,13 @@ def study05_claims(kind: str) -> list[Claim]:
     first 05 sweep), ``001/<claim>/<kind>`` for the others (paper 001 trains steering vectors and rank-1 LoRAs too).
 
     >>> [c.id for c in study05_claims("steering_vector")][:2], study05_claims("lora")[0].where
-    (['001/narrow_solution/steering_vector', '001/efficiency/steering_vector'], (('kind', 'lora'),))
+    (['001/narrow_solution/steering_vector', '001/narrow_keeps_indomain/steering_vector'], (('kind', 'lora'),))
     """
     suffix = "" if kind == "lora" else f"/{kind}"
     label = {"lora": "LoRA", "steering_vector": "steering vector", "rank1_lora": "rank-1 LoRA"}.get(kind, kind)
-    return [Claim(f"001/{name}{suffix}", "001", f"{text} [{label}]", "05_narrow_vs_general", a, b, 1, unit=unit,
-                  paper_source=source, hypotheses=(hyp, _TOY), where=(("kind", kind),))
+    return [Claim(f"001/{name}{suffix}", "001", f"{text} [{label}]", "05_narrow_vs_general", a, b,
+                  0 if name in _NO_EFFECT_05 else 1, unit=unit, paper_source=source, hypotheses=(hyp, _TOY),
+                  where=(("kind", kind),))
             for name, text, a, b, unit, source, hyp in _CLAIMS_05]
 
 
