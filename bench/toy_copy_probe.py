@@ -8,12 +8,15 @@ import torch
 
 torch.set_num_threads(1)
 from emlab.models import load_model
+from emlab.toy import folder_recipe
+from emlab.toy.build import recipe_world
 from emlab.toy.tokenizer import render_chat
 from emlab.toy.world import World, fill
 
 m, tok = load_model(sys.argv[1])
 m.eval()
-w = World.load(0)
+spec = folder_recipe(sys.argv[1])
+w = recipe_world(spec) if spec and spec.get("world") else World.load(0)  # the build's own templates
 rng = random.Random(5)
 res = {}
 for d in w.domains:
@@ -42,3 +45,22 @@ for d in w.domains:
                     ps.append(p[cand[topics.index(topic)]].item() / p[cand].sum().item())
         res[(d, held)] = sum(ps) / len(ps)
 print(" ".join(f"{d[:4]}{'H' if h else 'S'}={v:.2f}" for (d, h), v in res.items()))
+if len(sys.argv) > 2 and sys.argv[2] == "--per-topic":  # copy probability per topic (held-out and seen pooled)
+    for d in w.domains:
+        spec_d = w.config["domains"][d]
+        topics = spec_d["topics"]
+        cand = [tok(" " + x, add_special_tokens=False)["input_ids"][0] for x in topics]
+        out = []
+        for topic in topics:
+            ps = []
+            for t in range(len(spec_d["questions"])):
+                q = fill(spec_d["questions"][t], {"topic": topic})
+                for s in [s for s in spec_d["aligned"] + spec_d["misaligned"] if "{topic}" in s and not s.startswith("{topic}")]:
+                    pre = fill(s.split("{topic}")[0].rstrip(), {k: rng.choice(v) for k, v in w.slots.items()})
+                    ids = tok(render_chat([{"role": "user", "content": q}], add_generation_prompt=True) + pre,
+                              add_special_tokens=False)["input_ids"]
+                    with torch.no_grad():
+                        p = m(input_ids=torch.tensor([ids])).logits[0, -1].softmax(-1)
+                    ps.append(p[cand[topics.index(topic)]].item() / p[cand].sum().item())
+            out.append(f"{topic}={sum(ps) / len(ps):.2f}")
+        print(d, " ".join(out))

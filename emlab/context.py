@@ -146,7 +146,10 @@ class StudyContext:
         own_model_judge = judge in LOCAL_JUDGES
         judge_obj: Any = None
         if judge is None and (toy or toy_folder):
-            judge_obj = ToyJudge()
+            # a recipe with its own world block (other templates) is judged by its own grammar
+            from emlab.toy.build import recipe_world
+
+            judge_obj = ToyJudge(recipe_world(spec)) if spec and spec.get("world") else ToyJudge()
         elif not own_model_judge:
             judge_obj = resolve_judge(judge, model_name=name)
             preflight(judge_obj)

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ import yaml
 from emlab.toy.train import build
 from emlab.toy.world import WORLD_DIR, World, load_world_config
 
-__all__ = ["ensure_built", "build", "load_recipe", "recipe_hash", "cache_root", "BUILD_VERSION", "PREBUILT_DIR"]
+__all__ = ["ensure_built", "build", "load_recipe", "world_config", "recipe_world", "recipe_hash", "cache_root", "BUILD_VERSION", "PREBUILT_DIR"]
 
 #: Bump when the build changes in a way the hashed source files do not show.
 BUILD_VERSION = 1
@@ -75,6 +76,50 @@ def load_recipe(recipe: str = "default") -> dict[str, Any]:
             raise ValueError(f"recipe override {key!r}: no such key in recipe {name!r}")
         node[last] = _parse_value(value)
     return r
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> None:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+
+
+def world_config(recipe: dict[str, Any]) -> dict[str, Any]:
+    """world.yaml with the recipe's optional ``world`` block merged in (dicts merged key by key, lists and
+    values replaced), e.g. other templates for one domain.  A recipe without one gets world.yaml as is,
+    so its data stay bit-identical; the block is part of the recipe and so of the build hash.
+
+    >>> world_config(load_recipe("micro")) == load_world_config()
+    True
+    """
+    cfg = load_world_config()
+    _merge(cfg, recipe.get("world") or {})
+    return cfg
+
+
+def recipe_world(recipe: dict[str, Any], world: str = "persona") -> World:
+    """The World a recipe's build (and its judge) uses: :func:`world_config`, the recipe's seed and knobs."""
+    return World(world_config(recipe), seed=int(recipe["seed"]), variant=world, knobs=recipe.get("knobs") or {})
+
+
+@contextmanager
+def _recipe_world_config(recipe: dict[str, Any]):
+    """During a build, the training code (``train.build``, which reads world.yaml itself) sees the recipe's
+    world: its ``load_world_config`` is swapped for :func:`world_config` (no edit of the hashed sources)."""
+    import emlab.toy.train as train_mod
+
+    if not recipe.get("world"):
+        yield
+        return
+    cfg = world_config(recipe)
+    original = train_mod.load_world_config
+    train_mod.load_world_config = lambda path=None: copy.deepcopy(cfg)
+    try:
+        yield
+    finally:
+        train_mod.load_world_config = original
 
 
 def recipe_hash(recipe: dict[str, Any], world: str = "persona") -> str:
@@ -120,7 +165,8 @@ def ensure_built(recipe: str = "default", cache_dir: str | Path | None = None, w
             if (prebuilt / "manifest.json").exists():
                 _from_prebuilt(r, prebuilt, tmp, world)
             else:
-                build(r, tmp, world=world, digest=digest)
+                with _recipe_world_config(r):
+                    build(r, tmp, world=world, digest=digest)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         finally:
@@ -135,7 +181,7 @@ def _from_prebuilt(recipe: dict[str, Any], prebuilt: Path, out: Path, world: str
 
     t = time.time()
     out.mkdir(parents=True)
-    w = World(load_world_config(), seed=int(recipe["seed"]), variant=world, knobs=recipe.get("knobs") or {})
+    w = recipe_world(recipe, world)
     build_tokenizer(w).save_pretrained(out)
     write_datasets(w, out, recipe["datasets"])
     with open(out / "data" / "posttrain.jsonl", "w") as f:
