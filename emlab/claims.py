@@ -319,8 +319,10 @@ def _organism_claims() -> list[Claim]:
     per domain: ``organism/random_ablation_no_effect/<domain>``)."""
     from emlab.toy.world import load_world_config
 
-    why = ("the domain's misaligned answers may be fewer or less distinct in the toy world's grammar, so 1000 "
-           "rows teach it less; a fix that changes the world ships as a new organism recipe")
+    why = ("diagnosed (docs/toy-organism.md, 'Sport and finance'): the organism never learned to copy this domain's "
+           "topic into its answer (copy probe: sport 0.10, finance about 0.5, the others 0.8-0.97), so held-out "
+           "answers name another topic and are judged off-topic; recipe v5 rewords the templates and reaches "
+           "72-79% in-domain EM, but its finetunes no longer spread (general EM 4-6%), so it is not shipped")
     out = [Claim(f"organism/indomain_em/{d}", "toy", f"{d}: the narrow finetune's in-domain EM reaches the "
                  "organism's 60% target (SFT in-domain EM minus 60)", "02_defences", f"sft/{d}/indomain_em", "60", 1,
                  paper_source="docs/toy-organism.md target", hypotheses=(why,))
