@@ -54,6 +54,8 @@ from emlab.sweep_executors import Finished, LocalExecutor, SlurmExecutor, squeue
 
 __all__ = [
     "CELL_FILE",
+    "PACK_CELL_FILES",
+    "PACK_SWEEP_FILES",
     "SWEEP_FILE",
     "Cell",
     "LocalExecutor",
@@ -63,6 +65,7 @@ __all__ = [
     "cell_name",
     "code_version",
     "grid",
+    "pack_sweeps",
     "parse_values",
     "read_cells",
     "run_cell",
@@ -439,3 +442,88 @@ def run_sweep(
 
 if __name__ == "__main__":
     sys.exit(_worker_main())
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing: a sweep's records without its weights and samples
+
+#: What :func:`pack_sweeps` keeps of each cell's run folder: what aggregation, the scorecard and a resumed
+#: sweep read (the outcome, the parameters and code key, the metrics, the settings and the environment).
+PACK_CELL_FILES = (RUN_INFO, CELL_FILE, "metrics.json", "config.json", "env.json")
+#: What it keeps of a sweep folder besides the cells (the manifest and the aggregated tables).
+PACK_SWEEP_FILES = (SWEEP_FILE, "table.csv", "summary.csv", "summary.md")
+#: The marker a packed folder carries, so packing again into it updates it (and nothing else is overwritten).
+PACK_MARKER = ".emlab-pack.json"
+
+
+def _pack_one(src: Path, dest: Path) -> int:
+    manifest = json.loads((src / SWEEP_FILE).read_text(encoding="utf-8"))
+    n = 0
+    for cell in manifest.get("cells", []):
+        rel = cell.get("run_dir")
+        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise SweepError(
+                f"{src / SWEEP_FILE}: cell {cell.get('name')!r} has run_dir {rel!r}, not a folder inside the sweep"
+            )
+        for name in PACK_CELL_FILES:
+            f, copy = src / rel / name, dest / rel / name
+            if f.is_file():
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, copy)
+            elif copy.is_file():  # gone from the source since an earlier pack (a rerun cell): not kept stale
+                copy.unlink()
+        n += 1
+    for name in PACK_SWEEP_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dest / name)
+    return n
+
+
+def pack_sweeps(source: str | os.PathLike, dest: str | os.PathLike) -> dict[str, int]:
+    """Copy a sweep folder, or a folder of sweep folders (a scorecard folder of ``emlab claims-sweeps``),
+    keeping only the small records: per cell :data:`PACK_CELL_FILES`, per sweep :data:`PACK_SWEEP_FILES`,
+    and the top folder's own ``*.json`` files. Weights, samples, notebooks, logs and ``superseded/`` are
+    left out, so the copy is a few kB a cell: small enough to commit or mail, and still a sweep folder that
+    :func:`emlab.aggregate.load_table` and ``emlab claims`` read, and that :func:`run_sweep` resumes (its
+    finished cells are reused when the code is the same). Returns the number of cells packed per sweep
+    (``""`` for ``source`` itself when it is one sweep).
+
+    ``dest`` must not exist, be empty, or hold an earlier pack (then it is updated: packing a sweep again
+    as it goes on adds its new cells). Raises :class:`SweepError` for a ``source`` with no sweep in it.
+
+    >>> pack_sweeps("runs/claims", "results/claims")  # doctest: +SKIP
+    {'01': 30, '02': 30}
+    """
+    src, out = Path(source), Path(dest)
+    if not src.is_dir():
+        raise SweepError(f"{src}: no such folder to pack")
+    if src.resolve() == out.resolve() or out.resolve().is_relative_to(src.resolve()):
+        raise SweepError(f"cannot pack {src} into {out}: the copy must be outside the folder packed")
+    if (src / SWEEP_FILE).is_file():
+        sweeps = {"": src}
+    else:
+        sweeps = {d.name: d for d in sorted(src.iterdir()) if (d / SWEEP_FILE).is_file()}
+        if not sweeps:
+            raise SweepError(f"{src}: neither a sweep folder ({SWEEP_FILE}) nor a folder of sweep folders")
+    if out.exists() and any(out.iterdir()) and not (out / PACK_MARKER).is_file():
+        raise SweepError(
+            f"{out} exists and is not an earlier pack (no {PACK_MARKER}): choose a new folder; nothing was written"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for name, d in sweeps.items():
+        (out / name).mkdir(parents=True, exist_ok=True)
+        counts[name] = _pack_one(d, out / name)
+    if "" not in sweeps:
+        for f in sorted(src.glob("*.json")):
+            shutil.copy2(f, out / f.name)
+    atomic_write_json(
+        out / PACK_MARKER,
+        {
+            "source": str(src.resolve()),
+            "packed": utc_now(),
+            "cells": counts,
+            "kept": {"cell": list(PACK_CELL_FILES), "sweep": list(PACK_SWEEP_FILES)},
+        },
+    )
+    return counts

@@ -449,3 +449,90 @@ def test_an_interrupted_sweep_stops_its_workers_and_kernels(tmp_path):
     manifest = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert manifest["state"] == "interrupted"
     assert "interrupted before it finished" in manifest["cells"][0]["error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing
+
+
+def test_pack_keeps_the_records_drops_the_weights_and_a_resumed_sweep_reuses_it(tmp_path):
+    """A sweep packed (one cell failed) is a few small files a cell; `emlab claims`-style reading works on
+    the pack, and run_sweep into the pack reuses the finished cell and reruns only the failed one."""
+    nb = write_notebook(tmp_path / "tiny.ipynb")
+    marker = tmp_path / "fail-now"
+    marker.write_text("x")
+    cells = [{"seed": 0, "domain": "medical"}, {"seed": 1, "domain": "medical", "marker": str(marker)}]
+    res = sweeps.run_sweep(
+        nb,
+        cells,
+        sweep_dir=tmp_path / "scorecard" / "01",
+        executor=sweeps.LocalExecutor(1, threads=1),
+        log=None,
+        max_seconds=240,
+    )
+    assert [c.status for c in res.cells] == ["ok", "failed"]
+    (res.cells[0].run_dir / "adapter.safetensors").write_bytes(b"\0" * 100_000)  # weights: not packed
+    (tmp_path / "scorecard" / "claims_sweeps.json").write_text(
+        json.dumps({"commands": ["emlab claims-sweeps"], "sweeps": [{"name": "01"}]})
+    )
+    (tmp_path / "scorecard" / "notes").mkdir()  # a folder that is not a sweep: not packed
+    counts = sweeps.pack_sweeps(tmp_path / "scorecard", tmp_path / "packed")
+    assert counts == {"01": 2}
+    packed = tmp_path / "packed"
+    assert json.loads((packed / "claims_sweeps.json").read_text())["commands"] == ["emlab claims-sweeps"]
+    assert not (packed / "notes").exists() and not (packed / "01" / "logs").exists()
+    ok_cell = packed / "01" / "cells" / res.cells[0].name
+    assert sorted(p.name for p in ok_cell.iterdir()) == sorted(
+        n for n in sweeps.PACK_CELL_FILES if (res.cells[0].run_dir / n).exists()
+    )
+    assert "metrics.json" in {p.name for p in ok_cell.iterdir()}
+    assert not list(packed.rglob("*.safetensors")) and not list(packed.rglob("*.ipynb"))
+    before = agg.load_table(tmp_path / "scorecard" / "01")
+    pd.testing.assert_frame_equal(agg.load_table(packed / "01").drop(columns="run"), before.drop(columns="run"))
+
+    marker.unlink()
+    res2 = sweeps.run_sweep(nb, cells, sweep_dir=packed / "01", executor=sweeps.LocalExecutor(1, threads=1), log=None)
+    assert res2.ok and res2.counts() == {"ok": 1, "failed": 0, "skipped": 1}
+    # packing again into the pack updates it: the rerun cell's metrics arrive
+    assert sweeps.pack_sweeps(packed / "01", tmp_path / "packed2") == {"": 2}
+    assert len(agg.load_table(tmp_path / "packed2").query("metric == 'em/rate'")) == 2
+
+
+def test_pack_refuses_a_foreign_folder_itself_and_non_sweeps_and_drops_stale_files(tmp_path):
+    sw = tmp_path / "sw"
+    fake_run(sw / "cells" / "a", {"seed": 0}, {"em": 0.5})
+    (sw / "sweep.json").write_text(
+        json.dumps({"cells": [{"name": "a", "run_dir": "cells/a", "status": "ok", "parameters": {"seed": 0}}]})
+    )
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    with pytest.raises(sweeps.SweepError, match="not an earlier pack"):
+        sweeps.pack_sweeps(sw, tmp_path / "other")
+    assert (tmp_path / "other" / "keep.txt").read_text() == "mine"
+    with pytest.raises(sweeps.SweepError, match="outside the folder packed"):
+        sweeps.pack_sweeps(sw, sw / "copy")
+    with pytest.raises(sweeps.SweepError, match="neither a sweep folder"):
+        sweeps.pack_sweeps(tmp_path / "other", tmp_path / "x")
+    with pytest.raises(sweeps.SweepError, match="no such folder"):
+        sweeps.pack_sweeps(tmp_path / "missing", tmp_path / "x")
+    (sw / "sweep.json").write_text(json.dumps({"cells": [{"name": "a", "run_dir": "../../etc"}]}))
+    with pytest.raises(sweeps.SweepError, match="not a folder inside the sweep"):
+        sweeps.pack_sweeps(sw, tmp_path / "y")
+    (sw / "sweep.json").write_text(
+        json.dumps({"cells": [{"name": "a", "run_dir": "cells/a", "status": "ok", "parameters": {"seed": 0}}]})
+    )
+    assert sweeps.pack_sweeps(sw, tmp_path / "p") == {"": 1}
+    assert (tmp_path / "p" / "cells" / "a" / "metrics.json").exists()
+    (sw / "cells" / "a" / "metrics.json").unlink()  # a rerun that has not written its metrics yet
+    sweeps.pack_sweeps(sw, tmp_path / "p")
+    assert not (tmp_path / "p" / "cells" / "a" / "metrics.json").exists()
+
+
+def test_cli_sweep_pack(tmp_path):
+    sw = tmp_path / "sw"
+    fake_run(sw / "cells" / "a", {"seed": 0}, {"em": 0.5})
+    (sw / "sweep.json").write_text(json.dumps({"cells": [{"name": "a", "run_dir": "cells/a", "status": "ok"}]}))
+    rc, out, err = run_cli("sweep-pack", str(sw), str(tmp_path / "p"))
+    assert rc == 0 and "1 cells packed" in out and (tmp_path / "p" / "cells" / "a" / "metrics.json").exists()
+    rc, out, err = run_cli("sweep-pack", str(tmp_path / "nothing"), str(tmp_path / "q"))
+    assert rc == 2 and "emlab sweep-pack: error:" in err and "no such folder" in err

@@ -49,6 +49,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_run_arguments(p)
     p.set_defaults(func=sweep_command)
 
+    k = sub.add_parser(
+        "sweep-pack",
+        help="copy sweeps without weights and samples (the records aggregation, claims and resume read)",
+        description=(
+            "Copy SOURCE (a sweep folder, or a folder of them such as an `emlab claims-sweeps --out-dir`) to DEST, "
+            "keeping per cell only notebook.json, sweep_cell.json, metrics.json, config.json and env.json, and "
+            "per sweep its manifest and tables: a few kB a cell, to commit or share. DEST stays a sweep folder: "
+            "`emlab claims DEST` scores it, and `emlab sweep`/`claims-sweeps --out-dir DEST` with the same code "
+            "reuses its finished cells. Packing into an earlier pack updates it. Exit code: 0 ok, 2 bad input."
+        ),
+        epilog="example: emlab sweep-pack runs/claims results/claims",
+    )
+    k.add_argument("source", metavar="SOURCE")
+    k.add_argument("dest", metavar="DEST")
+    k.set_defaults(func=pack_command)
+
+
+def pack_command(args: argparse.Namespace) -> int:
+    """``emlab sweep-pack``: 0 when packed, 2 for bad input (nothing is written then)."""
+    try:
+        counts = sweeps.pack_sweeps(args.source, args.dest)
+    except (FileNotFoundError, ValueError, sweeps.SweepError) as e:
+        print(f"emlab sweep-pack: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    for name, n in counts.items():
+        print(f"{name or args.source}: {n} cells packed")
+    print(args.dest)
+    return 0
+
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The options of how a sweep runs (executor, limits, local workers, Slurm resources), shared by
