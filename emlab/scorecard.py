@@ -25,7 +25,7 @@ from emlab.claims import MARGIN_PP, PAPER_MODEL, Claim, default_claims, verdict
 from emlab.runs import atomic_write_text
 
 __all__ = ["PLAN_FILE", "claims_markdown", "effect_table", "expand_sweeps", "plan_commands", "plan_sweep_dirs",
-           "read_plan", "scorecard", "write_claims"]
+           "read_plan", "scorecard", "sweep_provenance", "write_claims"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,6 +159,22 @@ def scorecard(sweeps: Iterable[str | os.PathLike], claims: Sequence[Claim] | Non
     return pd.DataFrame(rows)
 
 
+def sweep_provenance(sweeps: Iterable[str | os.PathLike]) -> pd.DataFrame:
+    """One row per sweep scored (scorecard folders expanded): ``sweep`` (its folder name), ``notebook``,
+    ``cells``, ``ok``, ``commit`` (12 hex digits, ``+dirty`` for uncommitted changes) and ``code`` (the
+    code key that decides reuse): what the page's numbers were computed from, from each ``sweep.json``."""
+    rows = []
+    for sweep in expand_sweeps(sweeps):
+        info = _sweep_info(sweep)
+        code = info.get("code") or {}
+        cells = info.get("cells") or []
+        commit = str(code.get("git_commit") or "?")[:12] + ("+dirty" if code.get("git_dirty") else "")
+        rows.append({"sweep": sweep.name, "notebook": info.get("notebook_stem") or Path(info.get("notebook", "?")).stem,
+                     "cells": len(cells), "ok": sum(c.get("status") == "ok" for c in cells),
+                     "commit": commit, "code": str(code.get("key") or "?")})
+    return pd.DataFrame(rows, columns=["sweep", "notebook", "cells", "ok", "commit", "code"])
+
+
 def _f(x: Any, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
@@ -166,12 +182,20 @@ def _f(x: Any, digits: int = 3) -> str:
 
 
 def claims_markdown(card: pd.DataFrame, commands: Sequence[str] = (), figure: str | None = None,
-                    image: str | None = None) -> str:
-    """The scorecard page: commands at the top, the rule, the table, then the disagreements with hypotheses."""
+                    image: str | None = None, provenance: pd.DataFrame | None = None) -> str:
+    """The scorecard page: commands at the top, the sweeps scored (``provenance``, from
+    :func:`sweep_provenance`), the rule, the table, then the disagreements with hypotheses."""
     counts = card["verdict"].value_counts().to_dict()
     lines = ["# Claims scorecard: papers 001 and 002 on emlab's toy organism", ""]
     if commands:
         lines += ["Made by:", "", "```bash", *commands, "```", ""]
+    if provenance is not None and not provenance.empty:
+        lines += ["Sweeps scored (from each `sweep.json`; cells ok of cells, the git commit and the code key of "
+                  "the emlab package and notebook that ran them):", "",
+                  "| sweep | notebook | cells ok | commit | code key |", "|---|---|---:|---|---|"]
+        lines += [f"| {r['sweep']} | {r['notebook']} | {r['ok']} of {r['cells']} | `{r['commit']}` | `{r['code']}` |"
+                  for r in provenance.to_dict("records")]
+        lines.append("")
     lines += [
         "Effect = `a - b` of two `metrics.json` keys of one run (`{domain}`/`{task}` averaged over the "
         "domains/tasks the run has), averaged per seed; mean, sd and percentile bootstrap 95% interval of the "
@@ -269,7 +293,8 @@ def write_claims(sweeps: Sequence[str | os.PathLike], out: str | os.PathLike = "
         files += save(_figure(card), out.with_name(f"{out.stem}_figure"), formats=figure_formats)
         fig_name = files[0].name
     png = next((f.name for f in files if f.suffix == ".png"), None)
-    files.insert(0, atomic_write_text(out, claims_markdown(card, commands, fig_name, png)))
+    page = claims_markdown(card, commands, fig_name, png, provenance=sweep_provenance(sweeps))
+    files.insert(0, atomic_write_text(out, page))
     atomic_write_text(out.with_suffix(".csv"), card.to_csv(index=False))
     files.append(out.with_suffix(".csv"))
     return card, files

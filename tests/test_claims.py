@@ -254,3 +254,25 @@ def test_ldifs_disagreement_names_the_no_grad_hypothesis(tmp_path):
     row = card.loc["table2/ldifs/general_em"]
     assert row["verdict"] == "opposite" and row["paper"] == pytest.approx((-0.37 + 1.46 + 0.46 - 1.83) / 4)
     assert "no_grad" in row["hypotheses"]
+
+
+def test_the_page_names_the_sweeps_their_commit_and_code_key(tmp_path):
+    sw = make_sweep(tmp_path / "claims" / "02", "02_defences", defences_runs(seeds=range(3)), failed=1)
+    info = json.loads((sw / "sweep.json").read_text())
+    info["code"] = {"key": "45cffb05185c10fa", "git_commit": "c230ce340b3fcceebe1c8b71ce5c888f35bf14bc",
+                    "git_dirty": True}
+    (sw / "sweep.json").write_text(json.dumps(info))
+    make_sweep(tmp_path / "claims" / "03", "03_interleaving", [({"seed": 0}, {"x": 1.0})])
+    (tmp_path / "claims" / "claims_sweeps.json").write_text(
+        json.dumps({"commands": ["emlab claims-sweeps --out-dir X"], "sweeps": [{"name": "02"}, {"name": "03"}]}))
+    prov = SC.sweep_provenance([tmp_path / "claims"])
+    assert prov.to_dict("records") == [
+        {"sweep": "02", "notebook": "02_defences", "cells": 4, "ok": 3, "commit": "c230ce340b3f+dirty",
+         "code": "45cffb05185c10fa"},
+        {"sweep": "03", "notebook": "03_interleaving", "cells": 1, "ok": 1, "commit": "?", "code": "?"},
+    ]
+    out = tmp_path / "claims.md"
+    SC.write_claims([tmp_path / "claims"], out, figure=False, data_dir=PAPER_DATA)
+    page = out.read_text()
+    assert "| 02 | 02_defences | 3 of 4 | `c230ce340b3f+dirty` | `45cffb05185c10fa` |" in page
+    assert page.index("emlab claims-sweeps --out-dir X") < page.index("| sweep | notebook |") < page.index("| claim |")
