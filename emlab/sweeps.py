@@ -450,8 +450,9 @@ if __name__ == "__main__":
 #: What :func:`pack_sweeps` keeps of each cell's run folder: what aggregation, the scorecard and a resumed
 #: sweep read (the outcome, the parameters and code key, the metrics, the settings and the environment).
 PACK_CELL_FILES = (RUN_INFO, CELL_FILE, "metrics.json", "config.json", "env.json")
-#: What it keeps of a sweep folder besides the cells (the manifest and the aggregated tables).
-PACK_SWEEP_FILES = (SWEEP_FILE, "table.csv", "summary.csv", "summary.md")
+#: What it keeps of a sweep folder besides the cells: the manifest and the readable summary (``table.csv`` and
+#: ``summary.csv``, most of a pack's bytes, are left out: :func:`emlab.aggregate.write_sweep_tables` remakes them).
+PACK_SWEEP_FILES = (SWEEP_FILE, "summary.md")
 #: The marker a packed folder carries, so packing again into it updates it (and nothing else is overwritten).
 PACK_MARKER = ".emlab-pack.json"
 
