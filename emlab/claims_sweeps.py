@@ -1,8 +1,8 @@
 """The scorecard's sweeps in one command: every notebook run the claims registry needs, over seeds and domains.
 
 :func:`scorecard_plan` lists the sweeps (one per notebook configuration the claims of
-:mod:`emlab.claims` read: 01, 02 with the ``ldifs_no_grad`` test, 03, and 05 for each adapter kind the
-registry scores) and their cells; :func:`run_scorecard_sweeps` runs them one after another into
+:mod:`emlab.claims` read: 01, 02 with the ``ldifs_no_grad`` test, 03 with the two shares its claims read,
+and 05 for each adapter kind the registry scores) and their cells; :func:`run_scorecard_sweeps` runs them one after another into
 ``out_dir/<name>/`` with any executor of :mod:`emlab.sweeps`, so a rerun after a kill continues (finished
 cells with the same code are reused) and a failed cell does not stop the others. ``out_dir`` gets a
 ``claims_sweeps.json`` with the command that made it; ``emlab claims OUT_DIR`` scores the folder and names
@@ -28,13 +28,16 @@ from emlab.run_files import atomic_write_text
 from emlab.scorecard import PLAN_FILE, read_plan
 from emlab.sweeps import LocalExecutor, SlurmExecutor, SweepResult, run_sweep
 
-__all__ = ["SEEDS", "PlannedSweep", "run_scorecard_sweeps", "scorecard_plan"]
+__all__ = ["SEEDS", "SHARES_03", "PlannedSweep", "run_scorecard_sweeps", "scorecard_plan"]
 
 #: The issue's minimum: at least 5 seeds.
 SEEDS = (0, 1, 2, 3, 4)
 #: Study 02's methods in the scorecard: its defaults and LDIFS as the authors' public code runs it.
 METHODS_02 = ("untrained", "sft", "aligned", "kl", "ldifs", "persona_steering", "inoculation", "interleaving",
               "interleaving+", "interleaving++", "on_policy", "ldifs_no_grad")
+#: Study 03's shares in the scorecard: the two its claims read (5% and 50%; the notebook's default also runs 1%
+#: and 20%, for the figure only, at about twice the cost).
+SHARES_03 = (0.05, 0.5)
 #: Study 05's adapter kinds that the registry scores (claims ``001/*``: lora; ``001/*/steering_vector``).
 KINDS_05 = ("steering_vector", "lora")
 
@@ -84,7 +87,7 @@ def scorecard_plan(seeds: Sequence[int] = SEEDS, domains: Sequence[str] | None =
         PlannedSweep("02", "02_defences.ipynb", per_domain(lambda d: {"domains": [d], "methods": list(METHODS_02)})),
         *(PlannedSweep(f"05-{k}", "05_narrow_vs_general.ipynb", per_domain(lambda d, k=k: {"domain": d, "kind": k}))
           for k in KINDS_05[1:]),
-        PlannedSweep("03", "03_interleaving.ipynb", per_domain(lambda d: {"domain": d})),
+        PlannedSweep("03", "03_interleaving.ipynb", per_domain(lambda d: {"domain": d, "shares": list(SHARES_03)})),
     ]
     if only is not None:
         names = [s.name for s in plan]

@@ -45,7 +45,7 @@ def test_the_plan_covers_every_toy_domain_and_seed_domain_by_domain():
     assert by["02"].cells[0]["methods"][-1] == "ldifs_no_grad" and "sft" in by["02"].cells[0]["methods"]
     small = CS.scorecard_plan(seeds=[3], domains=["legal"], only=["03"], smoke=True)
     assert [(s.name, s.notebook, s.cells) for s in small] == [
-        ("03", "03_interleaving.ipynb", [{"domain": "legal", "seed": 3, "smoke": True}])]
+        ("03", "03_interleaving.ipynb", [{"domain": "legal", "shares": [0.05, 0.5], "seed": 3, "smoke": True}])]
     with pytest.raises(ValueError, match="unknown scorecard sweep.*'04'"):
         CS.scorecard_plan(only=["04"])
     with pytest.raises(ValueError, match="at least one seed"):
@@ -97,7 +97,7 @@ def test_cli_dry_run_and_bad_input(tmp_path, capsys):
                "sport", "--only", "05-lora,03"])
     text = capsys.readouterr().out
     assert rc == 0 and "05-lora: 2 cells of notebooks/05_narrow_vs_general.ipynb" in text
-    assert "{'domain': 'sport', 'seed': 1}" in text and not (tmp_path / "c").exists()
+    assert "{'domain': 'sport', 'shares': [0.05, 0.5], 'seed': 1}" in text and not (tmp_path / "c").exists()
     assert main(["claims-sweeps", "--out-dir", str(tmp_path / "c"), "--only", "nope"]) == 2
     assert "unknown scorecard sweep" in capsys.readouterr().err
     rc = main(["claims-sweeps", "--out-dir", str(tmp_path / "c"), "--only", "03", "--notebooks", str(tmp_path)])
