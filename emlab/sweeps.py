@@ -70,6 +70,7 @@ __all__ = [
     "read_cells",
     "run_cell",
     "run_sweep",
+    "time_left",
 ]
 
 
@@ -199,6 +200,24 @@ def _sweep_lock(sweep_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def time_left(elapsed: float, cell_seconds: Sequence[float], running: int, waiting: int) -> float | None:
+    """Seconds a sweep has left, from the cells finished in this call (``cell_seconds``, each cell's own
+    duration), the cells ``running`` now and those ``waiting``: the mean cell time times the cells left
+    (a running cell counts as half done), over the cells that run at once (``running``). Before any
+    cell finished: None. With none running (all queued, as on a busy cluster): the observed pace,
+    ``elapsed`` per cell finished.
+
+    >>> time_left(270.0, [265.0, 267.0], running=2, waiting=26)  # 2 workers: 13.5 rounds of 266 s
+    3591.0
+    """
+    if not cell_seconds:
+        return None
+    if running <= 0:
+        return elapsed / len(cell_seconds) * waiting
+    mean = sum(cell_seconds) / len(cell_seconds)
+    return mean * (waiting + 0.5 * running) / running
 
 
 def _fmt_seconds(s: float) -> str:
@@ -345,8 +364,10 @@ def run_sweep(
             finished = [c for c in todo if c.status in ("ok", "failed")]
             left = len(todo) - len(finished)
             eta = ""
-            if finished and left:  # the observed pace, overheads and queueing included
-                eta = f", ~{_fmt_seconds((now - t_start) / len(finished) * left)} left"
+            durations = [c.seconds for c in finished if c.seconds]
+            est = time_left(now - t_start, durations, len(running), left - len(running)) if left else None
+            if est is not None:
+                eta = f", ~{_fmt_seconds(est)} left"
             failed = sum(c.status == "failed" for c in todo)
             reasons = getattr(executor, "pending_reasons", lambda: [])()
             say(

@@ -536,3 +536,15 @@ def test_cli_sweep_pack(tmp_path):
     assert rc == 0 and "1 cells packed" in out and (tmp_path / "p" / "cells" / "a" / "metrics.json").exists()
     rc, out, err = run_cli("sweep-pack", str(tmp_path / "nothing"), str(tmp_path / "q"))
     assert rc == 2 and "emlab sweep-pack: error:" in err and "no such folder" in err
+
+
+def test_time_left_counts_running_cells_half_done_and_parallel_workers():
+    assert sweeps.time_left(100.0, [], running=2, waiting=10) is None
+    # two workers, cells of 200 s: 10 waiting + 2 half-done = 11 cells of work over 2 workers
+    assert sweeps.time_left(450.0, [190.0, 210.0], running=2, waiting=10) == pytest.approx(1100.0)
+    # one worker: the same work takes twice as long
+    assert sweeps.time_left(450.0, [190.0, 210.0], running=1, waiting=10) == pytest.approx(2100.0)
+    # nothing running (a queue on a busy cluster): the observed pace per finished cell
+    assert sweeps.time_left(600.0, [100.0, 100.0, 100.0], running=0, waiting=6) == pytest.approx(1200.0)
+    # the last cell running: half of a mean cell
+    assert sweeps.time_left(900.0, [300.0], running=1, waiting=0) == pytest.approx(150.0)
